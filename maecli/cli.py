@@ -1,0 +1,151 @@
+"""The `maecli` command line: parse, validate at the boundary, call the library, format the result.
+
+torch, timm and friends are imported inside the commands, so `--help` and argument errors stay fast.
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="maecli",
+    help="Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class ModelName(str, Enum):
+    tiny = "vit-tiny"
+    small = "vit-small"
+    base = "vit-base"
+    large = "vit-large"
+    huge = "vit-huge"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.callback()
+def _root():
+    """Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result."""
+
+
+def fail(message: str, code: int = 1):
+    """One sentence on stderr and a non-zero exit: how every user error ends."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors():
+    """The exceptions that mean "the user's input is wrong", imported lazily with the heavy stack."""
+    from .data import DataError
+    from .train import TrainError
+    from .weights import WeightsError
+
+    return (DataError, TrainError, WeightsError, FileNotFoundError, PermissionError)
+
+
+def quiet_torch():
+    """Keep library chatter (accelerate, torch) off the user's screen unless it matters."""
+    import logging
+    import warnings
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+@app.command()
+def pretrain(
+    data: Path = typer.Argument(..., help="Folder of images, searched at any depth (no labels needed)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
+    model: ModelName = typer.Option(ModelName.base, "--model", help="Encoder size."),
+    img_size: int = typer.Option(224, "--img-size", min=8, help="Input size in pixels (square)."),
+    patch_size: Optional[int] = typer.Option(None, "--patch-size", min=1,
+                                             help="Patch size [default: the model's, 16 or 14]."),
+    in_chans: int = typer.Option(3, "--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB)."),
+    mask: float = typer.Option(0.75, "--mask", help="Fraction of patches hidden, strictly between 0 and 1."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Passes over the folder."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Stop after this many optimizer steps "
+                                                                      "(wins over --epochs)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per process per micro-batch."),
+    blr: float = typer.Option(1.5e-4, "--blr", min=0.0, help="Base learning rate: lr = blr x effective batch / 256."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Absolute learning rate (overrides --blr)."),
+    warmup_epochs: float = typer.Option(5, "--warmup-epochs", min=0.0, help="Linear warmup length in epochs."),
+    accum_iter: int = typer.Option(1, "--accum-iter", min=1, help="Micro-batches per optimizer step."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", min=0.0, help="Clip the gradient norm to this."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, help="AdamW weight decay."),
+    precision: Precision = typer.Option(Precision.auto, "--precision",
+                                        help="auto: bf16 where the hardware runs it natively, else fp32."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image decoding processes "
+                                                                         "[default: chosen for this machine]."),
+    seed: int = typer.Option(0, "--seed", help="Seed for init, data order, crops and masks."),
+    save_every: int = typer.Option(500, "--save-every", min=0, help="Checkpoint every N steps (and each epoch end)."),
+    keep: int = typer.Option(2, "--keep", min=1, help="How many checkpoints to keep."),
+    log_every: int = typer.Option(10, "--log-every", min=1, help="Log to metrics.jsonl every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    norm_pix_loss: bool = typer.Option(True, "--norm-pix-loss/--no-norm-pix-loss",
+                                       help="Predict per-patch normalized pixels (the paper's best setting)."),
+    decoder_dim: Optional[int] = typer.Option(None, "--decoder-dim", min=4, help="Decoder width [default: 512]."),
+    decoder_depth: Optional[int] = typer.Option(None, "--decoder-depth", min=1, help="Decoder blocks [default: 8]."),
+    decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", min=1, help="Decoder heads [default: 16]."),
+    embed_dim: Optional[int] = typer.Option(None, "--embed-dim", min=4, help="Encoder width [default: the model's]."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Encoder blocks [default: the model's]."),
+    num_heads: Optional[int] = typer.Option(None, "--num-heads", min=1, help="Encoder heads [default: the model's]."),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from these weights (fresh optimizer)."),
+):
+    """Pretrain a Masked Autoencoder on a folder of images.
+
+    Writes config.json, model.safetensors, metrics.jsonl and checkpoints/ into the run folder.
+    """
+    if not 0 < mask < 1:
+        fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
+    if in_chans not in (1, 3):
+        fail(f"--in-chans must be 1 or 3, got {in_chans}", 2)
+    if resume and out is None:
+        fail("--resume needs --out RUN_FOLDER", 2)
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other; pick one", 2)
+    if not data.exists():
+        fail(f"data folder {data} does not exist")
+    quiet_torch()
+    from .train import TrainArgs, pretrain as run_pretrain
+
+    args = TrainArgs(
+        data=str(data), out=str(out) if out else None, model=model.value, img_size=img_size, patch_size=patch_size,
+        in_chans=in_chans, mask=mask, epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr,
+        warmup_epochs=warmup_epochs, accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay,
+        precision=precision.value, workers=workers, seed=seed, save_every=save_every, keep=keep,
+        log_every=log_every, resume=resume, overwrite=overwrite, norm_pix_loss=norm_pix_loss,
+        decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
+        embed_dim=embed_dim, depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None,
+    )
+    try:
+        summary = run_pretrain(args)
+    except user_errors() as e:
+        fail(str(e))
+    except ValueError as e:
+        fail(str(e))
+    if summary.get("signal") is not None:
+        import signal
+
+        raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

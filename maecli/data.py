@@ -1,0 +1,240 @@
+"""Image folders without labels: discovery, tolerant decoding, the paper's augmentation, and batching.
+
+Every random choice is a function of (seed, epoch, index), so a resumed run sees exactly the crops
+and order that an uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision.transforms import v2
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+
+
+class DataError(ValueError):
+    """A problem with the user's data that ends the command with one line on stderr."""
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """All image files under `root` at any depth, sorted; hidden files and folders are ignored.
+
+    Symlinked folders are followed once (a loop is visited once). `root` may also be a single file.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"{root} does not exist")
+    if root.is_file():
+        return [root] if root.suffix.lower() in IMAGE_SUFFIXES else []
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _to_mode(img: Image.Image, in_chans: int) -> np.ndarray:
+    """Any PIL mode -> uint8 array (H, W) for 1 channel or (H, W, 3) for 3 channels."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float32)
+        if mode != "F" or arr.max() > 1.0:
+            arr = arr / (257.0 if arr.max() > 255 else 1.0)
+        else:
+            arr = arr * 255.0
+        gray = np.clip(arr, 0, 255).astype(np.uint8)
+        return gray if in_chans == 1 else np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return np.array(img.convert("L" if in_chans == 1 else "RGB"))  # a writable copy for torch
+
+
+def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = None) -> torch.Tensor:
+    """Read one image as a uint8 tensor (C, H, W), EXIF orientation applied.
+
+    `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
+    at least that many pixels on each side). Raises OSError/ValueError on anything undecodable.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            arr = _to_mode(img, in_chans)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError("image has no pixels")
+    return torch.from_numpy(np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
+
+
+def normalize(in_chans: int) -> v2.Normalize:
+    if in_chans == 3:
+        return v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return v2.Normalize((0.5,), (0.5,))
+
+
+def denormalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Model input (N, C, H, W) back to [0, 1] pixels."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def train_transform(img_size: int, in_chans: int) -> v2.Compose:
+    """The paper's pretraining augmentation on uint8 tensors."""
+    return v2.Compose([
+        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                             antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        normalize(in_chans),
+    ])
+
+
+def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
+    """Resize the shorter side, then center-crop: the whole image as the model sees it at inference."""
+    return v2.Compose([
+        v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(img_size),
+        v2.ToDtype(torch.float32, scale=True),
+        normalize(in_chans),
+    ])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + index * 104_729) % (2**63 - 1)
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Items are (epoch, index) pairs; returns (image tensor, [paths that failed]).
+
+    An unreadable file is replaced by the next readable one (so batches keep their size and ranks
+    stay in step), and its path travels back with the batch to be warned about and counted.
+    """
+
+    def __init__(self, paths: list[Path], img_size: int, in_chans: int, seed: int):
+        self.paths = paths
+        self.in_chans = in_chans
+        self.seed = seed
+        self.transform = train_transform(img_size, in_chans)
+        self.min_side = 2 * img_size  # a crop at scale 0.2 still gets full resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        failed = []
+        for attempt in range(len(self.paths)):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                img = decode(path, self.in_chans, self.min_side)
+                break
+            except Exception as e:  # any decoder failure means "skip this file"
+                failed.append((str(path), describe_error(e)))
+        else:
+            raise DataError("no readable image left in the data folder")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            x = self.transform(img)
+        return x, failed
+
+
+def describe_error(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "file not found (deleted?)"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
+        return "too many pixels (possible decompression bomb)"
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "not a readable image"
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg[:200]
+
+
+def collate(items):
+    xs, failed = zip(*items)
+    return torch.stack(xs), [f for fs in failed for f in fs]
+
+
+@dataclass
+class EpochBatches:
+    """The micro-batches one rank sees, from (start_epoch, start_micro) to the end of `epochs`.
+
+    Each epoch is a seeded permutation of all images, padded by wrapping so every rank gets the same
+    count, then dealt out rank by rank: ranks see disjoint images.
+    """
+
+    n: int
+    batch_size: int
+    seed: int
+    epochs: int
+    start_epoch: int = 0
+    start_micro: int = 0
+    rank: int = 0
+    world: int = 1
+    shuffle: bool = True
+
+    def micro_per_epoch(self) -> int:
+        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + 1_000 * epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        perm = (perm * (1 + per_rank * self.world // max(self.n, 1)))[: per_rank * self.world]
+        return perm[self.rank :: self.world]
+
+    def __iter__(self):
+        for epoch in range(self.start_epoch, self.epochs):
+            idx = self.epoch_indices(epoch)
+            first = self.start_micro if epoch == self.start_epoch else 0
+            for b in range(first, self.micro_per_epoch()):
+                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def __len__(self):
+        return (self.epochs - self.start_epoch) * self.micro_per_epoch() - self.start_micro
+
+
+def first_readable(paths: list[Path], in_chans: int) -> tuple[int, list[tuple[str, str]]]:
+    """Index of the first image that decodes, and the failures before it; DataError if none does."""
+    failed = []
+    for i, p in enumerate(paths):
+        try:
+            decode(p, in_chans, min_side=64)
+            return i, failed
+        except Exception as e:
+            failed.append((str(p), describe_error(e)))
+    raise DataError(f"none of the {len(paths)} image files could be read")

@@ -1,0 +1,495 @@
+"""Pretraining on Accelerate: the run folder, the schedule, the loop, checkpoints and resume.
+
+A run is a pure function of its arguments: data order, crops and masks all derive from (seed, epoch,
+step, index), so resuming from a checkpoint continues exactly where the killed run was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from . import data as D
+from .model import MAE, MAEConfig, no_weight_decay_groups
+from .weights import CONFIG_NAME, WEIGHTS_NAME, save_weights, write_json
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl", "checkpoints", "previews")
+
+
+class TrainError(RuntimeError):
+    """Ends the run with one line on stderr."""
+
+
+@dataclass
+class TrainArgs:
+    data: str
+    out: str | None = None
+    model: str = "vit-base"
+    img_size: int = 224
+    patch_size: int | None = None
+    in_chans: int = 3
+    mask: float = 0.75
+    epochs: int = 100
+    steps: int | None = None
+    batch_size: int = 64
+    blr: float = 1.5e-4
+    lr: float | None = None
+    warmup_epochs: float = 5
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    weight_decay: float = 0.05
+    precision: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 2
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    norm_pix_loss: bool = True
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    init_from: str | None = None
+    previews: int = 4
+    probe: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak`, then half-cycle cosine down to `min_lr` (per optimizer step)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Does this device run bf16 matmuls natively (GPU with bf16, CPU with AVX512-BF16/AMX)?"""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """auto|no|bf16|fp16 -> accelerate's mixed_precision string."""
+    if precision != "auto":
+        return precision
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return "bf16" if native_bf16(device) else "no"
+
+
+def default_workers() -> int:
+    """Decoding workers: on a small CPU box the model needs the cores; on a GPU box, feed it."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus <= 4 else min(4, cpus // 4)
+
+
+def mask_generator(seed: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed * 1_000_003 + micro * 4_099 + rank * 7 + 1)
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder
+
+
+def default_out() -> str:
+    return str(Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Create or reuse `out`; refuse to clobber an earlier run; make sure it is writable."""
+    existing = out.exists() and any((out / name).exists() for name in RUN_FILES)
+    if existing and not (resume or overwrite):
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and not (out / CONFIG_NAME).exists():
+        raise TrainError(f"cannot resume: {out} holds no {CONFIG_NAME}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".maecli-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once its folder has its final name)."""
+    root = out / "checkpoints"
+    if not root.exists():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(out: Path, model: MAE, optimizer, state: dict, keep: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder, fsynced, then renamed) and prune old ones."""
+    root = out / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{state['step']:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(model, tmp / WEIGHTS_NAME)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    write_json(tmp / "state.json", state)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    from .weights import fsync_dir
+
+    fsync_dir(root)
+    for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(ckpt: Path, model: MAE, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)), strict=True)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress on stderr: a live bar on a terminal, plain lines otherwise
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        self.live = enabled and console.is_terminal
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress
+            from rich.progress import TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(
+                TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = self.bar.add_task("steps", total=total, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str, log_line: bool):
+        if not self.enabled:
+            return
+        if self.live:
+            self.bar.update(self.task, completed=step, info=info)
+        elif log_line:
+            console.print(f"step {step}: {info}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def build_config(args: TrainArgs) -> MAEConfig:
+    try:
+        return MAEConfig.preset(
+            args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
+            norm_pix_loss=args.norm_pix_loss, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+            decoder_heads=args.decoder_heads, embed_dim=args.embed_dim, depth=args.depth,
+            num_heads=args.num_heads,
+        )
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+class _Stop:
+    """Remembers a SIGINT/SIGTERM so the loop can checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        console.print("[yellow]stopping after this step; saving a checkpoint (Ctrl-C again to abort)[/]")
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def pretrain(args: TrainArgs) -> dict:
+    """Train an MAE on a folder of images; returns a summary dict. Raises TrainError/DataError for the user."""
+    out = Path(args.out or default_out())
+    if args.resume:
+        if not (out / CONFIG_NAME).exists():
+            raise TrainError(f"cannot resume: {out} holds no {CONFIG_NAME}")
+        saved = json.loads((out / CONFIG_NAME).read_text())["train"]
+        keep_now = {k: getattr(args, k) for k in ("data", "workers", "log_every", "keep")}
+        args = TrainArgs(**{**saved, **keep_now, "resume": True, "out": str(out)})
+    if not 0 < args.mask < 1:
+        raise TrainError(f"--mask must lie strictly between 0 and 1, got {args.mask}")
+    cfg = build_config(args)
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(args.precision))
+    main = accelerator.is_main_process
+    device = accelerator.device
+    if main:
+        prepare_run_dir(out, args.resume, args.overwrite)
+    accelerator.wait_for_everyone()
+
+    paths = D.find_images(args.data)
+    if not paths:
+        raise D.DataError(f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})")
+    D.first_readable(paths, cfg.in_chans)
+
+    torch.manual_seed(args.seed)
+    model = MAE(cfg)
+    if args.init_from and not args.resume:
+        from .weights import load as load_weights
+
+        src = load_weights(args.init_from)
+        missing = model.load_state_dict(src.state_dict(), strict=False)
+        if missing.unexpected_keys:
+            raise TrainError(f"--init-from {args.init_from} does not fit this model ({missing.unexpected_keys[:2]})")
+    peak_lr_given = args.lr
+    world = accelerator.num_processes
+    eff_batch = args.batch_size * args.accum_iter * world
+    peak_lr = peak_lr_given if peak_lr_given is not None else args.blr * eff_batch / 256
+
+    batches = D.EpochBatches(len(paths), args.batch_size, args.seed, epochs=1, rank=accelerator.process_index,
+                             world=world)
+    micro_per_epoch = batches.micro_per_epoch()
+    steps_per_epoch = math.ceil(micro_per_epoch / args.accum_iter)
+    total_steps = args.steps if args.steps else args.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total_steps // 2)
+
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.AdamW(no_weight_decay_groups(model, args.weight_decay), lr=peak_lr,
+                                  betas=(0.9, 0.95), **fused)
+
+    step, images_seen = 0, 0
+    if args.resume:
+        ckpts = checkpoint_dirs(out)
+        if ckpts:
+            st = load_checkpoint(ckpts[-1], model, optimizer)
+            step, images_seen = st["step"], st["images_seen"]
+            if main:
+                console.print(f"resuming {out} from step {step} ({ckpts[-1].name})")
+        elif main:
+            console.print(f"[yellow]no checkpoint in {out}; starting from step 0[/]")
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)
+
+    workers = default_workers() if args.workers is None else args.workers
+    start_epoch, start_micro = step // steps_per_epoch, (step % steps_per_epoch) * args.accum_iter
+    sampler = D.EpochBatches(len(paths), args.batch_size, args.seed, epochs=epochs, start_epoch=start_epoch,
+                             start_micro=start_micro, rank=accelerator.process_index, world=world)
+    dataset = D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=D.collate,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers > 0 else None)
+
+    train_config = {"model": cfg.to_dict(), "train": {**asdict(args), "out": str(out), "resume": False,
+                                                      "overwrite": False}}
+    if main:
+        write_json(out / CONFIG_NAME, train_config)
+        console.print(
+            f"maecli pretrain: {len(paths)} images in {args.data}; {args.model} at {cfg.img_size}px, patch "
+            f"{cfg.patch_size}, mask {args.mask}; device {device.type} x{world}, precision "
+            f"{accelerator.mixed_precision}, {workers} loader workers"
+        )
+        console.print(
+            f"effective batch {eff_batch} ({args.batch_size} x {args.accum_iter} accum x {world} processes), "
+            f"lr {peak_lr:.3g}" + ("" if peak_lr_given is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
+            + f", {total_steps} steps ({steps_per_epoch}/epoch, {epochs} epochs), warmup {warmup} steps"
+        )
+
+    metrics = open(out / "metrics.jsonl", "a") if main else None
+    skipped: dict[str, str] = {}
+    progress = Progress(total_steps, enabled=main)
+    progress.update(step, "starting", log_line=False)
+    t0 = time.time()
+    t_log, images_at_log = time.time(), images_seen
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    micro = step * args.accum_iter  # global micro-batch counter seeds the masks
+    last_epoch_saved = step // steps_per_epoch if step % steps_per_epoch == 0 else -1
+    exit_signal = None
+    summary_preview = None
+
+    def check_finite():
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise TrainError(
+                f"loss became non-finite at step {bad}; stopped. The last good checkpoint is kept in {out / 'checkpoints'}"
+            )
+
+    def checkpoint(final_weights: bool):
+        check_finite()
+        accelerator.wait_for_everyone()
+        if main:
+            state = {"step": step, "epoch": step / steps_per_epoch, "images_seen": images_seen,
+                     "total_steps": total_steps}
+            save_checkpoint(out, raw_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                            state, args.keep)
+            if final_weights:
+                save_weights(raw_model, out / WEIGHTS_NAME)
+        accelerator.wait_for_everyone()
+
+    model.train()
+    it = iter(loader)
+    with _Stop() as stop:
+        try:
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                in_epoch = step % steps_per_epoch
+                n_micro = min(args.accum_iter, micro_per_epoch - in_epoch * args.accum_iter)
+                lr = lr_at(step, total_steps, warmup, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_images = 0
+                for m in range(n_micro):
+                    imgs, failed = next(it)
+                    for path, why in failed:
+                        if path not in skipped:
+                            skipped[path] = why
+                            console.print(f"[yellow]warning:[/] skipped {path}: {why}")
+                    imgs = imgs.to(device, non_blocking=True)
+                    g = mask_generator(args.seed, micro, accelerator.process_index, device)
+                    noise = torch.rand(imgs.shape[0], cfg.num_patches, device=device, generator=g)
+                    sync = contextlib.nullcontext() if m == n_micro - 1 else accelerator.no_sync(model)
+                    with sync:
+                        with accelerator.autocast():
+                            loss, _, _ = model(imgs, mask_ratio=args.mask, noise=noise)
+                        accelerator.backward(loss / n_micro)
+                    loss_d = loss.detach().float()
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), step, first_bad)
+                    loss_sum += loss_d
+                    loss_count += 1
+                    micro += 1
+                    step_images += imgs.shape[0]
+                if args.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                images_seen += step_images * world
+
+                epoch_end = step % steps_per_epoch == 0 or step == total_steps
+                log_now = step % args.log_every == 0 or epoch_end or stop.signum is not None
+                if log_now:
+                    check_finite()
+                    loss_val = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                    now = time.time()
+                    ips = (images_seen - images_at_log) / max(now - t_log, 1e-9)
+                    t_log, images_at_log = now, images_seen
+                    loss_sum.zero_()
+                    loss_count = 0
+                    rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_val, "lr": lr,
+                           "images_per_sec": round(ips, 2), "images_seen": images_seen,
+                           "time": round(now - t0, 2)}
+                    if main:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                    progress.update(step, f"epoch {epoch + 1}/{epochs} loss {loss_val:.4f} lr {lr:.2e} "
+                                          f"{ips:.1f} img/s", log_line=True)
+                if epoch_end:
+                    checkpoint(final_weights=True)
+                    last_epoch_saved = epoch
+                    if main:
+                        summary_preview = epoch_end_hooks(raw_model, args, paths, cfg, out, epoch + 1, metrics,
+                                                          step, accelerator)
+                elif args.save_every and step % args.save_every == 0:
+                    checkpoint(final_weights=False)
+                if stop.signum is not None:
+                    exit_signal = stop.signum
+                    if not epoch_end:
+                        checkpoint(final_weights=True)
+                    break
+        finally:
+            progress.close()
+            if metrics:
+                metrics.close()
+
+    elapsed = time.time() - t0
+    summary = {"out": str(out), "steps": step, "total_steps": total_steps, "images_seen": images_seen,
+               "skipped": len(skipped), "seconds": round(elapsed, 1), "weights": str(out / WEIGHTS_NAME),
+               "preview": summary_preview, "signal": exit_signal}
+    if main:
+        if skipped:
+            console.print(f"[yellow]{len(skipped)} unreadable file(s) skipped[/]")
+        if exit_signal is not None:
+            name = "SIGINT" if exit_signal == signal.SIGINT else "SIGTERM"
+            console.print(
+                f"[yellow]{name}: stopped at step {step}/{total_steps}; checkpoint saved.[/] Continue with:\n"
+                f"  maecli pretrain {args.data} --out {out} --resume"
+            )
+        else:
+            console.print(
+                f"[green]done:[/] {step} steps, {images_seen} images seen, {len(skipped)} files skipped, "
+                f"{elapsed:.0f}s; weights in {out / WEIGHTS_NAME}"
+                + (f"; latest preview {summary_preview}" if summary_preview else "")
+            )
+    accelerator.end_training()
+    return summary
+
+
+def epoch_end_hooks(model, args, paths, cfg, out, epoch, metrics, step, accelerator):
+    """Per-epoch extras on the main process (previews, probes); returns the latest preview path."""
+    return None

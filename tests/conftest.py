@@ -1,0 +1,49 @@
+"""Shared fixtures: real images in temporary folders, and a tiny model config that trains in seconds."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "images"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A model small enough that a few CLI steps take seconds on 2 cores.
+TINY = ["--model", "vit-tiny", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "2",
+        "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
+        "--batch-size", "4", "--workers", "0"]
+
+
+@pytest.fixture
+def photo_dir(tmp_path) -> Path:
+    """Real photos (RGB JPEGs and grayscale PNGs) in nested folders."""
+    root = tmp_path / "photos"
+    files = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png"))
+    for i, f in enumerate(files[:8]):
+        sub = root / ("a" if i % 2 else "b/c")
+        sub.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, sub / f.name)
+    return root
+
+
+@pytest.fixture
+def tiny_run(tmp_path, photo_dir):
+    """A finished 4-step pretrain through the CLI; returns its run folder."""
+    from typer.testing import CliRunner
+
+    from maecli.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", str(photo_dir), "--out", str(out), "--steps", "4", *TINY])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def shared_data(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is not on this machine")
+    return path

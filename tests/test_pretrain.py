@@ -1,0 +1,190 @@
+"""`maecli pretrain` end to end through the CLI on real images, plus the data layer it stands on."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import maecli
+from maecli.cli import app
+from maecli.data import EpochBatches, decode, find_images
+from maecli.train import lr_at
+
+from conftest import TINY
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_run_folder_is_complete(tiny_run):
+    assert {p.name for p in tiny_run.iterdir()} >= {"config.json", "model.safetensors", "metrics.jsonl", "checkpoints"}
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["embed_dim"] == 32 and cfg["train"]["steps"] == 4
+    rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4
+    for row in rows:
+        assert {"step", "epoch", "loss", "lr", "images_per_sec"} <= set(row)
+    ckpts = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]  # one per epoch end, --keep 2
+    model = maecli.load(tiny_run)
+    assert isinstance(model, maecli.MAE) and model.cfg.img_size == 32
+    # the lone weights file carries its config too
+    lone = tiny_run.parent / "lone.safetensors"
+    shutil.copy(tiny_run / "model.safetensors", lone)
+    assert maecli.load(lone).cfg.depth == 2
+
+
+def test_loss_falls(tmp_path, photo_dir):
+    out = tmp_path / "run"
+    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "40", "--lr", "2e-3", "--warmup-epochs", "2",
+               "--log-every", "5", *TINY, "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, losses
+
+
+def test_existing_run_is_not_overwritten(tiny_run, photo_dir):
+    before = (tiny_run / "model.safetensors").read_bytes()
+    r = invoke("pretrain", photo_dir, "--out", tiny_run, "--steps", "2", *TINY)
+    assert r.exit_code != 0
+    assert "already holds a run" in r.stderr and "Traceback" not in r.output
+    assert (tiny_run / "model.safetensors").read_bytes() == before
+    r = invoke("pretrain", photo_dir, "--out", tiny_run, "--steps", "2", "--overwrite", *TINY)
+    assert r.exit_code == 0, r.output
+    assert json.loads((tiny_run / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, photo_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = invoke("pretrain", photo_dir, "--out", out, "--steps", "6", "--lr", "1e-3", *TINY)
+        assert r.exit_code == 0, r.output
+    # b "dies" after step 4: drop what came later, then resume
+    shutil.rmtree(b / "checkpoints" / "step-00000006")
+    (b / "model.safetensors").unlink()
+    r = invoke("pretrain", photo_dir, "--out", b, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.stderr and "from step 4" in r.stderr
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_broken_files_are_skipped_and_counted(tmp_path, photo_dir):
+    (photo_dir / "empty.jpg").write_bytes(b"")
+    (photo_dir / "a" / "notes.jpg").write_text("this is not a picture")
+    good = next(photo_dir.rglob("*.jpg"))
+    (photo_dir / "a" / "truncated.jpg").write_bytes(good.read_bytes()[:300])
+    (photo_dir / "readme.txt").write_text("ignored: not an image suffix")
+    out = tmp_path / "run"
+    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "3", "--batch-size", "11", *TINY[:-4],
+               "--workers", "0")
+    assert r.exit_code == 0, r.output
+    for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
+        assert f"skipped" in r.stderr and name in r.stderr
+    assert "3 unreadable file(s) skipped" in r.stderr
+    assert "3 files skipped" in r.stderr
+
+
+def test_no_images_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = invoke("pretrain", empty, "--out", tmp_path / "run", *TINY)
+    assert r.exit_code == 1 and "no image files found" in r.stderr and "Traceback" not in r.output
+    (empty / "x.png").write_bytes(b"junk")
+    r = invoke("pretrain", empty, "--out", tmp_path / "run", *TINY)
+    assert r.exit_code == 1 and "could be read" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mask", "1.0"], "strictly between 0 and 1"),
+    (["--mask", "0"], "strictly between 0 and 1"),
+    (["--img-size", "30"], "image size 30 is not divisible by patch size 8"),
+    (["--in-chans", "2"], "--in-chans must be 1 or 3"),
+    (["--model", "vit-gigantic"], "vit-gigantic"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_bad_flags(tmp_path, photo_dir, args, message):
+    r = invoke("pretrain", photo_dir, "--out", tmp_path / "run", *TINY, *args)
+    assert r.exit_code != 0
+    assert message in r.output and "Traceback" not in r.output
+
+
+def test_missing_data_folder(tmp_path):
+    r = invoke("pretrain", tmp_path / "nope", *TINY)
+    assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from maecli.cli import app; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "maecli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+# -- the data layer ---------------------------------------------------------------------------
+
+
+def test_find_images_order_and_filters(tmp_path):
+    for rel in ["b/2.JPG", "a/1.png", "a/.hidden.png", ".cache/x.jpg", "c/notes.txt", "z.TIFF", "a/d/3.webp"]:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+    names = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert names == ["a/1.png", "a/d/3.webp", "b/2.JPG", "z.TIFF"]
+
+
+def test_decode_modes(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    cases = {
+        "rgba.png": Image.new("RGBA", (10, 7), (255, 0, 0, 0)),
+        "la.png": Image.new("LA", (10, 7), (100, 255)),
+        "p.png": Image.new("P", (10, 7), 3),
+        "cmyk.jpg": Image.new("CMYK", (10, 7), (0, 0, 0, 0)),
+        "i16.png": Image.fromarray(np.full((7, 10), 65535, dtype=np.uint16)),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        for c in (1, 3):
+            x = decode(tmp_path / name, c)
+            assert x.dtype == torch.uint8 and x.shape == (c, 7, 10), name
+    assert decode(tmp_path / "i16.png", 1).max().item() == 255
+    assert decode(tmp_path / "rgba.png", 3)[:, 0, 0].tolist() == [255, 255, 255]  # transparent -> white
+
+
+def test_decode_applies_exif_orientation(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (20, 10))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert decode(tmp_path / "r.jpg").shape == (3, 20, 10)
+
+
+def test_epoch_batches_are_disjoint_across_ranks_and_resumable():
+    full = [list(b) for b in EpochBatches(10, 3, seed=1, epochs=2)]
+    ranks = [[i for b in EpochBatches(10, 2, seed=1, epochs=1, rank=r, world=2) for _, i in b] for r in (0, 1)]
+    assert set(ranks[0]).isdisjoint(ranks[1]) and set(ranks[0]) | set(ranks[1]) == set(range(10))
+    tail = [list(b) for b in EpochBatches(10, 3, seed=1, epochs=2, start_epoch=1, start_micro=2)]
+    assert tail == full[4 + 2:]
+    assert len(EpochBatches(10, 3, seed=1, epochs=2)) == 8
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)
