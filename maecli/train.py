@@ -23,6 +23,7 @@ from rich.console import Console
 
 from . import data as D
 from .model import MAE, MAEConfig, no_weight_decay_groups
+from .runtime import resolve_precision
 from .weights import CONFIG_NAME, WEIGHTS_NAME, save_weights, write_json
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -82,26 +83,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) 
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does this device run bf16 matmuls natively (GPU with bf16, CPU with AVX512-BF16/AMX)?"""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_precision(precision: str) -> str:
-    """auto|no|bf16|fp16 -> accelerate's mixed_precision string."""
-    if precision != "auto":
-        return precision
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return "bf16" if native_bf16(device) else "no"
 
 
 def default_workers() -> int:
