@@ -181,6 +181,17 @@ def describe_error(e: Exception) -> str:
     return msg[:200]
 
 
+def worker_init(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which checkpoints and shuts them down.
+
+    Without this, Ctrl-C in a terminal reaches the whole process group and a dying worker aborts the run.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate(items):
     xs, failed = zip(*items)
     return torch.stack(xs), [f for fs in failed for f in fs]

@@ -322,7 +322,7 @@ def pretrain(args: TrainArgs) -> dict:
                              start_micro=start_micro, rank=accelerator.process_index, world=world)
     dataset = D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=D.collate,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         worker_init_fn=D.worker_init, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers > 0 else None)
 
     train_config = {"model": cfg.to_dict(), "train": {**asdict(args), "out": str(out), "resume": False,
