@@ -23,7 +23,7 @@ from .weights import WeightsError, atomic_write, load, read_config, resolve, sta
 HEADS_BY_WIDTH = {dim: heads for dim, _, heads, _ in PRESETS.values()}
 DECODER_HEADS = 16  # the release's decoder heads, for every size
 
-# timm extras that maecli has no use for: classifier heads and the pooled-feature norm's bookkeeping.
+# timm extras that an encoder has no use for: the classifier head and what feeds it.
 TIMM_EXTRAS = ("head.", "head_drop.", "pre_logits.")
 
 # ----------------------------------------------------------------------------------------------
