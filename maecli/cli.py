@@ -63,6 +63,8 @@ def quiet_torch():
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # maecli's own warnings (e.g. resized position embeddings) read as one line, without file and line.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 
 @app.command()
@@ -141,6 +143,46 @@ def pretrain(
         import signal
 
         raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
+
+
+class ExportFormat(str, Enum):
+    timm = "timm"
+    hf = "hf"
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A maecli run folder, or any weights --weights accepts."),
+    out: Path = typer.Argument(..., help="timm: the .safetensors file to write; hf: the folder to write."),
+    format: ExportFormat = typer.Option(..., "--format", "-f", help="timm: the encoder as a timm ViT state dict; "
+                                                                   "hf: a Hugging Face transformers ViTMAE folder."),
+    model: Optional[ModelName] = typer.Option(None, "--model", help="Heads hint for weights that do not record "
+                                                                    "them (original and timm files)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+):
+    """Write weights for timm or Hugging Face transformers, and print the Python that loads them.
+
+    timm: one safetensors file that timm.create_model(..., num_classes=0) loads with strict=True (the encoder).
+    hf: config.json + model.safetensors for transformers' ViTMAEForPreTraining (ViTMAEModel without a decoder).
+    """
+    if format is ExportFormat.timm and out.is_dir():
+        fail(f"{out} is a folder; --format timm writes one .safetensors file", 2)
+    if format is ExportFormat.hf and out.exists() and not out.is_dir():
+        fail(f"{out} is a file; --format hf writes a folder", 2)
+    taken = out.exists() and (not out.is_dir() or any((out / n).exists() for n in ("config.json", "model.safetensors")))
+    if taken and not overwrite:
+        fail(f"{out} already holds weights; pass --overwrite to replace them")
+    if not run.exists():
+        fail(f"weights not found: {run}")
+    quiet_torch()
+    from .interop import export as run_export
+
+    try:
+        snippet = run_export(run, out, format.value, model_hint=model.value if model else None)
+    except user_errors() as e:
+        fail(str(e))
+    typer.echo(f"wrote {out}; load it with:\n{snippet}", err=True)
+    typer.echo(str(out))
 
 
 def main():

@@ -281,8 +281,13 @@ def pretrain(args: TrainArgs) -> dict:
     if args.init_from and not args.resume:
         from .weights import load as load_weights
 
-        src = load_weights(args.init_from)
-        missing = model.load_state_dict(src.state_dict(), strict=False)
+        src = load_weights(args.init_from, num_heads=cfg.num_heads, img_size=cfg.img_size).state_dict()
+        target = model.state_dict()
+        wrong = [k for k, v in src.items() if k in target and v.shape != target[k].shape]
+        if wrong:
+            raise TrainError(f"--init-from {args.init_from} does not fit this model: {wrong[0]} has shape "
+                             f"{tuple(src[wrong[0]].shape)}, the model expects {tuple(target[wrong[0]].shape)}")
+        missing = model.load_state_dict(src, strict=False)
         if missing.unexpected_keys:
             raise TrainError(f"--init-from {args.init_from} does not fit this model ({missing.unexpected_keys[:2]})")
     peak_lr_given = args.lr

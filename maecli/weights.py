@@ -1,11 +1,14 @@
-"""Weights on disk: the run folder's `model.safetensors` + `config.json`, written atomically, and `load`.
+"""Weights on disk: the run folder's `model.safetensors` + `config.json`, written atomically, and `load`, which
+reads those and other people's MAE weights too (layouts and names in interop.py).
 
 The model config also travels inside the safetensors header, so a lone weights file still loads.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -17,6 +20,8 @@ from .model import MAE, MAEConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# What a folder may hold, in order of preference: maecli and transformers write the first.
+FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
 
 
 class WeightsError(ValueError):
@@ -73,6 +78,12 @@ def save_weights(model: MAE, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _gist(error: Exception) -> str:
+    """The first sentence of a library's error message, to quote in ours."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(". ")[0] if lines else type(error).__name__
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         from safetensors import safe_open
@@ -81,22 +92,97 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{path} is not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        raise WeightsError(f"{path} is not a readable safetensors file ({_gist(e)})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch .pth/.bin, unpickled by torch's weights-only unpickler: tensors and plain values, never code."""
+    import argparse
+    import pickle
+
+    try:
+        # The release's training checkpoints carry their argparse settings; a Namespace only holds values.
+        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        message = str(e)
+        wanted = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if wanted:
+            raise WeightsError(
+                f"refused {path}: its pickle asks for {wanted.group(1)}, which could run code; maecli reads .pth "
+                f"files only with torch.load(weights_only=True), and nothing in the file was run"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", message)
+        raise WeightsError(
+            f"{path} is not a PyTorch checkpoint of plain tensors ({detail.group(1) if detail else 'unreadable'}); "
+            f"maecli reads .pth files only with torch.load(weights_only=True)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(f"{path} is not a readable PyTorch checkpoint, truncated or corrupted? ({_gist(e)})") from None
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):  # {"model": ...} is the release's layout
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not state:
+        raise WeightsError(f"{path} holds no tensors (expected a state dict, or {{'model': state dict}} as the "
+                           f"original MAE release saves)")
+    if all(k.startswith("module.") for k in state):  # saved from inside a DistributedDataParallel wrapper
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _is_safetensors(path: Path) -> bool:
+    """By name, or by content: 8 bytes of header length, then the JSON header."""
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and safetensors metadata from a .safetensors file, a sharded Hugging Face index or a .pth/.bin."""
+    path = Path(path)
+    if path.name.endswith(".safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, OSError, KeyError, AttributeError) as e:
+            raise WeightsError(f"{path} is not a readable safetensors index ({e})") from None
+        state = {}
+        for shard in shards:
+            state.update(_read_safetensors(path.parent / shard)[0])
+        return state, {}
+    if _is_safetensors(path):
+        return _read_safetensors(path)
+    return _read_pickle(path), {}
 
 
 def resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """A run folder or a weights file -> (weights file, config.json or None)."""
+    """A run or Hugging Face folder, or a weights file -> (weights file, the config.json beside it or None)."""
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights not found: {path}")
     if path.is_dir():
-        weights = path / WEIGHTS_NAME
-        if not weights.exists():
-            raise WeightsError(f"{path} holds no {WEIGHTS_NAME}; is it a maecli run folder?")
-        cfg = path / CONFIG_NAME
-        return weights, cfg if cfg.exists() else None
-    cfg = path.parent / CONFIG_NAME
-    return path, cfg if cfg.exists() else None
+        weights = next((path / name for name in FOLDER_WEIGHTS if (path / name).exists()), None)
+        if weights is None:
+            raise WeightsError(f"{path} holds no {WEIGHTS_NAME}; is it a maecli run or a Hugging Face model folder?")
+    else:
+        weights = path
+    cfg = weights.parent / CONFIG_NAME
+    return weights, cfg if cfg.exists() else None
+
+
+def read_config(path: Path | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str) -> MAE:
@@ -120,22 +206,44 @@ def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str
     return model.eval()
 
 
-def load(path: str | os.PathLike) -> MAE:
-    """Rebuild an MAE from a maecli run folder or its model.safetensors (config from config.json or header)."""
-    weights, cfg_path = resolve(path)
-    state, meta = _read_safetensors(weights)
-    cfg_dict = None
-    if cfg_path is not None:
-        try:
-            cfg_dict = json.loads(cfg_path.read_text()).get("model")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            cfg_dict = None
+def load(
+    path: str | os.PathLike,
+    *,
+    model_hint: str | None = None,
+    num_heads: int | None = None,
+    img_size: int | None = None,
+) -> MAE:
+    """Rebuild an MAE from any weights maecli reads; every command loads through here.
+
+    Accepts a maecli run folder or its model.safetensors; an original MAE release .pth ({"model": ...}, with or
+    without the decoder); a timm ViT state dict (.safetensors or .pth); a Hugging Face ViTMAE folder.
+    `model_hint` (a preset name) or `num_heads` gives the heads where the file does not say and the width is not a
+    released size. `img_size` rebuilds the position embeddings for another input size, with a warning.
+    Weights without a decoder give a model with `has_decoder` False.
+    """
+    from . import interop  # interop builds on this module, so it comes in on first use
+
+    weights, config_path = resolve(path)
+    state, meta = read_tensors(weights)
+    config = read_config(config_path)
+    source = str(weights)
+    cfg_dict = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg_dict is None and "maecli_config" in meta:
         cfg_dict = json.loads(meta["maecli_config"])
-    if cfg_dict is None:
-        raise WeightsError(f"{weights} carries no maecli config (no config.json beside it, none in its header)")
-    try:
-        cfg = MAEConfig.from_dict(cfg_dict)
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"{weights}: invalid model config ({e})") from None
-    return model_from_state(state, cfg, str(weights))
+    if cfg_dict is not None:
+        try:
+            cfg = MAEConfig.from_dict(cfg_dict)
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{weights}: invalid model config ({e})") from None
+    elif interop.is_hf_layout(state):
+        hf = interop.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)
+        state = interop.from_hf(state, source)
+        heads = hf.pop("num_heads") or num_heads
+        cfg = interop.infer_config(state, source, num_heads=heads, model_hint=model_hint, **hf)
+    else:
+        state = interop.clean_original(state, source)
+        cfg = interop.infer_config(state, source, num_heads=num_heads, model_hint=model_hint)
+    model = model_from_state(state, cfg, source)
+    if img_size is not None and img_size != cfg.img_size:
+        model = interop.resize_input(model, img_size)
+    return model
