@@ -106,10 +106,12 @@ def pretrain(
     depth: Optional[int] = typer.Option(None, "--depth", min=1, help="Encoder blocks [default: the model's]."),
     num_heads: Optional[int] = typer.Option(None, "--num-heads", min=1, help="Encoder heads [default: the model's]."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from these weights (fresh optimizer)."),
+    previews: int = typer.Option(4, "--previews", min=0, help="Images in the reconstruction preview saved at each "
+                                                              "epoch end to previews/ (0: none)."),
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
 
-    Writes config.json, model.safetensors, metrics.jsonl and checkpoints/ into the run folder.
+    Writes config.json, model.safetensors, metrics.jsonl, checkpoints/ and previews/ into the run folder.
     """
     if not 0 < mask < 1:
         fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
@@ -132,6 +134,7 @@ def pretrain(
         log_every=log_every, resume=resume, overwrite=overwrite, norm_pix_loss=norm_pix_loss,
         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None,
+        previews=previews,
     )
     try:
         summary = run_pretrain(args)
@@ -183,6 +186,76 @@ def export(
         fail(str(e))
     typer.echo(f"wrote {out}; load it with:\n{snippet}", err=True)
     typer.echo(str(out))
+
+
+@app.command()
+def reconstruct(
+    images: list[Path] = typer.Argument(..., help="Image files, any format pretrain reads."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    mask: float = typer.Option(0.95, "--mask", help="Fraction of patches hidden, strictly between 0 and 1."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the mask: the same seed gives the same picture."),
+    out: str = typer.Option("reconstruction.png", "--out", "-o", help="PNG to write; - writes it to stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image to stdout."),
+    patch_stats: bool = typer.Option(True, "--patch-stats/--no-patch-stats",
+                                     help="Norm-pix-loss models: un-normalize the prediction with each patch's "
+                                          "true mean and variance, or show it raw."),
+    zoom: int = typer.Option(1, "--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel)."),
+    precision: Precision = typer.Option(Precision.no, "--precision", help="no (fp32), bf16, fp16 or auto."),
+):
+    """Show what the model fills in: mask each image, reconstruct it, save a labelled grid.
+
+    One row per image: original | masked (hidden patches grey) | prediction | prediction + visible patches.
+
+    Images are resized (shorter side) and center-cropped to the model's size.
+
+    The error per image is the MSE on hidden patches in the loss's space: normalized pixels (ImageNet mean
+    and std; 0.5 for one channel), each patch also normalized by its own mean and variance when the model used norm-pix-loss.
+    """
+    if not 0 < mask < 1:
+        fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
+    if out == "-" and as_json:
+        fail("--out - and --json both write to stdout; pick one", 2)
+    if out != "-" and not Path(out).parent.is_dir():
+        fail(f"cannot write {out}: folder {Path(out).parent} does not exist")
+    quiet_torch()
+    import json
+
+    from rich.console import Console
+
+    from .reconstruct import png_bytes, reconstruct as run_reconstruct, render, write_png
+    from .runtime import default_device
+    from .weights import load
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        model = load(weights).to(default_device())
+        rec = run_reconstruct(model, images, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats,
+                              precision=precision.value)
+    except user_errors() as e:
+        fail(str(e))
+    data = png_bytes(render(rec, zoom))
+    if min(rec.hidden) == model.cfg.num_patches:
+        console.print(f"[yellow]warning:[/] at --mask {mask:g} none of the {model.cfg.num_patches} patches stays "
+                      "visible: the decoder sees nothing but position")
+    if rec.norm_pix_loss:
+        console.print("note: this model predicts normalized pixels; " + (
+            "the prediction columns borrow each hidden patch's mean and variance from the original "
+            "(--no-patch-stats to show it raw)" if patch_stats else
+            "shown raw, with the dataset mean and spread: brightness and colour per patch are not the model's"))
+    for r in rec.records():
+        console.print(f"{r['image']}: hidden-patch MSE {r['mse']:.4f} ({r['hidden']} of {r['patches']} patches hidden)")
+        if as_json:
+            typer.echo(json.dumps(r))
+    if out == "-":
+        stdout = typer.get_binary_stream("stdout")
+        stdout.write(data)
+        stdout.flush()
+        return
+    try:
+        write_png(data, out)
+    except OSError as e:
+        fail(f"cannot write {out}: {e.strerror or e}")
+    console.print(f"wrote {out} ({len(rec.names)} rows x 4 columns, {rec.original.shape[-1] * zoom} px tiles)")
 
 
 def main():

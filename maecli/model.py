@@ -137,6 +137,16 @@ def random_masking(
     return visible, mask, ids_restore
 
 
+def patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and std, (N, L, 1) each: what `norm_pix_loss` divides out of the target.
+
+    Reconstruction multiplies them back in, so both sides must use this one definition.
+    """
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return mean, (var + 1.0e-6) ** 0.5
+
+
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding, (1 + grid*grid, dim) with a zero row for the cls token.
 
@@ -269,9 +279,8 @@ class MAE(nn.Module):
         """What the decoder predicts: patches (N, L, p*p*C), each normalized when `norm_pix_loss`."""
         target = patchify(imgs, self.cfg.patch_size)
         if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            mean, std = patch_stats(target)
+            target = (target - mean) / std
         return target
 
     def forward_loss(self, imgs, pred, mask) -> torch.Tensor:

@@ -478,4 +478,12 @@ def pretrain(args: TrainArgs) -> dict:
 
 def epoch_end_hooks(model, args, paths, cfg, out, epoch, metrics, step, accelerator):
     """Per-epoch extras on the main process (previews, probes); returns the latest preview path."""
-    return None
+    preview = None
+    if args.previews:
+        from .reconstruct import save_preview
+
+        try:
+            preview = save_preview(model, paths, out, epoch, args.previews, args.seed)
+        except (OSError, D.DataError) as e:  # a picture is not worth a long run: warn and train on
+            console.print(f"[yellow]warning:[/] no preview for epoch {epoch}: {e}")
+    return str(preview) if preview else None
