@@ -241,7 +241,7 @@ def reconstruct(
         console.print("note: this model predicts normalized pixels; " + (
             "the prediction columns borrow each hidden patch's mean and variance from the original "
             "(--no-patch-stats to show it raw)" if patch_stats else
-            "shown raw, with the dataset mean and spread: brightness and colour per patch are not the model's"))
+            "shown raw, with the dataset mean and spread: each patch's brightness and contrast are not the model's"))
     for r in rec.records():
         console.print(f"{r['image']}: hidden-patch MSE {r['mse']:.4f} ({r['hidden']} of {r['patches']} patches hidden)")
         if as_json:

@@ -57,8 +57,8 @@ class Reconstruction:
         if self.patch_stats:
             return head + ("Prediction: normalized pixels, un-normalized with each hidden patch's true mean and "
                            "variance taken from the original (--no-patch-stats shows it raw).")
-        return head + ("Prediction: normalized pixels shown raw (dataset mean and spread); brightness and colour "
-                       "of each patch are not predicted by the model.")
+        return head + ("Prediction: normalized pixels shown raw (dataset mean and spread); the brightness and "
+                       "contrast of each patch are not predicted by the model.")
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per image."""
