@@ -191,7 +191,8 @@ def export(
 @app.command()
 def reconstruct(
     images: list[Path] = typer.Argument(..., help="Image files, any format pretrain reads."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or weights file, or an "
+                                                              "original/Hugging Face MAE with its decoder."),
     mask: float = typer.Option(0.95, "--mask", help="Fraction of patches hidden, strictly between 0 and 1."),
     seed: int = typer.Option(0, "--seed", help="Seed of the mask: the same seed gives the same picture."),
     out: str = typer.Option("reconstruction.png", "--out", "-o", help="PNG to write; - writes it to stdout."),

@@ -125,7 +125,7 @@ def reconstruct(
     """
     if not model.has_decoder:
         raise EncoderOnlyError("this checkpoint holds only the encoder; reconstruction needs the decoder "
-                               "(use the full model.safetensors of a maecli pretrain run)")
+                               "(a maecli run's model.safetensors or the original release's mae_visualize_*.pth hold one)")
     cfg = model.cfg
     if not isinstance(images, torch.Tensor):
         names = names or [str(p) for p in images]
