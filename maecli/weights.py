@@ -157,6 +157,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return state, {}
     if _is_safetensors(path):
         return _read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+        raise WeightsError(f"{path} is not a weights file (expected .safetensors, or a PyTorch .pth/.bin checkpoint)")
     return _read_pickle(path), {}
 
 
