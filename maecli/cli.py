@@ -47,6 +47,15 @@ def fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+def fail_once(message: str, code: int = 1):
+    """`fail` on the main process only: under `accelerate launch` every rank meets the same error."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        raise typer.Exit(code)
+    fail(message, code)
+
+
 def user_errors():
     """The exceptions that mean "the user's input is wrong", imported lazily with the heavy stack."""
     from .data import DataError
@@ -69,6 +78,7 @@ def quiet_torch():
 
 @app.command()
 def pretrain(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Folder of images, searched at any depth (no labels needed)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
     model: ModelName = typer.Option(ModelName.base, "--model", help="Encoder size."),
@@ -112,6 +122,9 @@ def pretrain(
     """Pretrain a Masked Autoencoder on a folder of images.
 
     Writes config.json, model.safetensors, metrics.jsonl, checkpoints/ and previews/ into the run folder.
+
+    --resume continues the run in --out with its saved settings; give --epochs or --steps again to extend it.
+    Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
     """
     if not 0 < mask < 1:
         fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
@@ -136,12 +149,17 @@ def pretrain(
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None,
         previews=previews,
     )
+    # Flags given explicitly matter on --resume: those a run may change override its saved settings.
+    # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)
+    given = {name for name in ctx.params
+             if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
     try:
-        summary = run_pretrain(args)
-    except user_errors() as e:
-        fail(str(e))
-    except ValueError as e:
-        fail(str(e))
+        summary = run_pretrain(args, given=given)
+    except (*user_errors(), ValueError) as e:
+        fail_once(str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        fail_once("interrupted; the checkpoints on disk are complete" + (f" (continue with --out {out} --resume)"
+                                                                        if out else ""), 130)
     if summary.get("signal") is not None:
         import signal
 

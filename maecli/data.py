@@ -5,8 +5,10 @@ and order that an uninterrupted one would have seen.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,13 +81,22 @@ def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = No
     `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
     at least that many pixels on each side). Raises OSError/ValueError on anything undecodable.
     """
+    # A FIFO or device named like an image would block open() forever: only regular files are read.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError("not a regular file")
     with warnings.catch_warnings():
+        # PIL warns about quirks it handles (palette transparency, odd EXIF), once per file: noise in a
+        # long run. Too many pixels, though, is a decompression bomb and an error here.
+        warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             if min_side and img.format == "JPEG":
                 img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            try:
+                img = ImageOps.exif_transpose(img)
+            except Exception:  # broken EXIF: the pixels are fine, keep their stored orientation
+                pass
             arr = _to_mode(img, in_chans)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -157,20 +168,26 @@ class PretrainDataset(torch.utils.data.Dataset):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 img = decode(path, self.in_chans, self.min_side)
+                # Seeded by the slot, not the file, so a substitute gets the crop the slot would have had.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, index))
+                    x = self.transform(img)
                 break
-            except Exception as e:  # any decoder failure means "skip this file"
-                failed.append((str(path), describe_error(e)))
+            except Exception as e:  # any failure to decode or crop means "skip this file"
+                failed.append((str(path), describe_error(e, path)))
         else:
             raise DataError("no readable image left in the data folder")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            x = self.transform(img)
         return x, failed
 
 
-def describe_error(e: Exception) -> str:
+def describe_error(e: Exception, path: str | os.PathLike | None = None) -> str:
+    """Why a file was skipped, in a few words."""
     if isinstance(e, FileNotFoundError):
+        if path is not None and os.path.islink(path):
+            return "broken symbolic link"
         return "file not found (deleted?)"
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return "symbolic link loop"
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, Image.DecompressionBombWarning | Image.DecompressionBombError):
@@ -247,5 +264,5 @@ def first_readable(paths: list[Path], in_chans: int) -> tuple[int, list[tuple[st
             decode(p, in_chans, min_side=64)
             return i, failed
         except Exception as e:
-            failed.append((str(p), describe_error(e)))
+            failed.append((str(p), describe_error(e, p)))
     raise DataError(f"none of the {len(paths)} image files could be read")

@@ -9,13 +9,15 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +26,7 @@ from rich.console import Console
 from . import data as D
 from .model import MAE, MAEConfig, no_weight_decay_groups
 from .runtime import resolve_precision
-from .weights import CONFIG_NAME, WEIGHTS_NAME, save_weights, write_json
+from .weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, fsync_dir, save_weights, write_json
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -108,7 +110,9 @@ def default_out() -> str:
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create or reuse `out`; refuse to clobber an earlier run; make sure it is writable."""
+    """Create or reuse `out`; refuse to clobber an earlier run; make sure it is writable, before any training."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"cannot use {out} as the output folder: it is a file")
     existing = out.exists() and any((out / name).exists() for name in RUN_FILES)
     if existing and not (resume or overwrite):
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -121,6 +125,9 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise TrainError(f"cannot write to output folder {out}: {e.strerror or e}") from None
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "metrics.jsonl"):  # atomic_write's temp files from a killed run
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     if overwrite and not resume:
         for name in RUN_FILES:
             p = out / name
@@ -130,13 +137,18 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 p.unlink()
 
 
+CHECKPOINT_FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a checkpoint is complete once its folder has its final name)."""
+    """Checkpoints with all their files, oldest first. A checkpoint gets its final name only once every file
+    is written, so `.tmp-*` folders (a save cut short) never count."""
     root = out / "checkpoints"
-    if not root.exists():
+    if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()
+            and all((p / f).is_file() for f in CHECKPOINT_FILES)]
+    return sorted(done, key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(out: Path, model: MAE, optimizer, state: dict, keep: int) -> Path:
@@ -148,17 +160,24 @@ def save_checkpoint(out: Path, model: MAE, optimizer, state: dict, keep: int) ->
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / WEIGHTS_NAME)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    write_json(tmp / "state.json", state)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    from .weights import fsync_dir
-
+    try:
+        save_weights(model, tmp / WEIGHTS_NAME)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # the same step saved before: swap it out, so some copy exists at every moment
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     fsync_dir(root)
     for old in checkpoint_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -168,12 +187,64 @@ def save_checkpoint(out: Path, model: MAE, optimizer, state: dict, keep: int) ->
     return final
 
 
-def load_checkpoint(ckpt: Path, model: MAE, optimizer) -> dict:
+def read_checkpoint(ckpt: Path, model: MAE, optimizer) -> tuple[dict, dict, dict]:
+    """(weights, optimizer state, state.json) of a checkpoint, checked against `model` and `optimizer`
+    without changing them; raises ValueError saying what is wrong."""
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)), strict=True)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-    return json.loads((ckpt / "state.json").read_text())
+    try:
+        weights = load_file(str(ckpt / WEIGHTS_NAME))
+        # weights_only: a checkpoint folder from elsewhere cannot run code through its pickle
+        optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:  # safetensors, zip and pickle errors have no common base class
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    expected = model.state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError("its weights do not fit this run's model")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        saved_ids = [i for group in optim["param_groups"] for i in group["params"]]
+        fits = len(saved_ids) == len(params) and all(
+            t.shape == params[saved_ids.index(i)].shape
+            for i, st in optim["state"].items() for name, t in st.items() if name in ("exp_avg", "exp_avg_sq"))
+        fits = fits and isinstance(state.get("step"), int) and state["step"] >= 0
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fits = False
+    if not fits:
+        raise ValueError("its optimizer state or state.json does not fit this run")
+    return weights, optim, state
+
+
+def find_checkpoint(out: Path, model: MAE, optimizer, warn) -> tuple[Path, tuple[dict, dict, dict]] | None:
+    """The newest checkpoint that reads back whole, falling back to older ones with a warning."""
+    ckpts = checkpoint_dirs(out)
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, read_checkpoint(ckpt, model, optimizer)
+        except ValueError as e:
+            warn(f"checkpoint {ckpt} is unusable ({e}); trying an older one")
+    if ckpts:
+        raise TrainError(f"cannot resume: none of the {len(ckpts)} checkpoints in {out / 'checkpoints'} is usable; "
+                         f"start again with --overwrite")
+    return None
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the metrics rows a killed run logged after the checkpoint it resumes from (and a half-written
+    last line), so the resumed run's rows follow on without repeats."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            keep.append(line)
+    text = "".join(line + "\n" for line in keep)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +299,10 @@ def build_config(args: TrainArgs) -> MAEConfig:
 class _Stop:
     """Remembers a SIGINT/SIGTERM so the loop can checkpoint and exit cleanly."""
 
-    def __init__(self):
+    def __init__(self, when: str, verbose: bool):
         self.signum = None
+        self.when = when
+        self.verbose = verbose
         self._old = {}
 
     def __enter__(self):
@@ -244,27 +317,76 @@ class _Stop:
         if self.signum is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signum = signum
-        console.print("[yellow]stopping after this step; saving a checkpoint (Ctrl-C again to abort)[/]")
+        if self.verbose:
+            console.print(f"[yellow]stopping {self.when}; saving a checkpoint (Ctrl-C again to abort)[/]")
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
 
 
-def pretrain(args: TrainArgs) -> dict:
-    """Train an MAE on a folder of images; returns a summary dict. Raises TrainError/DataError for the user."""
+# What a resumed run may change: none of these alter the model or the steps already taken.
+RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "previews",
+                     "probe")
+
+
+def resumed_args(args: TrainArgs, given: set[str]) -> TrainArgs:
+    """The settings saved with the run in args.out, updated with those the user gave again and may change.
+
+    `given` names the settings the user set explicitly; one that differs from the saved run and is not in
+    RESUME_MAY_CHANGE is refused rather than silently ignored or silently applied.
+    """
+    out = Path(args.out)
+    path = out / CONFIG_NAME
+    if not path.exists():
+        raise TrainError(f"cannot resume: {out} holds no {CONFIG_NAME}")
+    known = {f.name for f in fields(TrainArgs)}
+    try:
+        saved = json.loads(path.read_text())["train"]
+        merged = {k: v for k, v in saved.items() if k in known}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TrainError(f"cannot resume: {path} is unreadable ({e})") from None
+    merged.update(data=args.data, out=str(out), resume=True, overwrite=False)
+    for name in sorted(set(given) & known - {"data", "out", "resume", "overwrite"}):
+        now, before = getattr(args, name), merged.get(name)
+        if now == before:
+            continue
+        if name not in RESUME_MAY_CHANGE:
+            may = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE[:7])
+            raise TrainError(f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume keeps a "
+                             f"run's settings and may change only {may}")
+        merged[name] = now
+    if "epochs" in given and "steps" not in given and merged.get("epochs") != saved.get("epochs"):
+        merged["steps"] = None  # a new epoch count replaces the step count the run was started with
+    return TrainArgs(**merged)
+
+
+def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
+    """Train an MAE on a folder of images; returns a summary dict. Raises TrainError/DataError for the user.
+
+    With `args.resume`, the run in `args.out` continues from its newest usable checkpoint with its saved
+    settings; `given` names the settings the caller set explicitly (see `resumed_args`).
+    """
     out = Path(args.out or default_out())
     if args.resume:
-        if not (out / CONFIG_NAME).exists():
-            raise TrainError(f"cannot resume: {out} holds no {CONFIG_NAME}")
-        saved = json.loads((out / CONFIG_NAME).read_text())["train"]
-        keep_now = {k: getattr(args, k) for k in ("data", "workers", "log_every", "keep")}
-        args = TrainArgs(**{**saved, **keep_now, "resume": True, "out": str(out)})
+        args = resumed_args(replace(args, out=str(out)), set(given))
     if not 0 < args.mask < 1:
         raise TrainError(f"--mask must lie strictly between 0 and 1, got {args.mask}")
     cfg = build_config(args)
 
-    accelerator = Accelerator(mixed_precision=resolve_precision(args.precision))
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one global state and refuses a second run in this process with another precision
+    # (tests, notebooks); the process group, if any, lives in PartialState and is kept.
+    AcceleratorState._reset_state()
+    # Launched as several processes (accelerate launch, torchrun) on a machine without a GPU, Accelerate
+    # would run each process alone, all of them writing one folder; cpu=True makes them one gloo group.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=resolve_precision(args.precision),
+                              cpu=launched > 1 and not torch.cuda.is_available())
+    if accelerator.num_processes != launched:
+        raise TrainError(f"started as {launched} processes, but Accelerate runs {accelerator.num_processes}; "
+                         f"check the launcher's settings")
     main = accelerator.is_main_process
     device = accelerator.device
     if main:
@@ -278,7 +400,8 @@ def pretrain(args: TrainArgs) -> dict:
 
     torch.manual_seed(args.seed)
     model = MAE(cfg)
-    if args.init_from and not args.resume:
+    # A resumed run takes its weights from a checkpoint; one killed before its first starts as it did.
+    if args.init_from and not (args.resume and checkpoint_dirs(out)):
         from .weights import load as load_weights
 
         src = load_weights(args.init_from, num_heads=cfg.num_heads, img_size=cfg.img_size).state_dict()
@@ -292,6 +415,7 @@ def pretrain(args: TrainArgs) -> dict:
             raise TrainError(f"--init-from {args.init_from} does not fit this model ({missing.unexpected_keys[:2]})")
     peak_lr_given = args.lr
     world = accelerator.num_processes
+    rank = accelerator.process_index
     eff_batch = args.batch_size * args.accum_iter * world
     peak_lr = peak_lr_given if peak_lr_given is not None else args.blr * eff_batch / 256
 
@@ -303,20 +427,54 @@ def pretrain(args: TrainArgs) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total_steps // 2)
 
+    def micro_at(step: int) -> int:
+        """Micro-batches taken before `step`; seeds the masks. An epoch's last step may take fewer than
+        accum_iter, so this is not simply step * accum_iter."""
+        return (step // steps_per_epoch) * micro_per_epoch + (step % steps_per_epoch) * args.accum_iter
+
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     optimizer = torch.optim.AdamW(no_weight_decay_groups(model, args.weight_decay), lr=peak_lr,
                                   betas=(0.9, 0.95), **fused)
 
-    step, images_seen = 0, 0
+    def warn(message: str):
+        if main:
+            console.print(f"[yellow]warning:[/] {message}")
+
+    # Everything a checkpoint restores beyond the model and the optimizer.
+    step, images_seen, seconds_before = 0, 0, 0.0
+    skipped: dict[str, str] = {}
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    resumed = None
     if args.resume:
-        ckpts = checkpoint_dirs(out)
-        if ckpts:
-            st = load_checkpoint(ckpts[-1], model, optimizer)
+        found = find_checkpoint(out, model, optimizer, warn) if main else None
+        if world > 1:  # every rank loads the checkpoint the main process chose
+            from accelerate.utils import broadcast_object_list
+
+            name = [found[0].name if found else None]
+            broadcast_object_list(name)
+            if not main and name[0]:
+                ckpt = out / "checkpoints" / name[0]
+                found = ckpt, read_checkpoint(ckpt, model, optimizer)
+        if found:
+            resumed, (weights, optim_state, st) = found
+            model.load_state_dict(weights, strict=True)
+            optimizer.load_state_dict(optim_state)
             step, images_seen = st["step"], st["images_seen"]
-            if main:
-                console.print(f"resuming {out} from step {step} ({ckpts[-1].name})")
+            seconds_before = st.get("seconds", 0.0)
+            skipped = dict(st.get("skipped", {}))
+            window = st.get("loss_sum", [])
+            if len(window) == world:  # the loss average in progress, so the next metrics row is exact too
+                loss_sum.fill_(window[rank])
+                loss_count = st.get("loss_count", 0)
+            if st.get("images", len(paths)) != len(paths) or st.get("processes", world) != world:
+                warn(f"the run was saved with {st.get('images')} images and {st.get('processes')} processes, now "
+                     f"{len(paths)} and {world}: from here on it differs from an uninterrupted run")
         elif main:
             console.print(f"[yellow]no checkpoint in {out}; starting from step 0[/]")
+    if step > total_steps:
+        raise TrainError(f"the run in {out} is at step {step}, past the {total_steps} steps asked for; "
+                         f"pass a larger --steps or --epochs to extend it")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
@@ -334,6 +492,11 @@ def pretrain(args: TrainArgs) -> dict:
                                                       "overwrite": False}}
     if main:
         write_json(out / CONFIG_NAME, train_config)
+        if resumed is not None:
+            console.print(f"resuming {out} from step {step} ({resumed.name})")
+            trim_metrics(out / "metrics.jsonl", step)
+        elif args.resume:
+            trim_metrics(out / "metrics.jsonl", 0)
         console.print(
             f"maecli pretrain: {len(paths)} images in {args.data}; {args.model} at {cfg.img_size}px, patch "
             f"{cfg.patch_size}, mask {args.mask}; device {device.type} x{world}, precision "
@@ -346,41 +509,65 @@ def pretrain(args: TrainArgs) -> dict:
         )
 
     metrics = open(out / "metrics.jsonl", "a") if main else None
-    skipped: dict[str, str] = {}
     progress = Progress(total_steps, enabled=main)
     progress.update(step, "starting", log_line=False)
-    t0 = time.time()
+    t0 = time.time() - seconds_before  # "time" in metrics counts training time across resumes
     t_log, images_at_log = time.time(), images_seen
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    micro = step * args.accum_iter  # global micro-batch counter seeds the masks
-    last_epoch_saved = step // steps_per_epoch if step % steps_per_epoch == 0 else -1
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss, 1-based
+    micro = micro_at(step)
+    weights_at = -1  # the step whose weights model.safetensors holds, when written by this session
     exit_signal = None
     summary_preview = None
 
     def check_finite():
-        bad = int(first_bad.item())
-        if bad >= 0:
-            raise TrainError(
-                f"loss became non-finite at step {bad}; stopped. The last good checkpoint is kept in {out / 'checkpoints'}"
-            )
+        """Stop on a non-finite loss. The flag lives on the device, so this syncs only when called; every
+        rank calls it at the same steps and sees the same verdict."""
+        bad = first_bad.view(1) if world == 1 else accelerator.gather(first_bad.view(1))
+        bad = [b for b in bad.tolist() if b > 0]
+        if bad:
+            ckpts = checkpoint_dirs(out)
+            kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved before it"
+            raise TrainError(f"loss became non-finite at step {min(bad)} (precision {accelerator.mixed_precision});"
+                             f" stopped, and {kept}; try a lower --lr, --clip-grad, or --precision no")
+
+    def gathered_skipped() -> dict[str, str]:
+        if world == 1:
+            return skipped
+        from accelerate.utils import gather_object
+
+        merged = {}
+        for part in gather_object([skipped]):
+            merged.update(part)
+        return merged
 
     def checkpoint(final_weights: bool):
+        nonlocal weights_at
         check_finite()
-        accelerator.wait_for_everyone()
+        window = (loss_sum.view(1) if world == 1 else accelerator.gather(loss_sum.view(1))).tolist()
+        all_skipped = gathered_skipped()
         if main:
             state = {"step": step, "epoch": step / steps_per_epoch, "images_seen": images_seen,
-                     "total_steps": total_steps}
+                     "total_steps": total_steps, "micro": micro, "images": len(paths), "processes": world,
+                     "seconds": round(time.time() - t0, 3), "loss_sum": window, "loss_count": loss_count,
+                     "skipped": all_skipped}
             save_checkpoint(out, raw_model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                             state, args.keep)
             if final_weights:
                 save_weights(raw_model, out / WEIGHTS_NAME)
+        if final_weights:
+            weights_at = step
         accelerator.wait_for_everyone()
+
+    def agree(flag: bool) -> bool:
+        """True on every rank if it is true on any: ranks must take the same branch around collectives."""
+        if world == 1:
+            return flag
+        return accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0
 
     model.train()
     it = iter(loader)
-    with _Stop() as stop:
+    stop_when = "after this step" if world == 1 else "at the next logged step"
+    with _Stop(stop_when, verbose=main) as stop:
         try:
             while step < total_steps:
                 epoch = step // steps_per_epoch
@@ -397,7 +584,7 @@ def pretrain(args: TrainArgs) -> dict:
                             skipped[path] = why
                             console.print(f"[yellow]warning:[/] skipped {path}: {why}")
                     imgs = imgs.to(device, non_blocking=True)
-                    g = mask_generator(args.seed, micro, accelerator.process_index, device)
+                    g = mask_generator(args.seed, micro, rank, device)
                     noise = torch.rand(imgs.shape[0], cfg.num_patches, device=device, generator=g)
                     sync = contextlib.nullcontext() if m == n_micro - 1 else accelerator.no_sync(model)
                     with sync:
@@ -405,7 +592,7 @@ def pretrain(args: TrainArgs) -> dict:
                             loss, _, _ = model(imgs, mask_ratio=args.mask, noise=noise)
                         accelerator.backward(loss / n_micro)
                     loss_d = loss.detach().float()
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d), step, first_bad)
+                    first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss_d), step + 1, first_bad)
                     loss_sum += loss_d
                     loss_count += 1
                     micro += 1
@@ -418,7 +605,14 @@ def pretrain(args: TrainArgs) -> dict:
                 images_seen += step_images * world
 
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                log_now = step % args.log_every == 0 or epoch_end or stop.signum is not None
+                log_now = step % args.log_every == 0 or epoch_end
+                # One process checks its own flag every step; several agree on it at logged steps only,
+                # since agreeing is a collective that would otherwise sync the device every step.
+                if world == 1:
+                    stop_now = stop.signum is not None
+                    log_now = log_now or stop_now
+                else:
+                    stop_now = agree(stop.signum is not None) if log_now else False
                 if log_now:
                     check_finite()
                     loss_val = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
@@ -435,25 +629,32 @@ def pretrain(args: TrainArgs) -> dict:
                         metrics.flush()
                     progress.update(step, f"epoch {epoch + 1}/{epochs} loss {loss_val:.4f} lr {lr:.2e} "
                                           f"{ips:.1f} img/s", log_line=True)
-                if epoch_end:
-                    checkpoint(final_weights=True)
-                    last_epoch_saved = epoch
-                    if main:
-                        summary_preview = epoch_end_hooks(raw_model, args, paths, cfg, out, epoch + 1, metrics,
-                                                          step, accelerator)
-                elif args.save_every and step % args.save_every == 0:
-                    checkpoint(final_weights=False)
-                if stop.signum is not None:
-                    exit_signal = stop.signum
-                    if not epoch_end:
-                        checkpoint(final_weights=True)
+                if epoch_end or stop_now or (args.save_every and step % args.save_every == 0):
+                    checkpoint(final_weights=epoch_end or stop_now)
+                if epoch_end and main:
+                    summary_preview = epoch_end_hooks(raw_model, args, paths, cfg, out, epoch + 1, metrics,
+                                                      step, accelerator)
+                if stop_now:
+                    exit_signal = stop.signum or signal.SIGTERM
                     break
+            if exit_signal is None and weights_at != step and main:
+                # a resume of a finished run (perhaps killed while writing these): write them from the checkpoint
+                console.print(f"the run in {out} was already complete at step {step}")
+                save_weights(raw_model, out / WEIGHTS_NAME)
+        except OSError as e:  # a full disk, a folder removed under us: the checkpoints on disk stay whole
+            ckpts = checkpoint_dirs(out)
+            kept = f"; the newest complete checkpoint is {ckpts[-1]}" if ckpts else ""
+            raise TrainError(f"cannot write to {out}: {e.strerror or e}{kept}") from None
         finally:
             progress.close()
             if metrics:
                 metrics.close()
+            shutdown = getattr(it, "_shutdown_workers", None)  # workers ignore SIGTERM: stop them here
+            if shutdown is not None:
+                shutdown()
 
     elapsed = time.time() - t0
+    skipped = gathered_skipped()
     summary = {"out": str(out), "steps": step, "total_steps": total_steps, "images_seen": images_seen,
                "skipped": len(skipped), "seconds": round(elapsed, 1), "weights": str(out / WEIGHTS_NAME),
                "preview": summary_preview, "signal": exit_signal}

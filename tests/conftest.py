@@ -47,3 +47,18 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not on this machine")
     return path
+
+
+@pytest.fixture
+def bad_images_dir(tmp_path) -> Path:
+    """Broken and awkward image files (zero bytes, truncated, bombs, symlink loops, a FIFO, ...).
+
+    `bad_images.CORPUS` says what each file is and whether it must decode; `bad_images.describe(root)`
+    prints that list. deleted.jpg is whole: a test removes it after discovery.
+    """
+    from bad_images import make_bad_images
+
+    root = tmp_path / "bad_images"
+    make_bad_images(root)
+    yield root
+    os.chmod(root / "no_permission.jpg", 0o644)  # so the temporary folder can be removed without root

@@ -1,0 +1,364 @@
+"""Reliability of `maecli pretrain`: kills and signals, atomic saves, non-finite losses, output problems.
+
+The kill tests run the real CLI in a subprocess, stop it mid-run, resume it and compare the final weights
+bit for bit with an uninterrupted run of the same seed (every uninterrupted reference runs in-process).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import maecli
+from maecli.cli import app
+
+from bad_images import WritesAFile
+from conftest import ROOT, TINY
+
+runner = CliRunner()
+
+# 24 images in batches of 2: 12 steps an epoch, 5 epochs; a checkpoint every 5 steps lands mid-epoch.
+RUN = [*TINY, "--batch-size", "2", "--steps", "60", "--save-every", "5", "--log-every", "1", "--lr", "1e-3",
+       "--warmup-epochs", "1"]
+STEPS = 60
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory) -> Path:
+    """24 small images (RGB and grayscale, JPEG and PNG, various sizes): cheap to decode, many steps a second."""
+    root = tmp_path_factory.mktemp("small")
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        h, w = rng.integers(36, 72, size=2)
+        gray = i % 3 == 0
+        arr = rng.integers(0, 256, size=(h, w) if gray else (h, w, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(small_dir, tmp_path_factory):
+    """The uninterrupted run every interrupted one must match: its weights and metrics rows."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = invoke("pretrain", small_dir, "--out", out, *RUN)
+    assert r.exit_code == 0, r.output
+    return load_file(out / "model.safetensors"), rows(out)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(out: Path, reference):
+    """Bit-identical weights, and the metrics rows of every step exactly once with the same losses."""
+    weights, ref_rows = reference
+    mine = load_file(out / "model.safetensors")
+    assert mine.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(mine[k], weights[k]), f"{k} differs from the uninterrupted run"
+    got = rows(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for a, b in zip(got, ref_rows):
+        assert (a["loss"], a["lr"], a["images_seen"]) == (b["loss"], b["lr"], b["images_seen"]), a["step"]
+
+
+def env() -> dict:
+    """The subprocess imports this checkout of maecli, whatever is installed."""
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return e
+
+
+def last_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+    except (OSError, ValueError, KeyError):  # not there yet, or a line half written
+        return 0
+
+
+def start(args, log: Path) -> subprocess.Popen:
+    # A session of its own: the test can signal the whole process group, as a terminal or scheduler does.
+    return subprocess.Popen([sys.executable, "-m", "maecli", *map(str, args)], env=env(), stdout=subprocess.DEVNULL,
+                            stderr=open(log, "w"), start_new_session=True)
+
+
+def stop_midway(proc: subprocess.Popen, out: Path, sig: int, group: bool, after_step: int = 8) -> int:
+    """Once a --save-every checkpoint exists and a later step is logged, send `sig`; returns the exit code."""
+    deadline = time.time() + 120
+    while not ((out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
+               and last_step(out) >= after_step):
+        assert proc.poll() is None, f"the run ended before it could be stopped:\n{(out.parent / 'log').read_text()}"
+        assert time.time() < deadline, "the run never got going"
+        time.sleep(0.01)
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    try:
+        return proc.wait(timeout=120)
+    finally:
+        try:  # orphaned loader workers of a SIGKILLed run
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, small_dir, reference, workers):
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = start(["pretrain", small_dir, "--out", out, *RUN, "--workers", workers], log)
+    code = stop_midway(proc, out, signal.SIGKILL, group=False)
+    assert code == -signal.SIGKILL
+    killed_at = last_step(out)
+    assert 8 <= killed_at < STEPS, "the kill must land mid-run"
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--workers", workers)
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.stderr
+    assert_same_run(out, reference)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # --keep 2
+
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_saves_a_checkpoint_and_exits(tmp_path, small_dir, reference, sig, code, name):
+    """Ctrl-C in a terminal and a scheduler's SIGTERM reach the whole process group, loader workers too."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    proc = start(["pretrain", small_dir, "--out", out, *RUN, "--workers", "1"], log)
+    assert stop_midway(proc, out, sig, group=True) == code, log.read_text()
+    err = log.read_text()
+    assert "Traceback" not in err and "Error" not in err, err
+    stopped = last_step(out)
+    assert f"{name}: stopped at step {stopped}/{STEPS}; checkpoint saved" in err
+    assert f"--out {out} --resume" in err
+    assert (out / "checkpoints" / f"step-{stopped:08d}").is_dir()
+    assert maecli.load(out).cfg.embed_dim == 32  # the weights at the stop are usable right away
+    r = invoke("pretrain", small_dir, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"from step {stopped}" in r.stderr
+    assert_same_run(out, reference)
+
+
+DYING_WRITE = """
+import os, sys
+import maecli.weights as W
+from maecli.cli import main
+
+moment, out = sys.argv[1], sys.argv[2]
+real, root_writes = W.save_file, []
+
+def save_file(tensors, filename, metadata=None):
+    # die like SIGKILL would: half the bytes on disk, no cleanup, no exception handlers
+    real(tensors, filename, metadata=metadata)
+    in_root = os.path.dirname(os.path.abspath(filename)) == os.path.abspath(out)
+    root_writes.extend([filename] if in_root else [])
+    if (moment == "checkpoint" and ".tmp-step-00000010" in filename) or (moment == "weights" and len(root_writes) == 2):
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        os._exit(137)
+
+W.save_file = save_file
+sys.argv = ["maecli", *sys.argv[3:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("moment,resumes_from", [("checkpoint", 5), ("weights", 24)])
+def test_death_during_a_write_keeps_the_previous_files(tmp_path, small_dir, reference, moment, resumes_from):
+    """The process dies halfway through writing a checkpoint, or the weights at an epoch end."""
+    out = tmp_path / "run"
+    args = ["pretrain", str(small_dir), "--out", str(out), *RUN, "--keep", "5"]
+    p = subprocess.run([sys.executable, "-c", DYING_WRITE, moment, str(out), *args], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 137, p.stderr
+    ckpts = sorted(c.name for c in (out / "checkpoints").glob("step-*"))
+    assert ckpts[-1] == f"step-{resumes_from:08d}"
+    if moment == "weights":  # the weights of the epoch before are still whole
+        assert torch.equal(load_file(out / "model.safetensors")["pos_embed"],
+                           load_file(out / "checkpoints/step-00000012/model.safetensors")["pos_embed"])
+        assert maecli.load(out) is not None
+    r = invoke("pretrain", small_dir, "--out", out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"from step {resumes_from}" in r.stderr
+    assert_same_run(out, reference)
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "truncate optimizer", "garbage state", "missing file"])
+def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, small_dir, damage):
+    out = tmp_path / "run"
+    r = invoke("pretrain", small_dir, "--out", out, *RUN, "--steps", "15", "--keep", "3")
+    assert r.exit_code == 0, r.output
+    newest = out / "checkpoints" / "step-00000015"
+    if damage == "truncate weights":
+        data = (newest / "model.safetensors").read_bytes()
+        (newest / "model.safetensors").write_bytes(data[: len(data) // 3])
+    elif damage == "truncate optimizer":
+        data = (newest / "optimizer.pt").read_bytes()
+        (newest / "optimizer.pt").write_bytes(data[:100])
+    elif damage == "garbage state":
+        (newest / "state.json").write_text("{not json")
+    else:
+        (newest / "optimizer.pt").unlink()
+    (out / "checkpoints" / ".tmp-step-00000020-999").mkdir()  # a save cut short by a kill: never a candidate
+    # the same run, extended: --steps given again on --resume
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "16")
+    assert r.exit_code == 0, r.output
+    assert "from step 12" in r.stderr
+    if damage != "missing file":  # an incomplete folder is simply not a checkpoint
+        assert "step-00000015 is unusable" in r.stderr
+    steps = [row["step"] for row in rows(out)]
+    assert steps == list(range(1, 17))
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 16
+    assert not (out / "checkpoints" / ".tmp-step-00000020-999").exists()  # swept by the next save
+
+
+def test_resume_refuses_unusable_checkpoints_and_changed_settings(tmp_path, small_dir):
+    out = tmp_path / "run"
+    r = invoke("pretrain", small_dir, "--out", out, *RUN, "--steps", "5")
+    assert r.exit_code == 0, r.output
+    before = (out / "model.safetensors").read_bytes()
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--batch-size", "3")
+    assert r.exit_code == 1 and "--batch-size 3 differs from the run's 2" in r.stderr
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "4")
+    assert r.exit_code == 1 and "past the 4 steps" in r.stderr
+    # repeating the original command with --resume is fine: a finished run stays finished
+    r = invoke("pretrain", small_dir, "--out", out, *RUN, "--steps", "5", "--resume")
+    assert r.exit_code == 0 and "already complete at step 5" in r.stderr, r.output
+    assert (out / "model.safetensors").read_bytes() == before
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        (ckpt / "model.safetensors").write_bytes(b"\0" * 64)
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "8")
+    assert r.exit_code == 1 and "none of the 1 checkpoints" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_malicious_optimizer_pickle_is_not_run(tmp_path, small_dir):
+    out = tmp_path / "run"
+    r = invoke("pretrain", small_dir, "--out", out, *RUN, "--steps", "5")
+    assert r.exit_code == 0, r.output
+    marker = tmp_path / "pwned"
+    # an optimizer.pt whose unpickling would run a shell command
+    torch.save({"state": {}, "param_groups": [], "payload": WritesAFile(marker)},
+               out / "checkpoints" / "step-00000005" / "optimizer.pt")
+    r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "6")
+    assert r.exit_code == 1 and "none of the 1 checkpoints" in r.stderr and "is unusable" in r.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_non_finite_loss_stops_naming_the_step(tmp_path, small_dir, precision):
+    out = tmp_path / "run"
+    # lr 1e30 moves every weight by ~1e30 in the first step: the second step's activations overflow
+    r = invoke("pretrain", small_dir, "--out", out, *TINY, "--steps", "6", "--save-every", "1", "--log-every", "3",
+               "--lr", "1e30", "--warmup-epochs", "0", "--precision", precision, "--no-norm-pix-loss")
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "loss became non-finite at step 2" in err[0], r.stderr
+    assert "step-00000001" in err[0]
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-00000001"]  # nothing after the blow-up was saved
+    state = load_file(out / "checkpoints" / "step-00000001" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_unwritable_output_is_refused_before_training(tmp_path, small_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out, why in [(blocker / "run", "cannot write to output folder"), (blocker, "it is a file"),
+                     (Path("/proc/maecli-run"), "cannot write to output folder")]:
+        r = invoke("pretrain", small_dir, "--out", out, *TINY, "--steps", "2")
+        assert r.exit_code == 1 and why in r.stderr and "Traceback" not in r.output, r.output
+        assert "maecli pretrain:" not in r.stderr  # refused before training starts
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_dir, monkeypatch):
+    import errno
+
+    import maecli.train as T
+
+    real, calls = T.save_checkpoint, []
+
+    def full_disk(out, model, optimizer, state, keep):
+        calls.append(state["step"])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(out, model, optimizer, state, keep)
+
+    monkeypatch.setattr(T, "save_checkpoint", full_disk)
+    out = tmp_path / "run"
+    r = invoke("pretrain", small_dir, "--out", out, *RUN, "--steps", "12")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "No space left on device" in r.stderr and "step-00000005" in r.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000005"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(args, timeout=240) -> subprocess.CompletedProcess:
+    """Two CPU processes in one gloo group. (`accelerate launch --cpu --num_processes 2` starts a single
+    process in Accelerate 1.x; --multi_gpu uses torchrun, and maecli joins the ranks on CPU itself.)"""
+    e = env()
+    e["CUDA_VISIBLE_DEVICES"] = ""  # CPU even on a GPU machine: the test is about processes, not devices
+    e["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "maecli", *map(str, args)]
+    return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no gloo backend for CPU processes")
+def test_two_processes_split_the_data_write_once_and_resume(tmp_path, small_dir):
+    pytest.importorskip("accelerate.commands.launch", reason="the accelerate launcher is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, f in enumerate(sorted(small_dir.iterdir())[:8]):
+        shutil.copy(f, data / f"{i + (i >= 3) + (i >= 6):02d}{f.suffix}")
+    (data / "03.jpg").write_bytes(b"")  # two unreadable files, not neighbours in the sorted order
+    (data / "07.png").write_text("not a picture")
+    out = tmp_path / "run"
+    # 10 files, 5 a rank, batches of 2: 3 steps make one epoch, every file read by exactly one rank
+    args = ["pretrain", data, "--out", out, *TINY, "--batch-size", "2", "--steps", "3", "--save-every", "1",
+            "--log-every", "1", "--lr", "1e-3"]
+    p = accelerate_launch(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cpu x2" in p.stderr and "Traceback" not in p.stderr
+    for name in ("03.jpg", "07.png"):  # ranks see disjoint data: each bad file is met once, by one rank
+        assert p.stderr.count(f"/{name}: ") == 1, p.stderr
+    assert "2 unreadable file(s) skipped" in p.stderr  # counted over both ranks
+    assert p.stderr.count("done:") == 1 and "10 images seen" in p.stderr
+    # only the main process writes: one set of files, one row a step
+    assert {f.name for f in out.iterdir()} == {"config.json", "model.safetensors", "metrics.jsonl", "checkpoints"}
+    assert [r["step"] for r in rows(out)] == [1, 2, 3] and rows(out)[-1]["images_seen"] == 10
+    assert maecli.load(out).cfg.depth == 2
+    finished = load_file(out / "model.safetensors")
+
+    # as if killed during step 3: its checkpoint and the weights never made it to disk
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
+    (out / "model.safetensors").unlink()
+    p = accelerate_launch(["pretrain", data, "--out", out, "--resume"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("resuming") == 1 and "from step 2" in p.stderr
+    resumed = load_file(out / "model.safetensors")
+    for k in finished:
+        assert torch.equal(resumed[k], finished[k]), k
+    assert [r["step"] for r in rows(out)] == [1, 2, 3]
