@@ -103,7 +103,7 @@ NOT_LISTED = {
     ".hidden.png": "a hidden file",
 }
 
-# The CORPUS entries that `find_images` reports (everything listed), and which should fail.
+# What a folder scan must report: every CORPUS entry, once, in sorted order.
 LISTED = sorted(CORPUS)
 
 
