@@ -71,11 +71,35 @@ def state_dict_for_saving(model: MAE) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
+def sort_metadata(path) -> None:
+    """Rewrite a safetensors header with its metadata keys in sorted order.
+
+    safetensors writes metadata in hash order, which changes from process to process, so equal weights
+    would give files with different bytes (and checksums). Reordering keeps the header's length, so it
+    is rewritten in place; were it ever spelled longer, the file is left as written (still valid).
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text + b" " * (n - len(text)))  # safetensors pads its header with spaces too
+
+
 def save_weights(model: MAE, path: Path) -> None:
-    """model.safetensors with the config in its header; atomic."""
+    """model.safetensors with the config in its header; atomic, and the same bytes for the same weights."""
     meta = {"format": "pt", "maecli_config": json.dumps(model.cfg.to_dict())}
     tensors = state_dict_for_saving(model)
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata=meta)
+        sort_metadata(tmp)
+
+    atomic_write(Path(path), write)
 
 
 def _gist(error: Exception) -> str:

@@ -37,6 +37,17 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the runs started from here (see env()): runs compared bit for bit
+    must use the same count, a tiny model gains nothing from more, and a busy CI box loses a lot to threads
+    waiting on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def small_dir(tmp_path_factory) -> Path:
     """24 small images (RGB and grayscale, JPEG and PNG, various sizes): cheap to decode, many steps a second."""
@@ -56,7 +67,7 @@ def reference(small_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     r = invoke("pretrain", small_dir, "--out", out, *RUN)
     assert r.exit_code == 0, r.output
-    return load_file(out / "model.safetensors"), rows(out)
+    return load_file(out / "model.safetensors"), rows(out), (out / "model.safetensors").read_bytes()
 
 
 def rows(out: Path) -> list[dict]:
@@ -65,7 +76,7 @@ def rows(out: Path) -> list[dict]:
 
 def assert_same_run(out: Path, reference):
     """Bit-identical weights, and the metrics rows of every step exactly once with the same losses."""
-    weights, ref_rows = reference
+    weights, ref_rows, _ = reference
     mine = load_file(out / "model.safetensors")
     assert mine.keys() == weights.keys()
     for k in weights:
@@ -77,9 +88,10 @@ def assert_same_run(out: Path, reference):
 
 
 def env() -> dict:
-    """The subprocess imports this checkout of maecli, whatever is installed."""
+    """The subprocess imports this checkout of maecli, whatever is installed, and uses one thread."""
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    e["OMP_NUM_THREADS"] = "1"
     return e
 
 
@@ -127,6 +139,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, small_dir, referen
     assert r.exit_code == 0, r.output
     assert "resuming" in r.stderr
     assert_same_run(out, reference)
+    # the same bytes, too: a checksum of the weights file tells two runs apart only if their weights differ
+    assert (out / "model.safetensors").read_bytes() == reference[2]
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # --keep 2
 
@@ -318,7 +332,6 @@ def accelerate_launch(args, timeout=240) -> subprocess.CompletedProcess:
     process in Accelerate 1.x; --multi_gpu uses torchrun, and maecli joins the ranks on CPU itself.)"""
     e = env()
     e["CUDA_VISIBLE_DEVICES"] = ""  # CPU even on a GPU machine: the test is about processes, not devices
-    e["OMP_NUM_THREADS"] = "1"  # two processes on two cores
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "maecli", *map(str, args)]
@@ -351,7 +364,7 @@ def test_two_processes_split_the_data_write_once_and_resume(tmp_path, small_dir)
                                                "previews"}
     assert [r["step"] for r in rows(out)] == [1, 2, 3] and rows(out)[-1]["images_seen"] == 10
     assert maecli.load(out).cfg.depth == 2
-    finished = load_file(out / "model.safetensors")
+    finished, finished_bytes = load_file(out / "model.safetensors"), (out / "model.safetensors").read_bytes()
 
     # as if killed during step 3: its checkpoint and the weights never made it to disk
     shutil.rmtree(out / "checkpoints" / "step-00000003")
@@ -362,4 +375,5 @@ def test_two_processes_split_the_data_write_once_and_resume(tmp_path, small_dir)
     resumed = load_file(out / "model.safetensors")
     for k in finished:
         assert torch.equal(resumed[k], finished[k]), k
+    assert (out / "model.safetensors").read_bytes() == finished_bytes  # written by other processes, same bytes
     assert [r["step"] for r in rows(out)] == [1, 2, 3]
