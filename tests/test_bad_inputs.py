@@ -149,6 +149,20 @@ def test_pretrain_skips_what_it_cannot_use(tmp_path, bad_images_dir, monkeypatch
     assert maecli.load(out).cfg.in_chans == in_chans
 
 
+def test_reconstruct_names_each_unusable_file(tmp_path, bad_images_dir, alarm):
+    weights = tmp_path / "m.safetensors"
+    save_weights(tiny_model(), weights)
+    (bad_images_dir / "deleted.jpg").unlink()
+    for name in sorted(B.unusable()):
+        r = invoke("reconstruct", bad_images_dir / name, "--weights", weights, "--out", tmp_path / "r.png")
+        assert r.exit_code == 1 and "Traceback" not in r.output, f"{name}: {r.output}"
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and name in errors[0], f"{name} ({B.CORPUS[name].what}): {r.stderr}"
+    usable = [bad_images_dir / n for n in sorted(B.usable())]
+    r = invoke("reconstruct", *usable, "--weights", weights, "--out", tmp_path / "r.png")
+    assert r.exit_code == 0, r.output
+
+
 # -- weights ----------------------------------------------------------------------------------
 
 

@@ -270,7 +270,7 @@ def test_a_malicious_optimizer_pickle_is_not_run(tmp_path, small_dir):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_non_finite_loss_stops_naming_the_step(tmp_path, small_dir, precision):
     out = tmp_path / "run"
     # lr 1e30 moves every weight by ~1e30 in the first step: the second step's activations overflow
