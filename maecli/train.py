@@ -299,9 +299,9 @@ def build_config(args: TrainArgs) -> MAEConfig:
 class _Stop:
     """Remembers a SIGINT/SIGTERM so the loop can checkpoint and exit cleanly."""
 
-    def __init__(self, when: str, verbose: bool):
+    def __init__(self, verbose: bool):
         self.signum = None
-        self.when = when
+        self.since = 0.0
         self.verbose = verbose
         self._old = {}
 
@@ -314,11 +314,15 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is not None:
+            # A second Ctrl-C from the user aborts. A launcher (torchrun, accelerate launch) relaying the
+            # first one to its processes within moments, or a repeated SIGTERM, asks for the same stop again.
+            if signum == signal.SIGINT and time.monotonic() - self.since > 1.0:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.since = signum, time.monotonic()
         if self.verbose:
-            console.print(f"[yellow]stopping {self.when}; saving a checkpoint (Ctrl-C again to abort)[/]")
+            console.print("[yellow]stopping after this step; saving a checkpoint (Ctrl-C again to abort)[/]")
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -559,15 +563,19 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         accelerator.wait_for_everyone()
 
     def agree(flag: bool) -> bool:
-        """True on every rank if it is true on any: ranks must take the same branch around collectives."""
+        """True on every rank if it is true on any: ranks must take the same branch around collectives.
+        A CPU (gloo) group carries it, so asking every step never waits on the GPU."""
         if world == 1:
             return flag
-        return accelerator.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0
+        t = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=control)
+        return bool(t.item())
 
+    # every rank creates it, in the same order: a collective of its own
+    control = torch.distributed.new_group(backend="gloo") if world > 1 else None
     model.train()
     it = iter(loader)
-    stop_when = "after this step" if world == 1 else "at the next logged step"
-    with _Stop(stop_when, verbose=main) as stop:
+    with _Stop(verbose=main) as stop:
         try:
             while step < total_steps:
                 epoch = step // steps_per_epoch
@@ -605,14 +613,8 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
                 images_seen += step_images * world
 
                 epoch_end = step % steps_per_epoch == 0 or step == total_steps
-                log_now = step % args.log_every == 0 or epoch_end
-                # One process checks its own flag every step; several agree on it at logged steps only,
-                # since agreeing is a collective that would otherwise sync the device every step.
-                if world == 1:
-                    stop_now = stop.signum is not None
-                    log_now = log_now or stop_now
-                else:
-                    stop_now = agree(stop.signum is not None) if log_now else False
+                stop_now = agree(stop.signum is not None)  # a signal may reach some ranks only, or later
+                log_now = step % args.log_every == 0 or epoch_end or stop_now
                 if log_now:
                     check_finite()
                     loss_val = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
