@@ -44,7 +44,7 @@ def test_run_folder_is_complete(tiny_run):
 def test_loss_falls(tmp_path, photo_dir):
     out = tmp_path / "run"
     r = invoke("pretrain", photo_dir, "--out", out, "--steps", "40", "--lr", "2e-3", "--warmup-epochs", "2",
-               "--log-every", "5", *TINY, "--batch-size", "8")
+               "--log-every", "5", "--previews", "0", *TINY, "--batch-size", "8")
     assert r.exit_code == 0, r.output
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
