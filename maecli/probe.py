@@ -245,7 +245,8 @@ def random_encoder(model: MAE, seed: int) -> MAE:
 def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
              temperature: float = KNN_TEMPERATURE, epochs: int = 100, seed: int = 0, batch_size: int = 64,
              workers: int = 0, precision: str = "auto", console=None, prefix: str = "") -> dict:
-    """{"knn": {"top1", "top5"} or None, "linear": ... or None} for one encoder."""
+    """{"knn": {"top1", "top5"} or None, "linear": ... or None, "n_train", "n_val"} for one encoder;
+    the counts are of the images that could be read."""
     extract = dict(batch_size=batch_size, workers=workers, precision=precision, console=console)
     t0 = time.time()
     train_x, train_y = features(model, labelled.train, label=f"{prefix}train features", **extract)
@@ -254,7 +255,7 @@ def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
         console.print(f"{prefix}features: {len(train_y)} train + {len(val_y)} val images, {train_x.shape[1]}-d, "
                       f"{time.time() - t0:.1f}s")
     n_classes = len(labelled.classes)
-    result = {"knn": None, "linear": None}
+    result = {"knn": None, "linear": None, "n_train": len(train_y), "n_val": len(val_y)}
     if method in ("knn", "both"):
         result["knn"] = topk_accuracy(knn_scores(train_x, train_y, val_x, n_classes, k, temperature), val_y)
     if method in ("linear", "both"):
@@ -270,10 +271,10 @@ def run_probe(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K
     opts = dict(method=method, k=k, epochs=epochs, seed=seed, batch_size=batch_size, workers=workers,
                 precision=precision, console=console)
     result = evaluate(model, labelled, **opts)
-    result["baseline"] = evaluate(random_encoder(model, seed), labelled, prefix="random-init ", **opts) \
-        if baseline else None
-    result.update(n_train=len(labelled.train.paths), n_val=len(labelled.val.paths), classes=labelled.classes)
-    return result
+    base = evaluate(random_encoder(model, seed), labelled, prefix="random-init ", **opts) if baseline else None
+    return {"knn": result["knn"], "linear": result["linear"],
+            "baseline": {"knn": base["knn"], "linear": base["linear"]} if base else None,
+            "n_train": result["n_train"], "n_val": result["n_val"], "classes": labelled.classes}
 
 
 def result_table(result: dict):

@@ -696,5 +696,8 @@ def epoch_end_hooks(model, args, paths, cfg, out, epoch, metrics, step, accelera
     if args.probe:
         from .probe import probe_during_training
 
-        probe_during_training(model, args.probe, epoch, step, metrics, console)
+        try:
+            probe_during_training(model, args.probe, epoch, step, metrics, console)
+        except (OSError, D.DataError) as e:  # a probe folder gone bad must not end the run
+            console.print(f"[yellow]warning:[/] no probe for epoch {epoch}: {e}")
     return str(preview) if preview else None
