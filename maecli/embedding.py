@@ -46,7 +46,7 @@ class Images(torch.utils.data.Dataset):
     """Items are (position, source); a source is a path, a PIL image or a (C, H, W) image tensor.
 
     Returns (position, model input (C, S, S) or None, failure or None), where a failure is
-    (file is missing, why): the main process decides whether that ends the command.
+    (no such file, why): the main process decides whether that ends the command.
     """
 
     def __init__(self, img_size: int, in_chans: int):
@@ -69,7 +69,10 @@ class Images(torch.utils.data.Dataset):
         try:
             return position, self.transform(self.load(source)), None
         except Exception as e:  # any decoder failure is reported per file, never a crash
-            return position, None, (isinstance(e, FileNotFoundError), D.describe_error(e))
+            path = source if isinstance(source, (str, os.PathLike)) else None
+            # a broken symlink is a bad file in the folder, not a path the user got wrong
+            missing = isinstance(e, FileNotFoundError) and not (path and os.path.islink(path))
+            return position, None, (missing, D.describe_error(e, path))
 
 
 def _collate(items):
@@ -164,6 +167,12 @@ def embed(
 # The command's pipeline: inputs in, one format out
 
 
+class Found(str):
+    """A path found by searching a folder, not named by the user: if it vanishes before it is read, it is
+    skipped like an unreadable image (pretrain does the same), where a named path that does not exist is an
+    error."""
+
+
 def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> Iterator[str]:
     """Files as given, folders searched as pretrain does, `-` as newline-separated paths (files or folders)."""
     for item in inputs:
@@ -175,7 +184,7 @@ def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> 
                 found = D.find_images(line)
                 if not found:
                     on_empty(line)
-                yield from (str(p) for p in found)
+                yield from (Found(p) for p in found)
             else:
                 yield line  # a missing file surfaces in order, as a clear error, when its batch is read
 
@@ -309,7 +318,7 @@ def write_embeddings(
 
     def on_error(source, why, missing):
         nonlocal skipped
-        if missing:
+        if missing and not isinstance(source, Found):
             raise D.DataError(f"{source} does not exist")
         if strict:
             raise D.DataError(f"cannot read {source}: {why} (--strict)")

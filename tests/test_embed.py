@@ -5,6 +5,7 @@ import select
 import subprocess
 import sys
 
+import bad_images as B
 import numpy as np
 import pytest
 import torch
@@ -165,3 +166,32 @@ def test_embed_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--weights" in r.stdout and "--baseline" in r.stdout
+
+
+def test_bad_image_corpus_is_embedded_or_skipped(bad_images_dir, tiny_weights):
+    r = invoke("embed", bad_images_dir, "-w", tiny_weights, "--format", "csv", "--workers", "1")
+    assert r.exit_code == 0, r.output
+    embedded = {os.path.relpath(row.split(",")[0], bad_images_dir) for row in r.stdout.splitlines()[1:]}
+    assert embedded == B.usable() | {"deleted.jpg"}, B.describe(bad_images_dir)  # nothing deleted it here
+    for name in B.unusable() - {"deleted.jpg"}:
+        assert f"skipped {bad_images_dir / name}" in r.stderr, name
+    assert f"{len(B.unusable()) - 1} unreadable file(s) skipped" in r.stderr and "Traceback" not in r.output
+
+
+def test_a_file_that_vanishes_from_a_searched_folder_is_skipped(photo_dir, model, monkeypatch):
+    import io
+
+    from maecli import embedding
+
+    victim = sorted(photo_dir.rglob("*.jpg"))[-1]
+    real_stream = embedding.stream
+
+    def stream_after_deleting(model, sources, **kw):  # the folder was listed; now the file goes
+        victim.unlink()
+        return real_stream(model, sources, **kw)
+
+    monkeypatch.setattr(embedding, "stream", stream_after_deleting)
+    out = io.StringIO()
+    summary = embedding.write_embeddings(model, [str(photo_dir)], out=out)
+    assert (summary["embedded"], summary["skipped"]) == (7, 1)
+    assert str(victim) not in out.getvalue()
