@@ -60,7 +60,8 @@ class Images(torch.utils.data.Dataset):
             return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)
         if isinstance(source, torch.Tensor):
             if source.ndim != 3 or source.shape[0] != self.in_chans:
-                raise ValueError(f"expected an image tensor of shape ({self.in_chans}, H, W), got {tuple(source.shape)}")
+                raise ValueError(f"expected an image tensor of shape ({self.in_chans}, H, W), "
+                                 f"got {tuple(source.shape)}")
             return source
         return D.decode(source, self.in_chans, self.min_side)
 

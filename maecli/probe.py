@@ -267,7 +267,8 @@ def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
 def run_probe(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K, epochs: int = 100,
               baseline: bool = False, seed: int = 0, batch_size: int = 64, workers: int = 0,
               precision: str = "auto", console=None) -> dict:
-    """The documented result: {"knn", "linear", "baseline": {"knn", "linear"} or None, "n_train", "n_val", "classes"}."""
+    """The documented result: {"knn", "linear", "baseline": {"knn", "linear"} or None, "n_train", "n_val",
+    "classes"}."""
     opts = dict(method=method, k=k, epochs=epochs, seed=seed, batch_size=batch_size, workers=workers,
                 precision=precision, console=console)
     result = evaluate(model, labelled, **opts)
