@@ -1,6 +1,6 @@
 """maecli: Masked Autoencoder pretraining on plain image folders (He et al., 2021, arXiv:2111.06377).
 
-`from maecli import MAE, MAEConfig, load`; the heavy modules load on first use, so the CLI starts fast.
+`from maecli import MAE, MAEConfig, load, embed`; the heavy modules load on first use, so the CLI starts fast.
 """
 __version__ = "0.1.0"
 
@@ -10,6 +10,7 @@ _LAZY = {
     "load": ("maecli.weights", "load"),
     "pretrain": ("maecli.train", "pretrain"),
     "TrainArgs": ("maecli.train", "TrainArgs"),
+    "embed": ("maecli.embedding", "embed"),
 }
 
 __all__ = list(_LAZY) + ["__version__"]

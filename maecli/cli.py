@@ -118,6 +118,9 @@ def pretrain(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from these weights (fresh optimizer)."),
     previews: int = typer.Option(4, "--previews", min=0, help="Images in the reconstruction preview saved at each "
                                                               "epoch end to previews/ (0: none)."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="Labelled folder (as for `maecli probe`): run the "
+                                                               "kNN probe at each epoch end, log knn_top1 to "
+                                                               "metrics.jsonl."),
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
 
@@ -136,6 +139,8 @@ def pretrain(
         fail("--resume and --overwrite contradict each other; pick one", 2)
     if not data.exists():
         fail(f"data folder {data} does not exist")
+    if probe is not None and not probe.is_dir():
+        fail(f"probe folder {probe} does not exist")
     quiet_torch()
     from .train import TrainArgs, pretrain as run_pretrain
 
@@ -148,6 +153,7 @@ def pretrain(
         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads,
         embed_dim=embed_dim, depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None,
         previews=previews,
+        probe=str(probe) if probe else None,
     )
     # Flags given explicitly matter on --resume: those a run may change override its saved settings.
     # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)
@@ -275,6 +281,187 @@ def reconstruct(
     except OSError as e:
         fail(f"cannot write {out}: {e.strerror or e}")
     console.print(f"wrote {out} ({len(rec.names)} rows x 4 columns, {rec.original.shape[-1] * zoom} px tiles)")
+class OutputFormat(str, Enum):
+    jsonl = "jsonl"
+    csv = "csv"
+    npy = "npy"
+
+
+class Pool(str, Enum):
+    mean = "mean"
+    cls = "cls"
+
+
+class InferencePrecision(str, Enum):
+    auto = "auto"
+    no = "no"
+    bf16 = "bf16"
+
+
+def load_for_inference(weights: Path):
+    """The model from a run folder or weights file, on the best device; WeightsError for the user."""
+    from .runtime import default_device
+    from .weights import load
+
+    return load(weights).to(default_device())
+
+
+def stdout_closed_early():
+    """The reader (`head`, a closed pager) has what it wanted: stop quietly with success.
+
+    Pointing stdout at /dev/null keeps Python from failing again when it flushes stdout at exit.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise typer.Exit(0)
+
+
+@app.command()
+def embed(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT",
+                                       help="Image files, folders (searched at any depth), or - to read "
+                                            "newline-separated paths from stdin."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    fmt: OutputFormat = typer.Option(OutputFormat.jsonl, "--format", "-f",
+                                     help="jsonl: {\"path\", \"embedding\"} per line; csv: path,e0,e1,...; "
+                                          "npy: float32 array in -o FILE, paths in FILE.paths.txt."),
+    pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens; cls: the cls token."),
+    normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit length."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass (does not change "
+                                                                    "the vectors)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image decoding processes "
+                                                                         "(default: chosen for this machine)."),
+    precision: InferencePrecision = typer.Option(InferencePrecision.auto, "--precision",
+                                                 help="auto: fp32, which keeps vectors independent of the batch; "
+                                                      "bf16 is faster on some GPUs and AMX CPUs."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here instead of stdout "
+                                                                       "(required for npy)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop with an error at the first unreadable image "
+                                                        "instead of skipping it."),
+):
+    """Write one embedding per image: the whole image through the encoder, no masking.
+
+    Each batch is written as soon as it is encoded, in input order, so it works inside pipelines:
+
+    find photos -name '*.jpg' | maecli embed - -w runs/x > emb.jsonl
+
+    Unreadable images are skipped with a warning and counted (exit 0), unless --strict.
+    """
+    to_file = output is not None and str(output) != "-"
+    if fmt is OutputFormat.npy:
+        if not to_file:
+            fail("npy is a binary format: write it to a file with -o FILE (the paths go to FILE.paths.txt)", 2)
+        if output.exists() and not output.is_file():
+            fail(f"refusing to write npy to {output}: not a regular file (a terminal or a device?)", 2)
+    for item in inputs:
+        if item != "-" and not Path(item).exists():
+            fail(f"{item} does not exist")
+    quiet_torch()
+    from rich.console import Console
+
+    from .embedding import write_embeddings
+    from .train import default_workers
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = None
+    try:
+        model = load_for_inference(weights)
+        if fmt is not OutputFormat.npy:
+            if to_file:
+                out = open(output, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            else:
+                sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
+                out = sys.stdout
+        summary = write_embeddings(
+            model, inputs, fmt=fmt.value, out=out, out_path=output if fmt is OutputFormat.npy else None,
+            pool=pool.value, normalize=normalize, batch_size=batch_size,
+            workers=default_workers() if workers is None else workers, precision=precision.value, strict=strict,
+            console=console,
+        )
+    except BrokenPipeError:
+        stdout_closed_early()
+    except user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    finally:
+        if out is not None and out is not sys.stdout:
+            out.close()
+    n, seconds = summary["embedded"], summary["seconds"]
+    console.print(
+        f"embedded {n} image{'s' if n != 1 else ''} ({summary['dim']}-d, {pool.value} pool) in {seconds:.1f}s, "
+        f"{n / max(seconds, 1e-9):.1f} img/s"
+        + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
+        + (f"; written to {output}" if to_file else "")
+    )
+
+
+class ProbeMethod(str, Enum):
+    knn = "knn"
+    linear = "linear"
+    both = "both"
+
+
+@app.command()
+def probe(
+    data: Path = typer.Argument(..., help="Labelled folder: one subfolder per class, or train/ and val/ (or "
+                                          "test/) that each hold them."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
+                                                           "(when DATA holds no train/ and val/)."),
+    val_split: Optional[float] = typer.Option(None, "--val-split", help="Fraction of each class held out when "
+                                                                        "there is no validation folder "
+                                                                        "(default 0.2)."),
+    method: ProbeMethod = typer.Option(ProbeMethod.both, "--method", help="kNN, linear probe, or both."),
+    k: int = typer.Option(20, "--k", min=1, help="Neighbours that vote in the kNN probe."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Linear probe epochs (on cached features: fast)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also probe a random-init encoder of the same "
+                                                            "architecture, side by side."),
+    json_out: bool = typer.Option(False, "--json", help="Print the accuracies as JSON on stdout."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the split, the linear probe and the baseline's init."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Image decoding processes "
+                                                                         "(default: chosen for this machine)."),
+):
+    """Measure how good the embeddings are: kNN and linear probes on a labelled folder.
+
+    Features are the frozen encoder's (whole image, mean-pooled), extracted once per split.
+
+    Accuracies go to stderr as a table, and to stdout as JSON with --json.
+    """
+    if val is not None and val_split is not None:
+        fail("--val and --val-split contradict each other; pick one", 2)
+    if val_split is not None and not 0 < val_split < 1:
+        fail(f"--val-split must lie strictly between 0 and 1, got {val_split}", 2)
+    for path in (data, val):
+        if path is not None and not path.exists():
+            fail(f"{path} does not exist")
+    quiet_torch()
+    from rich.console import Console
+
+    from .probe import load_labelled, result_table, run_probe
+    from .train import default_workers
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        labelled = load_labelled(data, val, val_split, seed)
+        model = load_for_inference(weights)
+        console.print(f"probe: {len(labelled.train.paths)} train / {len(labelled.val.paths)} val images, "
+                      f"{len(labelled.classes)} classes ({labelled.layout})")
+        result = run_probe(model, labelled, method=method.value, k=k, epochs=epochs, baseline=baseline, seed=seed,
+                           batch_size=batch_size, workers=default_workers() if workers is None else workers,
+                           console=console)
+    except user_errors() as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    console.print(result_table(result))
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(result))
 
 
 def main():

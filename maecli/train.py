@@ -401,6 +401,10 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     if not paths:
         raise D.DataError(f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})")
     D.first_readable(paths, cfg.in_chans)
+    if args.probe and main:
+        from .probe import labelled_for_training
+
+        labelled_for_training(args.probe)  # a bad probe folder fails now, not after the first epoch
 
     torch.manual_seed(args.seed)
     model = MAE(cfg)
@@ -689,4 +693,11 @@ def epoch_end_hooks(model, args, paths, cfg, out, epoch, metrics, step, accelera
             preview = save_preview(model, paths, out, epoch, args.previews, args.seed)
         except (OSError, D.DataError) as e:  # a picture is not worth a long run: warn and train on
             console.print(f"[yellow]warning:[/] no preview for epoch {epoch}: {e}")
+    if args.probe:
+        from .probe import probe_during_training
+
+        try:
+            probe_during_training(model, args.probe, epoch, step, metrics, console)
+        except (OSError, D.DataError) as e:  # a probe folder gone bad must not end the run
+            console.print(f"[yellow]warning:[/] no probe for epoch {epoch}: {e}")
     return str(preview) if preview else None

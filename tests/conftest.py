@@ -63,3 +63,19 @@ def bad_images_dir(tmp_path) -> Path:
     make_bad_images(root)
     yield root
     os.chmod(root / "no_permission.jpg", 0o644)  # so the temporary folder can be removed without root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A lone model.safetensors of a tiny seeded MAE (its config in the header), for inference tests."""
+    import torch
+
+    from maecli.model import MAE, MAEConfig
+    from maecli.weights import save_weights
+
+    torch.manual_seed(0)
+    cfg = MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32,
+                    decoder_depth=1, decoder_heads=2)
+    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    save_weights(MAE(cfg), path)
+    return path

@@ -1,0 +1,353 @@
+"""Embeddings: each whole image through the frozen encoder, pooled to one vector, streamed in input order.
+
+`embed()` is the Python entry point; `stream()` is the batch loop shared by `maecli embed` and `maecli probe`;
+`write_embeddings()` is the command's pipeline (inputs, stdin, the output formats, skipped files).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from . import data as D
+from .runtime import autocast, resolve_precision
+
+POOLS = ("mean", "cls")
+
+
+def inference_precision(precision: str, device: torch.device) -> str:
+    """auto|no|bf16 -> "no" or "bf16". `auto` is fp32: an image's vector must not depend on its batch.
+
+    In bf16, a kernel chosen by batch shape (GPU libraries do this) changes the summation order, and
+    bf16 rounding turns that into differences far above the promised 1e-5. On this project's CPU
+    (AVX512-BF16, no AMX) fp32 was also the faster one for inference (vit-tiny at 224 px: 18 vs 11 img/s
+    on busy cores; README). `bf16` stays available where it pays off.
+    """
+    return "no" if precision == "auto" else resolve_precision(precision, device)
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """Encoder output (N, 1 + L, D) -> (N, D): the mean of the L patch tokens, or the cls token."""
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+    return tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]
+
+
+class Images(torch.utils.data.Dataset):
+    """Items are (position, source); a source is a path, a PIL image or a (C, H, W) image tensor.
+
+    Returns (position, model input (C, S, S) or None, failure or None), where a failure is
+    (no such file, why): the main process decides whether that ends the command.
+    """
+
+    def __init__(self, img_size: int, in_chans: int):
+        self.in_chans = in_chans
+        self.transform = D.eval_transform(img_size, in_chans)
+        self.min_side = img_size  # JPEG draft mode may drop resolution the resize would throw away
+
+    def load(self, source) -> torch.Tensor:
+        if isinstance(source, Image.Image):
+            arr = D._to_mode(ImageOps.exif_transpose(source), self.in_chans)
+            return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)
+        if isinstance(source, torch.Tensor):
+            if source.ndim != 3 or source.shape[0] != self.in_chans:
+                raise ValueError(f"expected an image tensor of shape ({self.in_chans}, H, W), "
+                                 f"got {tuple(source.shape)}")
+            return source
+        return D.decode(source, self.in_chans, self.min_side)
+
+    def __getitem__(self, item):
+        position, source = item
+        try:
+            return position, self.transform(self.load(source)), None
+        except Exception as e:  # any decoder failure is reported per file, never a crash
+            path = source if isinstance(source, (str, os.PathLike)) else None
+            # a broken symlink is a bad file in the folder, not a path the user got wrong
+            missing = isinstance(e, FileNotFoundError) and not (path and os.path.islink(path))
+            return position, None, (missing, D.describe_error(e, path))
+
+
+def _collate(items):
+    positions = [p for p, x, _ in items if x is not None]
+    xs = [x for _, x, _ in items if x is not None]
+    failed = [(p, f) for p, _, f in items if f is not None]
+    return positions, torch.stack(xs) if xs else None, failed
+
+
+def _batches(sources: Iterable, batch_size: int, pending: dict) -> Iterator[list]:
+    """Numbered sources in lists of batch_size, pulled lazily; each in-flight one is kept in `pending`."""
+    numbered = enumerate(sources)
+    while batch := list(itertools.islice(numbered, batch_size)):
+        pending.update(batch)
+        yield batch
+
+
+def stream(
+    model,
+    sources: Iterable,
+    *,
+    pool: str = "mean",
+    normalize: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "auto",
+    on_error: Callable[[object, str, bool], None] | None = None,
+) -> Iterator[tuple[list, torch.Tensor]]:
+    """Yield (sources, vectors (B, D) float32 on the CPU) batch by batch, in input order.
+
+    `sources` is read lazily: at most (2 x workers + 1) batches are in flight, so a stdin of any length
+    flows through in flat memory. The model runs on its own device, without masking, in inference mode.
+    A source that cannot be read goes to on_error(source, why, missing) and is skipped; without on_error
+    it raises DataError.
+    """
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    mode = inference_precision(precision, device)
+    pending: dict[int, object] = {}
+    loader = torch.utils.data.DataLoader(
+        Images(cfg.img_size, cfg.in_chans), batch_sampler=_batches(sources, batch_size, pending),
+        num_workers=workers, collate_fn=_collate, worker_init_fn=D.worker_init, pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        for positions, x, failed in loader:
+            for position, (missing, why) in failed:
+                source = pending.pop(position)
+                if on_error is None:
+                    raise D.DataError(f"{source} does not exist" if missing else f"cannot read {source}: {why}")
+                on_error(source, why, missing)
+            if x is None:
+                continue
+            with torch.inference_mode(), autocast(device, mode):
+                tokens = model.encode(x.to(device, non_blocking=True))
+            vectors = pool_tokens(tokens.float(), pool)
+            if normalize:
+                vectors = F.normalize(vectors, dim=-1)
+            yield [pending.pop(p) for p in positions], vectors.cpu()
+    finally:
+        model.train(was_training)
+
+
+def embed(
+    model,
+    paths_or_images,
+    *,
+    pool: str = "mean",
+    normalize: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """One vector per image, (N, D) float32 on the CPU, in input order.
+
+    `paths_or_images`: paths, PIL images or (C, H, W) tensors (uint8, or float in [0, 1]), or one of them;
+    an (N, C, H, W) tensor is N images. Each is resized (shorter side) and center-cropped to the model's
+    input size and encoded whole; `pool` is "mean" (patch tokens) or "cls". An unreadable file raises
+    DataError.
+    """
+    items = paths_or_images
+    if isinstance(items, (str, os.PathLike, Image.Image)) or (isinstance(items, torch.Tensor) and items.ndim == 3):
+        items = [items]
+    chunks = [v for _, v in stream(model, items, pool=pool, normalize=normalize, batch_size=batch_size,
+                                   workers=workers, precision=precision)]
+    return torch.cat(chunks) if chunks else torch.empty(0, model.cfg.embed_dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command's pipeline: inputs in, one format out
+
+
+class Found(str):
+    """A path found by searching a folder, not named by the user: if it vanishes before it is read, it is
+    skipped like an unreadable image (pretrain does the same), where a named path that does not exist is an
+    error."""
+
+
+def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> Iterator[str]:
+    """Files as given, folders searched as pretrain does, `-` as newline-separated paths (files or folders)."""
+    for item in inputs:
+        lines = (line.rstrip("\r\n") for line in stdin) if item == "-" else [item]
+        for line in lines:
+            if not line:
+                continue
+            if os.path.isdir(line):
+                found = D.find_images(line)
+                if not found:
+                    on_empty(line)
+                yield from (Found(p) for p in found)
+            else:
+                yield line  # a missing file surfaces in order, as a clear error, when its batch is read
+
+
+class JsonlWriter:
+    def __init__(self, out, dim: int):
+        self.out = out
+
+    def write(self, paths: list[str], vectors: np.ndarray):
+        for path, v in zip(paths, vectors):
+            # 9 significant digits round-trip float32 exactly
+            numbers = ", ".join(f"{x:.9g}" for x in v.tolist())
+            self.out.write(f'{{"path": {json.dumps(path)}, "embedding": [{numbers}]}}\n')
+
+    def close(self, ok: bool):
+        pass
+
+
+class CsvWriter:
+    def __init__(self, out, dim: int):
+        import csv
+
+        self.rows = csv.writer(out, lineterminator="\n")
+        self.rows.writerow(["path", *(f"e{i}" for i in range(dim))])
+
+    def write(self, paths: list[str], vectors: np.ndarray):
+        self.rows.writerows([path, *(f"{x:.9g}" for x in v.tolist())] for path, v in zip(paths, vectors))
+
+    def close(self, ok: bool):
+        pass
+
+
+class NpyWriter:
+    """A float32 (N, D) .npy plus FILE.paths.txt, streamed to temporary files and renamed at the end.
+
+    The row count is unknown until the last image, so the header is written first for a huge count and
+    rewritten at the end; numpy pads every such header to the same 128 bytes.
+    """
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim, self.n = Path(path), dim, 0
+        self.paths_path = self.path.with_name(self.path.name + ".paths.txt")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.paths_tmp = self.paths_path.with_name(f".{self.paths_path.name}.{os.getpid()}.tmp")
+        self.array = open(self.tmp, "wb")
+        self.names = open(self.paths_tmp, "w", encoding="utf-8", errors="surrogateescape")
+        self.header_len = self._header(10**15)
+
+    def _header(self, n: int) -> int:
+        start = self.array.tell()
+        np.lib.format.write_array_header_1_0(self.array, {"descr": "<f4", "fortran_order": False,
+                                                          "shape": (n, self.dim)})
+        return self.array.tell() - start
+
+    def write(self, paths: list[str], vectors: np.ndarray):
+        self.array.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        self.names.writelines(p + "\n" for p in paths)
+        self.n += len(paths)
+
+    def close(self, ok: bool):
+        if ok:
+            end = self.array.tell()
+            self.array.seek(0)
+            if self._header(self.n) != self.header_len:
+                raise RuntimeError("npy header changed size")  # cannot happen: numpy pads to 64 bytes
+            self.array.seek(end)
+        self.array.close()
+        self.names.close()
+        if ok:
+            os.replace(self.tmp, self.path)
+            os.replace(self.paths_tmp, self.paths_path)
+        else:
+            for tmp in (self.tmp, self.paths_tmp):
+                tmp.unlink(missing_ok=True)
+
+
+class ProgressBar:
+    """A rich bar on stderr when it is a terminal; nothing otherwise, so pipes and logs get no progress noise."""
+
+    def __init__(self, console, label: str, total: int | None = None):
+        self.bar = None
+        if console is None or not console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=True)
+        self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def advance(self, n: int):
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def write_embeddings(
+    model,
+    inputs: list[str],
+    *,
+    fmt: str = "jsonl",
+    out=None,
+    out_path: Path | None = None,
+    pool: str = "mean",
+    normalize: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "auto",
+    strict: bool = False,
+    stdin=None,
+    console=None,
+) -> dict:
+    """Embed every input and write each batch as it comes; returns {"embedded", "skipped", "seconds", "dim"}.
+
+    `out` is the text stream for jsonl/csv; npy goes to `out_path`. Warnings and progress go to `console`
+    (stderr). Raises DataError for a missing file, for no images at all among explicit inputs, and for an
+    unreadable file when `strict`.
+    """
+    skipped = 0
+
+    def warn(message: str):
+        if console is not None:
+            console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    def on_error(source, why, missing):
+        nonlocal skipped
+        if missing and not isinstance(source, Found):
+            raise D.DataError(f"{source} does not exist")
+        if strict:
+            raise D.DataError(f"cannot read {source}: {why} (--strict)")
+        skipped += 1
+        warn(f"skipped {source}: {why}")
+        bar.advance(1)
+
+    sources = expand_inputs(inputs, stdin if stdin is not None else sys.stdin,
+                            on_empty=lambda folder: warn(f"no image files found under {folder}"))
+    total = None
+    if "-" not in inputs:  # no stdin: the paths are known up front, so the bar can show a total
+        sources = list(sources)
+        total = len(sources)
+        if not sources:
+            raise D.DataError(f"no image files found in {', '.join(inputs)}")
+    dim = model.cfg.embed_dim
+    writer = NpyWriter(out_path, dim) if fmt == "npy" else (CsvWriter if fmt == "csv" else JsonlWriter)(out, dim)
+    embedded, ok, t0 = 0, False, time.time()
+    try:
+        with ProgressBar(console, "embed", total) as bar:
+            for paths, vectors in stream(model, sources, pool=pool, normalize=normalize, batch_size=batch_size,
+                                         workers=workers, precision=precision, on_error=on_error):
+                writer.write(paths, vectors.numpy())
+                if out is not None:
+                    out.flush()  # each batch reaches the next tool now, not when a buffer fills
+                embedded += len(paths)
+                bar.advance(len(paths))
+        ok = True
+    finally:
+        writer.close(ok)
+    return {"embedded": embedded, "skipped": skipped, "seconds": time.time() - t0, "dim": dim}
