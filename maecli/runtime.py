@@ -13,15 +13,37 @@ def default_device() -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Does this device run bf16 matmuls natively (GPU with bf16, CPU with AVX512-BF16/AMX)?"""
+    """Does bf16 beat fp32 here: a GPU with bf16, or a CPU with AMX or AMD's AVX512-BF16 (Zen 4/5)?
+
+    Intel's AVX512-BF16 without AMX (e.g. a VM that hides AMX) multiplies bf16 no faster than fp32 and pays
+    the conversions: measured a bf16 GEMM at 0.55x fp32 and a ViT-B step at 0.6x (benchmarks/RESULTS.md).
+    """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            if cpu._is_amx_tile_supported():
+                return True
+            return bool(cpu._is_avx512_bf16_supported()) and cpu_vendor() == "AuthenticAMD"
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def cpu_vendor() -> str:
+    """The x86 vendor string ("GenuineIntel", "AuthenticAMD"), or "" where it cannot be read."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    proc = platform.processor()  # e.g. "AMD64 Family 25 Model 97 Stepping 2, AuthenticAMD" on Windows
+    return next((v for v in ("AuthenticAMD", "GenuineIntel") if v in proc), "")
 
 
 def resolve_precision(precision: str, device: torch.device | None = None) -> str:

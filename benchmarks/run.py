@@ -1,0 +1,797 @@
+#!/usr/bin/env python
+"""maecli's speed, measured side by side: `python benchmarks/run.py [--quick] [--only step,mask,...]`.
+
+Every comparison alternates its contenders inside one process (A B, B A, A B, ...) and reports medians
+and their ratios, so load from other processes on the machine hits both sides alike. Prints one table
+per section and writes JSON (benchmarks/results.json by default). transformers is needed only for the
+reference columns of `step`; data sections skip cleanly when ../shared/data is absent.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+
+import maecli.cli  # noqa: E402  (first: it sets the thread-waiting policy the CLI runs with, before torch loads)
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from maecli.model import MAE, MAEConfig, random_masking  # noqa: E402
+from maecli.runtime import resolve_precision  # noqa: E402
+from maecli.train import make_optimizer  # noqa: E402
+
+console = Console(highlight=False, width=max(120, Console().width))
+SECTIONS = ["step", "mask", "pretrain", "embed", "help", "memory"]
+EXTRA_SECTIONS = ["levers", "workers", "versus"]  # run only when named in --only
+
+# name: (MAEConfig fields, batch size)
+CONFIGS = {
+    "tiny": (dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, decoder_dim=128,
+                  decoder_depth=4, decoder_heads=4), 64),
+    "base": (dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
+                  decoder_depth=8, decoder_heads=16), 8),
+}
+# CLI flags for the same shapes, used by the end-to-end sections
+TINY_FLAGS = dict(model="vit-tiny", patch_size=8, decoder_dim=128, decoder_depth=4, decoder_heads=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def interleaved(contenders: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each contender, alternating them round by round (ABBA order)."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    for r in range(repeats):
+        order = list(contenders.items())
+        if r % 2:
+            order.reverse()  # neither side always runs in the other's wake (caches, turbo, neighbours)
+        for name, fn in order:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def autocast_ctx(precision: str):
+    """"bf16" -> CPU bf16 autocast (what accelerate's autocast does for mixed_precision="bf16"); else fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def gemm(dtype: torch.dtype, n: int):
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return lambda: a @ b
+
+
+def model_flops(model, imgs, noise, mask_ratio=0.75, full=False) -> float:
+    """Forward + backward FLOPs of one training step, counted by torch (matmuls, convolutions).
+
+    Counted on the plain-attention path (under bf16 autocast), whose attention matmuls the counter sees;
+    the fused CPU kernel does the same arithmetic but is invisible to it.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = full_sequence_loss(model, imgs, noise, mask_ratio) if full else model(imgs, mask_ratio, noise)[0]
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def full_sequence_loss(model: MAE, imgs, noise, mask_ratio=0.75):
+    """The same MAE step with an encoder that sees every patch (as SimMIM-style models do); same decoder, loss."""
+    latent = model.encode(imgs)  # (N, 1 + L, D)
+    _, mask, _ = random_masking(latent[:, 1:], mask_ratio, noise=noise)
+    x = model._run(model.decoder_blocks, model.decoder_embed(latent) + model.decoder_pos_embed)
+    pred = model.decoder_pred(model.decoder_norm(x))[:, 1:]
+    return model.forward_loss(imgs, pred, mask)
+
+
+def maecli_model(name: str):
+    fields, batch = CONFIGS[name]
+    cfg = MAEConfig(**fields)
+    torch.manual_seed(0)
+    return MAE(cfg), cfg, batch
+
+
+def inputs(cfg: MAEConfig, batch: int):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g),
+            torch.rand(batch, cfg.num_patches, generator=g))
+
+
+def maecli_step(model, optimizer, imgs, noise, precision: str, full=False):
+    """What `maecli pretrain` does per step: forward under autocast, backward, fused AdamW, grads to None."""
+    def step():
+        with autocast_ctx(precision):
+            loss = full_sequence_loss(model, imgs, noise) if full else model(imgs, 0.75, noise)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_model(cfg: MAEConfig):
+    """transformers' ViTMAEForPreTraining with the same shapes (its own defaults otherwise, e.g. SDPA attention)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    hcfg = ViTMAEConfig(
+        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size, patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans, decoder_hidden_size=cfg.decoder_dim, decoder_num_hidden_layers=cfg.decoder_depth,
+        decoder_num_attention_heads=cfg.decoder_heads, decoder_intermediate_size=int(cfg.decoder_dim * cfg.mlp_ratio),
+        mask_ratio=0.75, norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=cfg.norm_eps, qkv_bias=True,
+    )
+    torch.manual_seed(0)
+    return ViTMAEForPreTraining(hcfg)
+
+
+def hf_step(model, optimizer, imgs, noise, precision: str):
+    """A transformers user's step: the same autocast, `torch.optim.AdamW` with its defaults (for-loop)."""
+    def step():
+        with autocast_ctx(precision):
+            loss = model(pixel_values=imgs, noise=noise).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def data_dir(rel: str) -> Path | None:
+    p = DATA / rel
+    return p if p.exists() else None
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence maecli's progress lines (stderr) while a section drives it in-process."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Training step against transformers, and the matmul peak
+
+
+def bench_step(opts) -> dict:
+    names = ["tiny"] if opts.quick else ["tiny", "base"]
+    with_hf = have("transformers")
+    rows = []
+    for name in names:
+        model, cfg, batch = maecli_model(name)
+        imgs, noise = inputs(cfg, batch)
+        flops = model_flops(model, imgs, noise)
+        contenders = {}
+        n = 1024 if opts.quick else 2048
+        contenders["gemm bf16"] = gemm(torch.bfloat16, n)
+        contenders["gemm fp32"] = gemm(torch.float32, n)
+        opt = make_optimizer(model, 1e-4, 0.05, torch.device("cpu"))
+        if with_hf:
+            hf = hf_model(cfg)
+            hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+        for prec in ("fp32", "bf16"):
+            contenders[f"maecli {prec}"] = maecli_step(model, opt, imgs, noise, prec)
+            if with_hf:
+                contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
+        reps = opts.repeats or (3 if opts.quick else (7 if name == "tiny" else 5))
+        t = interleaved(contenders, reps)
+        peak = {p: 2 * n**3 / med(t[f"gemm {p}"]) for p in ("bf16", "fp32")}
+        for prec in ("fp32", "bf16"):
+            ours = batch / med(t[f"maecli {prec}"])
+            ref = batch / med(t[f"transformers {prec}"]) if with_hf else None
+            gflops = flops * ours / batch / 1e9
+            rows.append({
+                "config": name, "precision": prec, "batch": batch, "maecli_img_s": ours, "transformers_img_s": ref,
+                "ratio": ratio(ours, ref), "step_gflop": flops / 1e9, "maecli_gflop_s": gflops,
+                "peak_gflop_s": peak[prec] / 1e9, "fraction_of_peak": gflops * 1e9 / peak[prec],
+                "transformers_fraction_of_peak": (flops * ref / batch / peak[prec]) if ref else None,
+                "repeats": reps,
+            })
+        del model, opt
+        if with_hf:
+            del hf, hopt
+    table = Table(title="1. training step (fwd+bwd+AdamW), images/s" + ("" if with_hf else
+                                                                             " (transformers missing: skipped)"))
+    for col in ("config", "prec", "batch", "maecli", "transformers", "ratio", "GFLOP/step", "maecli GFLOP/s",
+                "matmul peak", "% of peak"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["config"], r["precision"], str(r["batch"]), f"{r['maecli_img_s']:.1f}",
+                      fmt(r["transformers_img_s"], ".1f"), fmt(r["ratio"], ".2f", "x"), f"{r['step_gflop']:.1f}",
+                      f"{r['maecli_gflop_s']:.0f}", f"{r['peak_gflop_s']:.0f}", f"{100 * r['fraction_of_peak']:.0f}%")
+    console.print(table)
+    return {"rows": rows, "transformers": with_hf}
+
+
+def fmt(x, spec, suffix=""):
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Masked encoder against a full-sequence one
+
+
+def bench_mask(opts) -> dict:
+    names = ["tiny"] if opts.quick else ["tiny", "base"]
+    prec = "bf16" if resolve_precision("auto") == "bf16" else "fp32"
+    rows = []
+    for name in names:
+        model, cfg, batch = maecli_model(name)
+        imgs, noise = inputs(cfg, batch)
+        flop_ratio = model_flops(model, imgs, noise, full=True) / model_flops(model, imgs, noise)
+
+        def fwd_bwd(full):
+            def run():
+                with autocast_ctx(prec):
+                    loss = full_sequence_loss(model, imgs, noise) if full else model(imgs, 0.75, noise)[0]
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        reps = opts.repeats or (3 if opts.quick else 5)
+        t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True)}, reps)
+        speedup = med(t["full"]) / med(t["masked"])
+        rows.append({"config": name, "precision": prec, "masked_img_s": batch / med(t["masked"]),
+                     "full_img_s": batch / med(t["full"]), "speedup": speedup, "flop_ratio": flop_ratio,
+                     "speedup_over_flop_ratio": speedup / flop_ratio, "repeats": reps})
+    table = Table(title=f"2. encoder on visible patches only vs on all patches (fwd+bwd, {prec}, mask 0.75)")
+    for col in ("config", "masked img/s", "full img/s", "speedup", "FLOP ratio", "speedup / FLOP ratio"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["config"], f"{r['masked_img_s']:.1f}", f"{r['full_img_s']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['flop_ratio']:.2f}x", f"{r['speedup_over_flop_ratio']:.2f}")
+    console.print(table)
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. End-to-end pretrain against the model-only step
+
+
+def pretrain_rate(data: Path, flags: dict, steps: int, log_every: int, workers=None) -> float:
+    """Images/s of an in-process `maecli pretrain` run, from metrics.jsonl, after its first log interval
+    (which holds start-up: loader workers forking, first batches)."""
+    from maecli.train import TrainArgs, pretrain
+
+    with tempfile.TemporaryDirectory() as tmp, quiet():
+        args = TrainArgs(data=str(data), out=str(Path(tmp) / "run"), steps=steps, log_every=log_every,
+                         save_every=0, previews=0, workers=workers, **flags)
+        pretrain(args)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    return (last["images_seen"] - first["images_seen"]) / (last["time"] - first["time"])
+
+
+def model_only_block(flags: dict, steps: int):
+    """`steps` model-only training steps at the same config as a pretrain run (random tensors, same optimizer)."""
+    from maecli.train import build_config, TrainArgs
+
+    cfg = build_config(TrainArgs(data="", **flags))
+    torch.manual_seed(0)
+    model = MAE(cfg)
+    opt = make_optimizer(model, 1e-4, 0.05, torch.device("cpu"))
+    imgs, noise = inputs(cfg, flags["batch_size"])
+    prec = "bf16" if resolve_precision(flags.get("precision", "auto")) == "bf16" else "fp32"
+    step = maecli_step(model, opt, imgs, noise, prec)
+
+    def block():
+        for _ in range(steps):
+            step()
+    return block
+
+
+def pretrain_cases(quick: bool):
+    cases = [("cifar10-10k/train", "tiny @64px", dict(img_size=64, batch_size=64, **TINY_FLAGS))]
+    if not quick:
+        cases += [
+            ("cifar10-10k/train", "tiny @32px p4",
+             dict(img_size=32, batch_size=64, **{**TINY_FLAGS, "patch_size": 4})),
+            ("flowers-160/train", "vit-tiny/16 @224px",
+             dict(img_size=224, batch_size=32, **{**TINY_FLAGS, "patch_size": 16})),
+        ]
+    return cases
+
+
+def bench_pretrain(opts) -> dict:
+    rows = []
+    steps, log_every = (9, 3) if opts.quick else (16, 4)
+    timed = steps - log_every
+    for rel, label, flags in pretrain_cases(opts.quick):
+        data = data_dir(rel)
+        if data is None:
+            rows.append({"case": label, "skipped": f"{DATA / rel} absent"})
+            continue
+        block = model_only_block(flags, timed)
+        e2e = []
+        reps = opts.repeats or (2 if opts.quick else 3)
+        t = interleaved({"pretrain": lambda: e2e.append(pretrain_rate(data, flags, steps, log_every)),
+                         "model": block}, reps, warmup=0)
+        model_rate = flags["batch_size"] * timed / med(t["model"])
+        rate = med(e2e)
+        rows.append({"case": label, "data": rel, "batch": flags["batch_size"], "pretrain_img_s": rate,
+                     "model_only_img_s": model_rate, "ratio": rate / model_rate, "repeats": reps,
+                     "workers": _default_workers()})
+    table = Table(title="3. end-to-end `maecli pretrain` from JPEG folders vs model-only step (default settings)")
+    for col in ("case", "data", "pretrain img/s", "model-only img/s", "ratio"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if "skipped" in r:
+            table.add_row(r["case"], "skipped: " + r["skipped"], "", "", "")
+        else:
+            table.add_row(r["case"], r["data"], f"{r['pretrain_img_s']:.1f}", f"{r['model_only_img_s']:.1f}",
+                          f"{r['ratio']:.2f}")
+    console.print(table)
+    return {"rows": rows, "steps": steps, "timed_steps": timed}
+
+
+def _default_workers():
+    from maecli.train import default_workers
+
+    return default_workers()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. End-to-end embed against the model's forward alone
+
+
+def embed_available() -> bool:
+    import typer
+
+    return "embed" in typer.main.get_command(maecli.cli.app).commands
+
+
+def make_weights(tmp: Path, cfg: MAEConfig) -> Path:
+    from maecli.weights import save_weights
+
+    torch.manual_seed(0)
+    path = tmp / "model.safetensors"
+    save_weights(MAE(cfg), path)
+    return path
+
+
+def run_cli(args: list[str]) -> int:
+    """The real CLI, in this process (click's entry point without sys.exit)."""
+    import typer
+
+    cmd = typer.main.get_command(maecli.cli.app)
+    try:
+        code = cmd.main(args=[str(a) for a in args], prog_name="maecli", standalone_mode=False)
+    except SystemExit as e:
+        code = e.code
+    return int(code or 0)
+
+
+def bench_embed(opts) -> dict:
+    if not embed_available():
+        console.print("4. embed: skipped: embed not available")
+        return {"skipped": "embed not available"}
+    data = data_dir("flowers-160/val")
+    if data is None:
+        console.print("4. embed: skipped: flowers-160 absent")
+        return {"skipped": "flowers-160 absent"}
+    from maecli.data import find_images
+    from maecli.runtime import autocast as run_autocast
+
+    cfg = MAEConfig.preset("vit-tiny", img_size=224)
+    n = 128 if opts.quick else len(find_images(data))
+    batch = 64
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = make_weights(tmp, cfg)
+        paths = find_images(data)[:n]
+        (tmp / "list.txt").write_text("\n".join(map(str, paths)) + "\n")
+        model = MAE(cfg, decoder=False).eval()
+        x = torch.randn(batch, 3, cfg.img_size, cfg.img_size)
+
+        def end_to_end():
+            with quiet(), open(tmp / "list.txt") as stdin, contextlib.redirect_stdout(io.StringIO()):
+                sys.stdin, old = stdin, sys.stdin
+                try:
+                    code = run_cli(["embed", "-", "--weights", weights, "--batch-size", batch, "-o", tmp / "e.jsonl"])
+                finally:
+                    sys.stdin = old
+            if code:
+                raise RuntimeError(f"maecli embed exited with {code}")
+
+        def forward_only():
+            with torch.no_grad(), run_autocast(torch.device("cpu"), "auto"):
+                for _ in range(-(-n // batch)):
+                    model.encode(x)[:, 1:].mean(dim=1)
+
+        reps = opts.repeats or (2 if opts.quick else 3)
+        try:
+            t = interleaved({"embed": end_to_end, "forward": forward_only}, reps)
+        except Exception as e:  # the embed branch may change its flags; report rather than crash the run
+            console.print(f"4. embed: skipped: {e}")
+            return {"skipped": str(e)}
+    row = {"images": n, "batch": batch, "model": "vit-tiny/16 @224px", "embed_img_s": n / med(t["embed"]),
+           "forward_img_s": n / med(t["forward"]), "repeats": reps}
+    row["ratio"] = row["embed_img_s"] / row["forward_img_s"]
+    table = Table(title="4. end-to-end `maecli embed` vs the encoder's forward alone")
+    for col in ("model", "images", "embed img/s", "forward img/s", "ratio"):
+        table.add_column(col, justify="right")
+    table.add_row(row["model"], str(n), f"{row['embed_img_s']:.1f}", f"{row['forward_img_s']:.1f}",
+                  f"{row['ratio']:.2f}")
+    console.print(table)
+    return {"rows": [row]}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. CLI start-up and embed memory
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def bench_help(opts) -> dict:
+    env = subprocess_env()
+    cmds = {"maecli --help": [sys.executable, "-m", "maecli", "--help"],
+            "python -c pass": [sys.executable, "-c", "pass"]}
+
+    def runner(cmd):
+        return lambda: subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+    reps = opts.repeats or (5 if opts.quick else 9)
+    t = interleaved({k: runner(c) for k, c in cmds.items()}, reps)
+    row = {"help_s": med(t["maecli --help"]), "python_startup_s": med(t["python -c pass"]), "repeats": reps}
+    console.print(f"5. `maecli --help`: {row['help_s']:.3f} s median of {reps} "
+                  f"(bare interpreter start-up: {row['python_startup_s']:.3f} s)")
+    return row
+
+
+def max_rss_mb(cmd: list[str], env) -> float:
+    """Peak resident memory of `cmd` (the largest of it and its children, e.g. loader workers), in MB."""
+    code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
+            "stderr=subprocess.DEVNULL); print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, *cmd], env=env, capture_output=True, text=True, check=True)
+    rc, kb = out.stdout.split()
+    if int(rc):
+        raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... exited with {rc}")
+    return int(kb) / 1024
+
+
+def bench_memory(opts) -> dict:
+    if not embed_available():
+        console.print("5. embed memory: skipped: embed not available")
+        return {"skipped": "embed not available"}
+    data = data_dir("cifar10-10k/train")
+    if data is None:
+        console.print("5. embed memory: skipped: cifar10-10k absent")
+        return {"skipped": "cifar10-10k absent"}
+    from maecli.data import find_images
+
+    paths = find_images(data)
+    counts = [1_000, 10_000] if not opts.quick else [200, 2_000]
+    cfg = MAEConfig.preset("vit-tiny", img_size=32, patch_size=8)
+    env = subprocess_env()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = make_weights(tmp, cfg)
+        for n in counts:
+            listing = tmp / f"{n}.txt"
+            listing.write_text("\n".join(str(paths[i % len(paths)]) for i in range(n)) + "\n")
+            # the list arrives on stdin, as in `find ... | maecli embed -`
+            cmd = ["sh", "-c", f'exec "$0" -m maecli embed - --weights "$1" --format jsonl < "$2"',
+                   sys.executable, str(weights), str(listing)]
+            try:
+                rows.append({"images": n, "max_rss_mb": max_rss_mb(cmd, env)})
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                console.print(f"5. embed memory: skipped: {e}")
+                return {"skipped": str(e)}
+    growth = rows[-1]["max_rss_mb"] / rows[0]["max_rss_mb"]
+    console.print("5. embed peak RSS: " + ", ".join(f"{r['images']:,} images {r['max_rss_mb']:.0f} MB" for r in rows)
+                  + f" (x{growth:.2f})")
+    return {"rows": rows, "growth": growth}
+
+
+# ----------------------------------------------------------------------------------------------
+# Levers: each one measured on its own (not part of the default run)
+
+
+def bench_levers(opts) -> dict:
+    """Single-lever A/B measurements behind the defaults: attention path, optimizer, precision, decode."""
+    import timm.layers  # noqa: F401
+
+    from maecli import model as M
+
+    results = {}
+    model, cfg, batch = maecli_model("tiny")
+    imgs, noise = inputs(cfg, batch)
+    reps = opts.repeats or (3 if opts.quick else 5)
+
+    # attention: plain matmul-softmax vs the fused kernel, per precision (fwd+bwd)
+    def attn(fused: bool, prec: str):
+        def run():
+            real = M.use_fused_attention
+            M.use_fused_attention = lambda x: fused
+            try:
+                with autocast_ctx(prec):
+                    loss = model(imgs, 0.75, noise)[0]
+                loss.backward()
+            finally:
+                M.use_fused_attention = real
+            model.zero_grad(set_to_none=True)
+        return run
+
+    t = interleaved({f"{'fused' if f else 'plain'} {p}": attn(f, p) for p in ("fp32", "bf16") for f in (True, False)},
+                    reps)
+    results["attention_fused_over_plain_time"] = {p: med(t[f"fused {p}"]) / med(t[f"plain {p}"])
+                                                  for p in ("fp32", "bf16")}
+
+    # AdamW: fused vs foreach vs for-loop on the tiny model's parameters, gradients in place
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.requires_grad else None
+    opts_ = {"fused": make_optimizer(model, 1e-4, 0.05, torch.device("cpu"))}
+    for impl in ("foreach", "for-loop"):
+        kw = {"foreach": True} if impl == "foreach" else {"foreach": False}
+        opts_[impl] = torch.optim.AdamW(model.parameters(), lr=1e-4, **kw)
+    t = interleaved({k: o.step for k, o in opts_.items()}, reps * 4)
+    results["adamw_ms"] = {k: 1e3 * med(v) for k, v in t.items()}
+    model.zero_grad(set_to_none=True)
+
+    # precision of the whole step, tiny and base
+    for name in (["tiny"] if opts.quick else ["tiny", "base"]):
+        m, c, b = maecli_model(name)
+        x, nz = inputs(c, b)
+        o = make_optimizer(m, 1e-4, 0.05, torch.device("cpu"))
+        t = interleaved({p: maecli_step(m, o, x, nz, p) for p in ("fp32", "bf16")}, reps)
+        results[f"bf16_over_fp32_speed_{name}"] = med(t["fp32"]) / med(t["bf16"])
+
+    # the loader, per image: maecli's decode (PIL + draft) vs torchvision.io.decode_jpeg (deprecated since
+    # torchvision 0.29); seeding all backends vs the CPU generator only; v2 ToDtype + Normalize vs one pass
+    from torchvision.transforms import v2
+
+    from maecli import data as D
+
+    def tv_decode(path):
+        import warnings
+
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
+
+    for rel, size in (("cifar10-10k/train", 64), ("flowers-160/train", 224)):
+        root = data_dir(rel)
+        if root is None:
+            continue
+        paths = D.find_images(root)[:200]
+        crops = [v2.functional.center_crop(D.decode(p, 3), [min(size, 32)] * 2) for p in paths]
+        two_pass = v2.Compose([v2.ToDtype(torch.float32, scale=True), D.normalize(3)])
+        one_pass = D.ToModelInput(3)
+        ds = D.PretrainDataset(paths, size, 3, 0)
+        t = interleaved({
+            "decode maecli": lambda: [D.decode(p, 3, 2 * size) for p in paths],
+            "decode torchvision": lambda: [tv_decode(p) for p in paths],
+            "torch.manual_seed": lambda: [torch.manual_seed(i) for i in range(len(paths))],
+            "default_generator.manual_seed": lambda: [torch.default_generator.manual_seed(i) for i in range(len(paths))],
+            "ToDtype+Normalize": lambda: [two_pass(x) for x in crops],
+            "ToModelInput": lambda: [one_pass(x) for x in crops],
+            "dataset item": lambda: [ds[(0, i)] for i in range(len(paths))],
+        }, reps)
+        results[f"loader_ms_per_image_{rel.split('/')[0]}"] = {k: 1e3 * med(v) / len(paths) for k, v in t.items()}
+
+    # OpenMP's idle threads spinning (libgomp's default) vs sleeping (what the CLI sets): separate processes
+    child = ("import sys, time, torch; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[:1]; import run as R; "
+             "m, c, b = R.maecli_model('tiny'); x, nz = R.inputs(c, b); "
+             "s = R.maecli_step(m, R.make_optimizer(m, 1e-4, 0.05, torch.device('cpu')), x, nz, 'fp32'); s(); "
+             "t = time.perf_counter(); [s() for _ in range(4)]; print(4 * b / (time.perf_counter() - t))")
+    rates = {}
+
+    def policy(value):
+        env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        if value:
+            env["OMP_WAIT_POLICY"] = value
+        cmd = [sys.executable, "-c", child, str(ROOT / "benchmarks")]
+        return lambda: rates.setdefault(value or "unset (spin)", []).append(
+            float(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
+
+    interleaved({"spin": policy(None), "passive": policy("PASSIVE")}, 2 if opts.quick else 3, warmup=0)
+    results["omp_wait_policy_tiny_fp32_img_s"] = {k: med(v) for k, v in rates.items()}
+    console.print("levers:", json.dumps(results, indent=1))
+    return results
+
+
+def bench_workers(opts) -> dict:
+    """`maecli pretrain` images/s at 0, 1 and 2 loader workers (and 1 worker with one torch thread)."""
+    data = data_dir("cifar10-10k/train")
+    if data is None:
+        return {"skipped": "cifar10-10k absent"}
+    flags = dict(img_size=64, batch_size=64, **TINY_FLAGS)
+    steps, log_every = (9, 3) if opts.quick else (16, 4)
+    threads = torch.get_num_threads()
+    rates = {}
+
+    def run(workers, nthreads):
+        def go():
+            torch.set_num_threads(nthreads)
+            try:
+                rates.setdefault(f"{workers} workers, {nthreads} threads", []).append(
+                    pretrain_rate(data, flags, steps, log_every, workers=workers))
+            finally:
+                torch.set_num_threads(threads)
+        return go
+
+    variants = {f"{w}/{threads}": run(w, threads) for w in (0, 1, 2)}
+    if threads > 1:
+        variants[f"1/{threads - 1}"] = run(1, threads - 1)
+    interleaved(variants, opts.repeats or 2, warmup=0)
+    out = {k: med(v) for k, v in rates.items()}
+    console.print("workers (img/s):", json.dumps(out, indent=1))
+    return out
+
+
+def bench_versus(opts) -> dict:
+    """This checkout against another (--baseline, e.g. the main branch) through the real CLI, each with its own
+    defaults: `maecli pretrain` images/s (tiny @64px on CIFAR JPEGs) and `maecli --help` seconds, alternating."""
+    data = data_dir("cifar10-10k/train")
+    if not opts.baseline or data is None:
+        console.print("versus: skipped: needs --baseline CHECKOUT and cifar10-10k")
+        return {"skipped": "no --baseline or no data"}
+    steps, log_every = (9, 3) if opts.quick else (16, 4)
+    flags = ["--img-size", "64", "--batch-size", "64", "--model", "vit-tiny", "--patch-size", "8", "--decoder-dim",
+             "128", "--decoder-depth", "4", "--decoder-heads", "4", "--steps", str(steps), "--log-every",
+             str(log_every), "--save-every", "0"]
+    trees = {"this": ROOT, "baseline": Path(opts.baseline).resolve()}
+    rates = {k: [] for k in trees}
+
+    def env_for(tree):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env["PYTHONPATH"] = str(tree)
+        return env
+
+    def pretrain_run(name):
+        def go():
+            with tempfile.TemporaryDirectory() as tmp:
+                subprocess.run([sys.executable, "-m", "maecli", "pretrain", str(data), "--out", f"{tmp}/run", *flags],
+                               env=env_for(trees[name]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               check=True)
+                rows = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+            rates[name].append((rows[-1]["images_seen"] - rows[0]["images_seen"]) / (rows[-1]["time"] - rows[0]["time"]))
+        return go
+
+    def help_run(name):
+        cmd = [sys.executable, "-m", "maecli", "--help"]
+        return lambda: subprocess.run(cmd, env=env_for(trees[name]), stdout=subprocess.DEVNULL, check=True)
+
+    interleaved({k: pretrain_run(k) for k in trees}, opts.repeats or 3, warmup=0)
+    t = interleaved({k: help_run(k) for k in trees}, 9)
+    out = {"pretrain_img_s": {k: med(v) for k, v in rates.items()}, "help_s": {k: med(v) for k, v in t.items()},
+           "baseline": str(trees["baseline"])}
+    out["pretrain_speedup"] = out["pretrain_img_s"]["this"] / out["pretrain_img_s"]["baseline"]
+    console.print(f"versus {trees['baseline']}: pretrain tiny@64 {out['pretrain_img_s']['this']:.1f} vs "
+                  f"{out['pretrain_img_s']['baseline']:.1f} img/s ({out['pretrain_speedup']:.2f}x); --help "
+                  f"{out['help_s']['this']:.3f} vs {out['help_s']['baseline']:.3f} s")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "auto_precision": resolve_precision("auto")}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    for mod in ("transformers", "timm", "torchvision"):
+        if have(mod):
+            info[mod] = __import__(mod).__version__
+    info["avx512_bf16"] = torch.cpu._is_avx512_bf16_supported()
+    info["amx"] = torch.cpu._is_amx_tile_supported()
+    return info
+
+
+def targets(res: dict) -> list[dict]:
+    """The issue's targets, checked against this run's ratios."""
+    out = []
+
+    def add(name, value, goal, ok):
+        if value is not None:
+            out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(ok)})
+
+    for r in res.get("step", {}).get("rows", []):
+        if r["ratio"] is not None:
+            goal = {("tiny", "bf16"): 1.8, ("base", "bf16"): 1.3}.get((r["config"], r["precision"]), 1.0)
+            add(f"step {r['config']} {r['precision']} vs transformers", r["ratio"], f">= {goal}x", r["ratio"] >= goal)
+        if r["config"] == "base" and r["precision"] == "bf16":
+            add("step base bf16, fraction of bf16 matmul peak", r["fraction_of_peak"], ">= 0.65",
+                r["fraction_of_peak"] >= 0.65)
+    for r in res.get("mask", {}).get("rows", []):
+        add(f"masking speedup / FLOP ratio ({r['config']})", r["speedup_over_flop_ratio"], ">= 0.9",
+            r["speedup_over_flop_ratio"] >= 0.9)
+    for r in res.get("pretrain", {}).get("rows", []):
+        if "ratio" in r:
+            add(f"pretrain end-to-end / model-only ({r['case']})", r["ratio"], ">= 0.85", r["ratio"] >= 0.85)
+    for r in res.get("embed", {}).get("rows", []):
+        add("embed end-to-end / forward", r["ratio"], ">= 0.85", r["ratio"] >= 0.85)
+    if "help_s" in res.get("help", {}):
+        add("maecli --help seconds", res["help"]["help_s"], "<= 0.3", res["help"]["help_s"] <= 0.3)
+    if "growth" in res.get("memory", {}):
+        add("embed peak RSS growth 1k -> 10k images", res["memory"]["growth"], "<= 1.10", res["memory"]["growth"] <= 1.10)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections: {','.join(SECTIONS + EXTRA_SECTIONS)} [default: {','.join(SECTIONS)}]")
+    ap.add_argument("--quick", action="store_true", help="small configs and few repeats (a couple of minutes)")
+    ap.add_argument("--repeats", type=int, default=None, help="override the interleaved repeats of every section")
+    ap.add_argument("--baseline", default=None, help="another checkout (e.g. /work/main) for the `versus` section")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the results")
+    opts = ap.parse_args(argv)
+    wanted = [s.strip() for s in opts.only.split(",") if s.strip()]
+    unknown = set(wanted) - set(SECTIONS + EXTRA_SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
+
+    res = {"machine": machine(), "load_before": os.getloadavg(), "quick": opts.quick,
+           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    console.print(f"machine: {res['machine']['cpu']}, {res['machine']['cpus']} cpus, torch {torch.__version__}, "
+                  f"auto precision {res['machine']['auto_precision']}; load {res['load_before']}")
+    bench = {"step": bench_step, "mask": bench_mask, "pretrain": bench_pretrain, "embed": bench_embed,
+             "help": bench_help, "memory": bench_memory, "levers": bench_levers, "workers": bench_workers,
+             "versus": bench_versus}
+    t0 = time.time()
+    for name in wanted:
+        res[name] = bench[name](opts)
+    res["load_after"] = os.getloadavg()
+    res["seconds"] = round(time.time() - t0, 1)
+    res["targets"] = targets(res)
+    table = Table(title=f"targets (load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, {res['seconds']:.0f} s)")
+    for col in ("target", "value", "goal", "met"):
+        table.add_column(col)
+    for t in res["targets"]:
+        table.add_row(t["target"], str(t["value"]), t["goal"], "yes" if t["met"] else "NO")
+    console.print(table)
+    Path(opts.json).write_text(json.dumps(res, indent=1) + "\n")
+    console.print(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The fast-path defaults keep their meaning: same crops, same numbers, the intended precision and threads.
+
+Speed itself is measured in benchmarks/run.py, never here.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from maecli import data as D
+from maecli import runtime
+from maecli.model import MAE, MAEConfig
+from maecli.train import make_optimizer
+
+from conftest import ROOT, EXAMPLES
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_one_pass_normalization_matches_torchvision(c):
+    x = torch.randint(0, 256, (c, 17, 23), dtype=torch.uint8)
+    ref = v2.Compose([v2.ToDtype(torch.float32, scale=True), D.normalize(c)])(x)
+    out = D.ToModelInput(c)(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_training_crops_are_the_seeded_torchvision_ones(c):
+    """Seeding only the CPU generator draws the same crops as torch.manual_seed, and leaves the caller's RNG alone."""
+    paths = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png"))[:3]
+    ds = D.PretrainDataset(paths, 32, c, seed=7)
+    reference = v2.Compose([
+        v2.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), D.normalize(c),
+    ])
+    state = torch.get_rng_state()
+    for i, p in enumerate(paths):
+        x, failed = ds[(2, i)]
+        assert not failed
+        torch.manual_seed(D.sample_seed(7, 2, i))
+        torch.testing.assert_close(x, reference(D.decode(p, c, ds.min_side)), atol=1e-6, rtol=0)
+        torch.set_rng_state(state)
+        assert torch.equal(ds[(2, i)][0], x)  # a pure function of (seed, epoch, index)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize(
+    "amx, avx512_bf16, vendor, expected",
+    [
+        (True, True, "GenuineIntel", True),  # AMX: bf16 matmuls several times fp32
+        (False, True, "AuthenticAMD", True),  # Zen 4/5
+        (False, True, "GenuineIntel", False),  # AVX512-BF16 alone: slower than fp32 (measured here)
+        (False, False, "AuthenticAMD", False),
+    ],
+)
+def test_auto_precision_on_cpu(monkeypatch, amx, avx512_bf16, vendor, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(runtime, "cpu_vendor", lambda: vendor)
+    assert runtime.native_bf16(torch.device("cpu")) is expected
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if expected else "no")
+    assert runtime.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asking explicitly always works
+
+
+def test_cpu_vendor_is_a_known_string():
+    assert runtime.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")
+
+
+def cli_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**env, **extra}
+
+
+@pytest.mark.parametrize("extra, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
+                                             ({"GOMP_SPINCOUNT": "1000"}, "None")])
+def test_cli_lets_idle_threads_sleep_unless_told_otherwise(extra, expected):
+    code = "import os, maecli.cli; print(os.environ.get('OMP_WAIT_POLICY'))"
+    out = subprocess.run([sys.executable, "-c", code], env=cli_env(**extra), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_help_shows_bracketed_defaults_literally():
+    out = subprocess.run([sys.executable, "-m", "maecli", "pretrain", "--help"], env=cli_env(COLUMNS="200"),
+                         capture_output=True, text=True, check=True)
+    assert "[default: runs/<date-time>]" in out.stdout
+    code = "import sys; from maecli.cli import main; sys.argv = ['maecli', '--help']\ntry: main()\nexcept SystemExit: pass\n" \
+           "assert 'rich' not in sys.modules and 'torch' not in sys.modules, 'help loaded rich or torch'"
+    subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, check=True)
+
+
+def test_pretrain_optimizer_is_fused_adamw_with_the_papers_betas():
+    model = MAE(MAEConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, decoder_dim=8,
+                          decoder_depth=1, decoder_heads=2))
+    opt = make_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
