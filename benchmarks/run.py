@@ -207,7 +207,7 @@ def bench_step(opts) -> dict:
             contenders[f"maecli {prec}"] = maecli_step(model, opt, imgs, noise, prec)
             if with_hf:
                 contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
-        reps = opts.repeats or (3 if opts.quick else (7 if name == "tiny" else 5))
+        reps = opts.repeats or (3 if opts.quick else (5 if name == "tiny" else 3))
         t = interleaved(contenders, reps)
         peak = {p: 2 * n**3 / med(t[f"gemm {p}"]) for p in ("bf16", "fp32")}
         for prec in ("fp32", "bf16"):
@@ -262,7 +262,7 @@ def bench_mask(opts) -> dict:
                 model.zero_grad(set_to_none=True)
             return run
 
-        reps = opts.repeats or (3 if opts.quick else 5)
+        reps = opts.repeats or (3 if opts.quick or name == "base" else 5)
         t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True)}, reps)
         speedup = med(t["full"]) / med(t["masked"])
         rows.append({"config": name, "precision": prec, "masked_img_s": batch / med(t["masked"]),
@@ -291,9 +291,13 @@ def pretrain_rate(data: Path, flags: dict, steps: int, log_every: int, workers=N
         args = TrainArgs(data=str(data), out=str(Path(tmp) / "run"), steps=steps, log_every=log_every,
                          save_every=0, previews=0, workers=workers, **flags)
         pretrain(args)
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0], rows[-1]
-    return (last["images_seen"] - first["images_seen"]) / (last["time"] - first["time"])
+        return metrics_rate(Path(tmp) / "run")
+
+
+def metrics_rate(run: Path) -> float:
+    """Images/s between the first and the last row of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return (rows[-1]["images_seen"] - rows[0]["images_seen"]) / (rows[-1]["time"] - rows[0]["time"])
 
 
 def model_only_block(flags: dict, steps: int):
@@ -328,7 +332,7 @@ def pretrain_cases(quick: bool):
 
 def bench_pretrain(opts) -> dict:
     rows = []
-    steps, log_every = (9, 3) if opts.quick else (16, 4)
+    steps, log_every = (9, 3) if opts.quick else (12, 3)
     timed = steps - log_every
     for rel, label, flags in pretrain_cases(opts.quick):
         data = data_dir(rel)
@@ -337,7 +341,7 @@ def bench_pretrain(opts) -> dict:
             continue
         block = model_only_block(flags, timed)
         e2e = []
-        reps = opts.repeats or (2 if opts.quick else 3)
+        reps = opts.repeats or 2
         t = interleaved({"pretrain": lambda: e2e.append(pretrain_rate(data, flags, steps, log_every)),
                          "model": block}, reps, warmup=0)
         model_rate = flags["batch_size"] * timed / med(t["model"])
@@ -404,10 +408,9 @@ def bench_embed(opts) -> dict:
         console.print("4. embed: skipped: flowers-160 absent")
         return {"skipped": "flowers-160 absent"}
     from maecli.data import find_images
-    from maecli.runtime import autocast as run_autocast
 
     cfg = MAEConfig.preset("vit-tiny", img_size=224)
-    n = 128 if opts.quick else len(find_images(data))
+    n = 128 if opts.quick else 512
     batch = 64
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -421,20 +424,21 @@ def bench_embed(opts) -> dict:
             with quiet(), open(tmp / "list.txt") as stdin, contextlib.redirect_stdout(io.StringIO()):
                 sys.stdin, old = stdin, sys.stdin
                 try:
-                    code = run_cli(["embed", "-", "--weights", weights, "--batch-size", batch, "-o", tmp / "e.jsonl"])
+                    code = run_cli(["embed", "-", "--weights", weights, "--batch-size", batch, "--precision", "no",
+                                    "-o", tmp / "e.jsonl"])
                 finally:
                     sys.stdin = old
             if code:
                 raise RuntimeError(f"maecli embed exited with {code}")
 
-        def forward_only():
-            with torch.no_grad(), run_autocast(torch.device("cpu"), "auto"):
+        def forward_only():  # fp32 on both sides: embed keeps vectors independent of the batch that way
+            with torch.no_grad():
                 for _ in range(-(-n // batch)):
                     model.encode(x)[:, 1:].mean(dim=1)
 
         reps = opts.repeats or (2 if opts.quick else 3)
-        try:
-            t = interleaved({"embed": end_to_end, "forward": forward_only}, reps)
+        try:  # no warm-up round: every embed run starts cold anyway (weights, loader workers)
+            t = interleaved({"embed": end_to_end, "forward": forward_only}, reps, warmup=0)
         except Exception as e:  # the embed branch may change its flags; report rather than crash the run
             console.print(f"4. embed: skipped: {e}")
             return {"skipped": str(e)}
@@ -466,7 +470,8 @@ def bench_help(opts) -> dict:
             "python -c pass": [sys.executable, "-c", "pass"]}
 
     def runner(cmd):
-        return lambda: subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        return lambda: subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      check=True)
 
     reps = opts.repeats or (5 if opts.quick else 9)
     t = interleaved({k: runner(c) for k, c in cmds.items()}, reps)
@@ -480,7 +485,8 @@ def max_rss_mb(cmd: list[str], env) -> float:
     """Peak resident memory of `cmd` (the largest of it and its children, e.g. loader workers), in MB."""
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
             "stderr=subprocess.DEVNULL); print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", code, *cmd], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *cmd], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True)
     rc, kb = out.stdout.split()
     if int(rc):
         raise RuntimeError(f"{' '.join(map(str, cmd[:4]))} ... exited with {rc}")
@@ -591,20 +597,25 @@ def bench_levers(opts) -> dict:
             return decode_jpeg(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8),
                                mode=ImageReadMode.RGB)
 
-    for rel, size in (("cifar10-10k/train", 64), ("flowers-160/train", 224)):
+    for rel, size in (("cifar10-10k/train", 64), ("flowers-160/train", 224), ("photos", 224)):
         root = data_dir(rel)
         if root is None:
             continue
         paths = D.find_images(root)[:200]
-        crops = [v2.functional.center_crop(D.decode(p, 3), [min(size, 32)] * 2) for p in paths]
+        ds = D.PretrainDataset(paths, size, 3, 0)
+        if rel == "photos":  # 17 large photos (PNG and JPEG, 384-1411 px): the loader's cost on camera images
+            t = interleaved({"dataset item": lambda: [ds[(0, i)] for i in range(len(paths))]}, reps)
+            results["loader_ms_per_image_photos"] = {"dataset item": 1e3 * med(t["dataset item"]) / len(paths)}
+            continue
+        crops = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in paths]
         two_pass = v2.Compose([v2.ToDtype(torch.float32, scale=True), D.normalize(3)])
         one_pass = D.ToModelInput(3)
-        ds = D.PretrainDataset(paths, size, 3, 0)
         t = interleaved({
             "decode maecli": lambda: [D.decode(p, 3, 2 * size) for p in paths],
             "decode torchvision": lambda: [tv_decode(p) for p in paths],
             "torch.manual_seed": lambda: [torch.manual_seed(i) for i in range(len(paths))],
-            "default_generator.manual_seed": lambda: [torch.default_generator.manual_seed(i) for i in range(len(paths))],
+            "default_generator.manual_seed": lambda: [torch.default_generator.manual_seed(i)
+                                                      for i in range(len(paths))],
             "ToDtype+Normalize": lambda: [two_pass(x) for x in crops],
             "ToModelInput": lambda: [one_pass(x) for x in crops],
             "dataset item": lambda: [ds[(0, i)] for i in range(len(paths))],
@@ -684,15 +695,16 @@ def bench_versus(opts) -> dict:
         def go():
             with tempfile.TemporaryDirectory() as tmp:
                 subprocess.run([sys.executable, "-m", "maecli", "pretrain", str(data), "--out", f"{tmp}/run", *flags],
-                               env=env_for(trees[name]), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               check=True)
-                rows = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-            rates[name].append((rows[-1]["images_seen"] - rows[0]["images_seen"]) / (rows[-1]["time"] - rows[0]["time"]))
+                               env=env_for(trees[name]), cwd=trees[name], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=True)
+                rates[name].append(metrics_rate(Path(tmp) / "run"))
         return go
 
     def help_run(name):
         cmd = [sys.executable, "-m", "maecli", "--help"]
-        return lambda: subprocess.run(cmd, env=env_for(trees[name]), stdout=subprocess.DEVNULL, check=True)
+        # cwd matters: `python -m maecli` imports the maecli folder in the working directory first
+        return lambda: subprocess.run(cmd, env=env_for(trees[name]), cwd=trees[name], stdout=subprocess.DEVNULL,
+                                      check=True)
 
     interleaved({k: pretrain_run(k) for k in trees}, opts.repeats or 3, warmup=0)
     t = interleaved({k: help_run(k) for k in trees}, 9)
@@ -752,14 +764,15 @@ def targets(res: dict) -> list[dict]:
     if "help_s" in res.get("help", {}):
         add("maecli --help seconds", res["help"]["help_s"], "<= 0.3", res["help"]["help_s"] <= 0.3)
     if "growth" in res.get("memory", {}):
-        add("embed peak RSS growth 1k -> 10k images", res["memory"]["growth"], "<= 1.10", res["memory"]["growth"] <= 1.10)
+        growth = res["memory"]["growth"]
+        add("embed peak RSS growth 1k -> 10k images", growth, "<= 1.10", growth <= 1.10)
     return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(SECTIONS),
-                    help=f"comma-separated sections: {','.join(SECTIONS + EXTRA_SECTIONS)} [default: {','.join(SECTIONS)}]")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: "
+                    f"{','.join(SECTIONS + EXTRA_SECTIONS)} [default: {','.join(SECTIONS)}]")
     ap.add_argument("--quick", action="store_true", help="small configs and few repeats (a couple of minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="override the interleaved repeats of every section")
     ap.add_argument("--baseline", default=None, help="another checkout (e.g. /work/main) for the `versus` section")
@@ -779,11 +792,14 @@ def main(argv=None):
              "versus": bench_versus}
     t0 = time.time()
     for name in wanted:
+        started = time.time()
         res[name] = bench[name](opts)
+        res[name]["seconds"] = round(time.time() - started, 1)
     res["load_after"] = os.getloadavg()
     res["seconds"] = round(time.time() - t0, 1)
     res["targets"] = targets(res)
-    table = Table(title=f"targets (load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, {res['seconds']:.0f} s)")
+    table = Table(title=f"targets (load {res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}, "
+                        f"{res['seconds']:.0f} s)")
     for col in ("target", "value", "goal", "met"):
         table.add_column(col)
     for t in res["targets"]:

@@ -87,8 +87,10 @@ def test_help_shows_bracketed_defaults_literally():
     out = subprocess.run([sys.executable, "-m", "maecli", "pretrain", "--help"], env=cli_env(COLUMNS="200"),
                          capture_output=True, text=True, check=True)
     assert "[default: runs/<date-time>]" in out.stdout
-    code = "import sys; from maecli.cli import main; sys.argv = ['maecli', '--help']\ntry: main()\nexcept SystemExit: pass\n" \
-           "assert 'rich' not in sys.modules and 'torch' not in sys.modules, 'help loaded rich or torch'"
+    # typer's rich help formatter costs ~0.2 s of imports (rich.markdown, pygments); plain click help does not
+    code = ("import sys; from maecli.cli import main; sys.argv = ['maecli', '--help']\n"
+            "try: main()\nexcept SystemExit: pass\n"
+            "assert 'rich' not in sys.modules and 'torch' not in sys.modules, 'help loaded rich or torch'")
     subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, check=True)
 
 
