@@ -399,14 +399,18 @@ def run_cli(args: list[str]) -> int:
     return int(code or 0)
 
 
+def embed_data(title: str, rel: str) -> tuple[Path | None, str | None]:
+    """The data folder an embed section reads, or why the section is skipped (printed under `title`)."""
+    why = "embed not available" if not embed_available() else None if data_dir(rel) else f"{DATA / rel} absent"
+    if why:
+        console.print(f"{title}: skipped: {why}")
+    return (None, why) if why else (data_dir(rel), None)
+
+
 def bench_embed(opts) -> dict:
-    if not embed_available():
-        console.print("4. embed: skipped: embed not available")
-        return {"skipped": "embed not available"}
-    data = data_dir("flowers-160/val")
-    if data is None:
-        console.print("4. embed: skipped: flowers-160 absent")
-        return {"skipped": "flowers-160 absent"}
+    data, why = embed_data("4. embed", "flowers-160/val")
+    if why:
+        return {"skipped": why}
     from maecli.data import find_images
 
     cfg = MAEConfig.preset("vit-tiny", img_size=224)
@@ -494,13 +498,9 @@ def max_rss_mb(cmd: list[str], env) -> float:
 
 
 def bench_memory(opts) -> dict:
-    if not embed_available():
-        console.print("5. embed memory: skipped: embed not available")
-        return {"skipped": "embed not available"}
-    data = data_dir("cifar10-10k/train")
-    if data is None:
-        console.print("5. embed memory: skipped: cifar10-10k absent")
-        return {"skipped": "cifar10-10k absent"}
+    data, why = embed_data("5. embed memory", "cifar10-10k/train")
+    if why:
+        return {"skipped": why}
     from maecli.data import find_images
 
     paths = find_images(data)
