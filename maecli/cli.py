@@ -14,8 +14,8 @@ import typer
 
 # Idle OpenMP threads sleep instead of spinning. On a small CPU box the loader workers (and anything
 # else running) share the cores with torch's threads; spinning threads then stall each other at every
-# barrier: a ViT-Tiny step ran 2-5x faster under load with this (benchmarks/RESULTS.md). It must be set
-# before torch loads, which the lazy imports below guarantee; a user's own setting wins.
+# barrier: a ViT-Tiny step ran 1.6-10x faster on shared cores with this (benchmarks/RESULTS.md). It must
+# be set before torch loads, which the lazy imports below guarantee; a user's own setting wins.
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
