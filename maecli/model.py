@@ -42,6 +42,11 @@ class MAEConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
+        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth",
+                     "decoder_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         if self.in_chans not in (1, 3):

@@ -257,11 +257,14 @@ def load(
     source = str(weights)
     cfg_dict = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg_dict is None and "maecli_config" in meta:
-        cfg_dict = json.loads(meta["maecli_config"])
+        try:
+            cfg_dict = json.loads(meta["maecli_config"])
+        except json.JSONDecodeError:
+            raise WeightsError(f"{weights}: the maecli config in its header is not valid JSON") from None
     if cfg_dict is not None:
         try:
             cfg = MAEConfig.from_dict(cfg_dict)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, AttributeError) as e:
             raise WeightsError(f"{weights}: invalid model config ({e})") from None
     elif interop.is_hf_layout(state):
         hf = interop.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)

@@ -231,3 +231,14 @@ def test_broken_weights_are_one_clear_error(tmp_path, photo_dir):
         errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and path.name in errors[0], r.stderr
     assert maecli.load(good).cfg.embed_dim == 32
+
+
+@pytest.mark.parametrize("header,message", [("{not json", "not valid JSON"),
+                                            ('{"img_size": 32, "patch_size": 0}', "patch_size must be a positive")])
+def test_broken_config_in_the_weights_header(tmp_path, header, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path), metadata={"maecli_config": header})
+    with pytest.raises(WeightsError, match=message):
+        maecli.load(path)

@@ -142,3 +142,9 @@ def test_bf16_autocast_path_matches_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16, _, _ = model(imgs, noise=noise)
     assert abs(loss16.item() - loss32.item()) < 0.05 * loss32.item()
+
+
+@pytest.mark.parametrize("field,value", [("patch_size", 0), ("depth", -1), ("embed_dim", 1.5)])
+def test_config_rejects_nonsense_dimensions(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
+        MAEConfig(**{field: value})
