@@ -310,6 +310,10 @@ class InferencePrecision(str, Enum):
     bf16 = "bf16"
 
 
+WEIGHTS_HELP = ("A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, or a Hugging "
+                "Face ViTMAE folder.")
+
+
 def load_for_inference(weights: Path):
     """The model from a run folder or weights file, on the best device; WeightsError for the user."""
     from .runtime import default_device
@@ -335,7 +339,7 @@ def embed(
     inputs: list[str] = typer.Argument(..., metavar="INPUT",
                                        help="Image files, folders (searched at any depth), or - to read "
                                             "newline-separated paths from stdin."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.jsonl, "--format", "-f",
                                      help="jsonl: {\"path\", \"embedding\"} per line; csv: path,e0,e1,...; "
                                           "npy: float32 array in -o FILE, paths in FILE.paths.txt."),
@@ -420,7 +424,7 @@ class ProbeMethod(str, Enum):
 def probe(
     data: Path = typer.Argument(..., help="Labelled folder: one subfolder per class, or train/ and val/ (or "
                                           "test/) that each hold them."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or its model.safetensors."),
+    weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
                                                            "(when DATA holds no train/ and val/)."),
     val_split: Optional[float] = typer.Option(None, "--val-split", help="Fraction of each class held out when "
