@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
-import maecli.cli  # noqa: E402  (first: it sets the thread-waiting policy the CLI runs with, before torch loads)
+import maecli.cli  # noqa: E402
+
+maecli.cli.configure_openmp()  # first: the thread-waiting policy the CLI runs with, chosen before torch loads
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -622,22 +624,25 @@ def bench_levers(opts) -> dict:
         }, reps)
         results[f"loader_ms_per_image_{rel.split('/')[0]}"] = {k: 1e3 * med(v) / len(paths) for k, v in t.items()}
 
-    # OpenMP's idle threads spinning (libgomp's default) vs sleeping (what the CLI sets): separate processes
+    # OpenMP's idle threads: libgomp's long spin (its default), sleeping, and the short spin the CLI picks on idle
+    # cores; separate processes, since libgomp reads the setting once
     child = ("import sys, time, torch; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[:1]; import run as R; "
              "m, c, b = R.maecli_model('tiny'); x, nz = R.inputs(c, b); "
              "s = R.maecli_step(m, R.make_optimizer(m, 1e-4, 0.05, torch.device('cpu')), x, nz, 'fp32'); s(); "
              "t = time.perf_counter(); [s() for _ in range(4)]; print(4 * b / (time.perf_counter() - t))")
     rates = {}
 
-    def policy(value):
+    def policy(name, extra):
         env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-        if value:
-            env["OMP_WAIT_POLICY"] = value
+        env.update(extra)
         cmd = [sys.executable, "-c", child, str(ROOT / "benchmarks")]
-        return lambda: rates.setdefault(value or "unset (spin)", []).append(
+        return lambda: rates.setdefault(name, []).append(
             float(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
 
-    interleaved({"spin": policy(None), "passive": policy("PASSIVE")}, 2 if opts.quick else 3, warmup=0)
+    interleaved({"long spin (libgomp default)": policy("long spin (libgomp default)", {}),
+                 "passive": policy("passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+                 "short spin (GOMP_SPINCOUNT=10000)": policy("short spin", {"GOMP_SPINCOUNT": "10000"})},
+                2 if opts.quick else 3, warmup=0)
     results["omp_wait_policy_tiny_fp32_img_s"] = {k: med(v) for k, v in rates.items()}
     console.print("levers:", json.dumps(results, indent=1))
     return results
@@ -724,7 +729,8 @@ def bench_versus(opts) -> dict:
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "auto_precision": resolve_precision("auto")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+            "auto_precision": resolve_precision("auto")}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
@@ -786,7 +792,8 @@ def main(argv=None):
     res = {"machine": machine(), "load_before": os.getloadavg(), "quick": opts.quick,
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     console.print(f"machine: {res['machine']['cpu']}, {res['machine']['cpus']} cpus, torch {torch.__version__}, "
-                  f"auto precision {res['machine']['auto_precision']}; load {res['load_before']}")
+                  f"auto precision {res['machine']['auto_precision']}; load {res['load_before']}; OpenMP waits: "
+                  f"{os.environ.get('OMP_WAIT_POLICY') or 'spin ' + os.environ.get('GOMP_SPINCOUNT', 'default')}")
     bench = {"step": bench_step, "mask": bench_mask, "pretrain": bench_pretrain, "embed": bench_embed,
              "help": bench_help, "memory": bench_memory, "levers": bench_levers, "workers": bench_workers,
              "versus": bench_versus}

@@ -12,12 +12,42 @@ from typing import Optional
 
 import typer
 
-# Idle OpenMP threads sleep instead of spinning. On a small CPU box the loader workers (and anything
-# else running) share the cores with torch's threads; spinning threads then stall each other at every
-# barrier: a ViT-Tiny step ran 1.6-10x faster on shared cores with this (benchmarks/RESULTS.md). It must
-# be set before torch loads, which the lazy imports below guarantee; a user's own setting wins.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+def openmp_wait_env(environ, others_running: float | None) -> dict[str, str]:
+    """How torch's idle OpenMP threads should wait, as environment variables to add ({}: the user chose).
+
+    Between the hundreds of small parallel regions of a training step, libgomp's threads either spin (its
+    default: up to 300,000 turns) or sleep. On a 2-core box both extremes lose (benchmarks/RESULTS.md): spinning
+    threads stall everything else using the cores (a loader worker, a neighbour's job; 1.6-10x slower), and
+    sleeping ones pay a wake-up at every region (a ViT-Tiny step 15-20% slower on idle cores). So: a short
+    spin (GOMP_SPINCOUNT=10000) when nothing else was runnable at start, sleeping otherwise.
+    """
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return {}
+    if others_running is not None and others_running < 0.5:
+        return {"GOMP_SPINCOUNT": "10000"}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def others_running(samples: int = 8, gap_s: float = 0.002) -> float | None:
+    """Mean number of runnable threads on this machine besides this one (Linux /proc/loadavg), or None."""
+    import time
+
+    counts = []
+    try:
+        for _ in range(samples):
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(gap_s)
+    except (OSError, ValueError, IndexError):
+        return None
+    return sum(counts) / len(counts)
+
+
+def configure_openmp():
+    """Choose the OpenMP wait policy before torch loads (libgomp reads it once); a user's setting wins."""
+    if "torch" not in sys.modules and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.update(openmp_wait_env(os.environ, others_running()))
+
 
 app = typer.Typer(
     name="maecli",
@@ -50,6 +80,7 @@ class Precision(str, Enum):
 @app.callback()
 def _root():
     """Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result."""
+    configure_openmp()  # every command that runs a model passes here first, before it imports torch
 
 
 def fail(message: str, code: int = 1):

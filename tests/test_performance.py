@@ -10,6 +10,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from maecli import cli
 from maecli import data as D
 from maecli import runtime
 from maecli.model import MAE, MAEConfig
@@ -75,12 +76,30 @@ def cli_env(**extra):
     return {**env, **extra}
 
 
-@pytest.mark.parametrize("extra, expected", [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),
-                                             ({"GOMP_SPINCOUNT": "1000"}, "None")])
-def test_cli_lets_idle_threads_sleep_unless_told_otherwise(extra, expected):
-    code = "import os, maecli.cli; print(os.environ.get('OMP_WAIT_POLICY'))"
+@pytest.mark.parametrize("environ, others, expected", [
+    ({}, 0.0, {"GOMP_SPINCOUNT": "10000"}),  # idle cores: spin briefly
+    ({}, 0.4, {"GOMP_SPINCOUNT": "10000"}),
+    ({}, 1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # someone else is computing: sleep
+    ({}, None, {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: sleep
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, 0.0, {}),  # the user's choice wins
+    ({"GOMP_SPINCOUNT": "1000"}, 5.0, {}),
+])
+def test_openmp_wait_policy(environ, others, expected):
+    assert cli.openmp_wait_env(environ, others) == expected
+
+
+def test_others_running_reads_a_count():
+    n = cli.others_running(samples=2, gap_s=0)
+    assert n is None or n >= 0
+
+
+@pytest.mark.parametrize("extra, expected", [({}, ("PASSIVE", "10000")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE",)),
+                                             ({"GOMP_SPINCOUNT": "1000"}, ("1000",))])
+def test_cli_sets_the_wait_policy_before_torch_unless_told(extra, expected):
+    code = ("import os, sys, maecli.cli as c; c.configure_openmp(); import torch; "
+            "print(os.environ.get('OMP_WAIT_POLICY') or os.environ.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(**extra), capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == expected
+    assert out.stdout.strip() in expected
 
 
 def test_help_shows_bracketed_defaults_literally():
