@@ -110,6 +110,15 @@ def model_flops(model, imgs, noise, mask_ratio=0.75, full=False) -> float:
     return float(counter.get_total_flops())
 
 
+def counted_flops(fn) -> float:
+    """Forward + backward FLOPs of `fn()` (which runs its own backward), as `model_flops` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        fn()
+    return float(counter.get_total_flops())
+
+
 def full_sequence_loss(model: MAE, imgs, noise, mask_ratio=0.75):
     """The same MAE step with an encoder that sees every patch (as SimMIM-style models do); same decoder, loss."""
     latent = model.encode(imgs)  # (N, 1 + L, D)
@@ -264,18 +273,43 @@ def bench_mask(opts) -> dict:
                 model.zero_grad(set_to_none=True)
             return run
 
+        # the parts, to show where the step departs from its FLOP count: each encoder alone, and the decoder
+        # plus loss (the same work in both steps) on a fixed latent
+        latent, mask, ids_restore = (t.detach() for t in model.forward_encoder(imgs, 0.75, noise))
+        latent.requires_grad_()
+
+        def part(fn):
+            def run():
+                with autocast_ctx(prec):
+                    out = fn()
+                out.backward()
+                model.zero_grad(set_to_none=True)
+                latent.grad = None
+            return run
+
+        parts = {
+            "encoder masked": part(lambda: model.forward_encoder(imgs, 0.75, noise)[0].float().square().mean()),
+            "encoder full": part(lambda: model.encode(imgs).float().square().mean()),
+            "decoder + loss": part(lambda: model.forward_loss(imgs, model.forward_decoder(latent, ids_restore), mask)),
+        }
+        part_flops = {k: counted_flops(fn) for k, fn in parts.items()}
         reps = opts.repeats or (3 if opts.quick or name == "base" else 5)
-        t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True)}, reps)
+        t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True), **parts}, reps)
         speedup = med(t["full"]) / med(t["masked"])
         rows.append({"config": name, "precision": prec, "masked_img_s": batch / med(t["masked"]),
                      "full_img_s": batch / med(t["full"]), "speedup": speedup, "flop_ratio": flop_ratio,
-                     "speedup_over_flop_ratio": speedup / flop_ratio, "repeats": reps})
+                     "speedup_over_flop_ratio": speedup / flop_ratio, "repeats": reps,
+                     "parts_gflop_s": {k: part_flops[k] / med(t[k]) / 1e9 for k in parts},
+                     "parts_ms": {k: 1e3 * med(t[k]) for k in parts}})
     table = Table(title=f"2. encoder on visible patches only vs on all patches (fwd+bwd, {prec}, mask 0.75)")
-    for col in ("config", "masked img/s", "full img/s", "speedup", "FLOP ratio", "speedup / FLOP ratio"):
+    for col in ("config", "masked img/s", "full img/s", "speedup", "FLOP ratio", "speedup / FLOP ratio",
+                "GFLOP/s: encoder masked", "encoder full", "decoder + loss"):
         table.add_column(col, justify="right")
     for r in rows:
+        g = r["parts_gflop_s"]
         table.add_row(r["config"], f"{r['masked_img_s']:.1f}", f"{r['full_img_s']:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['flop_ratio']:.2f}x", f"{r['speedup_over_flop_ratio']:.2f}")
+                      f"{r['flop_ratio']:.2f}x", f"{r['speedup_over_flop_ratio']:.2f}", f"{g['encoder masked']:.0f}",
+                      f"{g['encoder full']:.0f}", f"{g['decoder + loss']:.0f}")
     console.print(table)
     return {"rows": rows}
 

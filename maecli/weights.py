@@ -216,7 +216,8 @@ def read_config(path: Path | None) -> dict:
 def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str) -> MAE:
     """Build an MAE for `cfg` and load `state` strictly; encoder-only states build an encoder-only model."""
     has_decoder = any(k.startswith("decoder_") or k == "mask_token" for k in state)
-    model = MAE(cfg, decoder=has_decoder)
+    with torch.device("meta"):  # shapes only: the weights come from `state`, so skip initializing (1-3 s at ViT-B/L)
+        model = MAE(cfg, decoder=has_decoder)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -230,8 +231,22 @@ def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str
             raise WeightsError(
                 f"{source}: tensor {k} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
             )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_owned(state), strict=True, assign=True)
     return model.eval()
+
+
+def _owned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as fp32 parameters can own: each in its own contiguous memory, none a view of a file or
+    of another tensor (training goes on to update them in place)."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = v.float() if v.is_floating_point() else v
+        storage = v.untyped_storage()
+        if not v.is_contiguous() or storage.nbytes() != v.nbytes or storage.data_ptr() in seen:
+            v = v.clone(memory_format=torch.contiguous_format)
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    return out
 
 
 def load(

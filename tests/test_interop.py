@@ -155,6 +155,29 @@ def test_release_encoder_only_checkpoint_serves_embeddings(tmp_path):
         load(path, model_hint="vit-base")
 
 
+def test_loaded_parameters_own_their_memory(tmp_path):
+    """Weights are loaded without initializing first (meta device + assign): half-precision tensors and tensors
+    saved as views of one buffer must still become separate fp32 parameters that training can update."""
+    sd = release_state(192, 1)
+    flat = torch.cat([v.flatten() for v in sd.values()]).half()
+    views, at = {}, 0
+    for k, v in sd.items():  # every tensor a view into one fp16 buffer, as torch.save keeps them
+        views[k] = flat[at:at + v.numel()].view(v.shape)
+        at += v.numel()
+    path = tmp_path / "views.pth"
+    torch.save({"model": views}, path)
+    model = load(path)
+    params = dict(model.named_parameters())
+    assert all(p.dtype == torch.float32 and p.is_contiguous() and not p.is_meta for p in params.values())
+    assert len({p.untyped_storage().data_ptr() for p in params.values()}) == len(params)
+    qkv = params["blocks.0.attn.qkv.weight"]
+    assert torch.equal(qkv, views["blocks.0.attn.qkv.weight"].float())
+    assert qkv.requires_grad and not model.pos_embed.requires_grad
+    with torch.no_grad():
+        qkv.add_(1.0)  # updating one parameter leaves its neighbours alone
+    assert torch.equal(params["blocks.0.attn.qkv.bias"], views["blocks.0.attn.qkv.bias"].float())
+
+
 def test_timm_state_dict_with_head_and_fc_norm(tmp_path):
     sd = release_state(32, 1)
     sd["fc_norm.weight"], sd["fc_norm.bias"] = sd.pop("norm.weight"), sd.pop("norm.bias")  # global-pool models
