@@ -88,11 +88,21 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_lr: float = 0.0) 
 
 
 def default_workers() -> int:
-    """Decoding workers: on a small CPU box the model needs the cores; on a GPU box, feed it."""
+    """Decoding workers for this process: on a small CPU box the model needs the cores; on a GPU box, feed it.
+
+    The cores are shared among the processes `accelerate launch` started on this machine (LOCAL_WORLD_SIZE).
+    On a GPU a worker decodes ~80 camera-size photos/s or ~700 small JPEGs/s (benchmarks/RESULTS.md), so a fast
+    GPU wants all the cores it can get; the cap of 16 bounds the memory their prefetched batches hold.
+    """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        procs = 1
+    share = max(1, cpus // procs)
     if torch.cuda.is_available():
-        return max(1, min(8, cpus - 1))
-    return 1 if cpus <= 4 else min(4, cpus // 4)
+        return max(1, min(16, share - 1))
+    return 1 if share <= 4 else min(4, share // 4)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device):

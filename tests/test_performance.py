@@ -119,3 +119,20 @@ def test_pretrain_optimizer_is_fused_adamw_with_the_papers_betas():
     opt = make_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+@pytest.mark.parametrize("cpus, procs, cuda, expected", [
+    (2, None, False, 1), (16, None, False, 4), (64, None, False, 4),  # CPU training: the model keeps the cores
+    (16, None, True, 15), (128, None, True, 16),  # one GPU: every core but one decodes, up to 16
+    (16, "8", True, 1), (128, "8", True, 15), (128, "bad", True, 16),  # cores shared by the launched processes
+])
+def test_default_workers(monkeypatch, cpus, procs, cuda, expected):
+    from maecli import train
+
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
+    if procs is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", procs)
+    assert train.default_workers() == expected
