@@ -82,6 +82,14 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def paired_speedup(t: dict[str, list[float]], a: str, b: str) -> float:
+    """How many times faster `a` ran than `b`: the median over rounds of b's time / a's time in the same round.
+
+    Each round runs both back to back, so a change in the machine's load between rounds cancels out; the
+    ratio of the two medians would mix rounds taken under different loads."""
+    return med([tb / ta for ta, tb in zip(t[a], t[b])])
+
+
 def autocast_ctx(precision: str):
     """"bf16" -> CPU bf16 autocast (what accelerate's autocast does for mixed_precision="bf16"); else fp32."""
     if precision == "bf16":
@@ -224,10 +232,11 @@ def bench_step(opts) -> dict:
         for prec in ("fp32", "bf16"):
             ours = batch / med(t[f"maecli {prec}"])
             ref = batch / med(t[f"transformers {prec}"]) if with_hf else None
+            vs_ref = paired_speedup(t, f"maecli {prec}", f"transformers {prec}") if with_hf else None
             gflops = flops * ours / batch / 1e9
             rows.append({
                 "config": name, "precision": prec, "batch": batch, "maecli_img_s": ours, "transformers_img_s": ref,
-                "ratio": ratio(ours, ref), "step_gflop": flops / 1e9, "maecli_gflop_s": gflops,
+                "ratio": vs_ref, "step_gflop": flops / 1e9, "maecli_gflop_s": gflops,
                 "peak_gflop_s": peak[prec] / 1e9, "fraction_of_peak": gflops * 1e9 / peak[prec],
                 "transformers_fraction_of_peak": (flops * ref / batch / peak[prec]) if ref else None,
                 "repeats": reps,
@@ -295,7 +304,7 @@ def bench_mask(opts) -> dict:
         part_flops = {k: counted_flops(fn) for k, fn in parts.items()}
         reps = opts.repeats or (3 if opts.quick or name == "base" else 5)
         t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True), **parts}, reps)
-        speedup = med(t["full"]) / med(t["masked"])
+        speedup = paired_speedup(t, "masked", "full")
         rows.append({"config": name, "precision": prec, "masked_img_s": batch / med(t["masked"]),
                      "full_img_s": batch / med(t["full"]), "speedup": speedup, "flop_ratio": flop_ratio,
                      "speedup_over_flop_ratio": speedup / flop_ratio, "repeats": reps,
@@ -377,13 +386,13 @@ def bench_pretrain(opts) -> dict:
             continue
         block = model_only_block(flags, timed)
         e2e = []
-        reps = opts.repeats or 2
+        reps = opts.repeats or (2 if opts.quick else 3)
         t = interleaved({"pretrain": lambda: e2e.append(pretrain_rate(data, flags, steps, log_every)),
                          "model": block}, reps, warmup=0)
-        model_rate = flags["batch_size"] * timed / med(t["model"])
-        rate = med(e2e)
-        rows.append({"case": label, "data": rel, "batch": flags["batch_size"], "pretrain_img_s": rate,
-                     "model_only_img_s": model_rate, "ratio": rate / model_rate, "repeats": reps,
+        model_rates = [flags["batch_size"] * timed / x for x in t["model"]]
+        rows.append({"case": label, "data": rel, "batch": flags["batch_size"], "pretrain_img_s": med(e2e),
+                     "model_only_img_s": med(model_rates), "repeats": reps,
+                     "ratio": med([a / b for a, b in zip(e2e, model_rates)]),  # per round, as paired_speedup
                      "workers": _default_workers()})
     table = Table(title="3. end-to-end `maecli pretrain` from JPEG folders vs model-only step (default settings)")
     for col in ("case", "data", "pretrain img/s", "model-only img/s", "ratio"):
@@ -476,15 +485,14 @@ def bench_embed(opts) -> dict:
                 for _ in range(-(-n // batch)):
                     model.encode(x)[:, 1:].mean(dim=1)
 
-        reps = opts.repeats or (2 if opts.quick else 3)
+        reps = opts.repeats or (2 if opts.quick else 5)
         try:  # no warm-up round: every embed run starts cold anyway (weights, loader workers)
             t = interleaved({"embed": end_to_end, "forward": forward_only}, reps, warmup=0)
         except Exception as e:  # the embed branch may change its flags; report rather than crash the run
             console.print(f"4. embed: skipped: {e}")
             return {"skipped": str(e)}
     row = {"images": n, "batch": batch, "model": "vit-tiny/16 @224px", "embed_img_s": n / med(t["embed"]),
-           "forward_img_s": n / med(t["forward"]), "repeats": reps}
-    row["ratio"] = row["embed_img_s"] / row["forward_img_s"]
+           "forward_img_s": n / med(t["forward"]), "repeats": reps, "ratio": paired_speedup(t, "embed", "forward")}
     table = Table(title="4. end-to-end `maecli embed` vs the encoder's forward alone")
     for col in ("model", "images", "embed img/s", "forward img/s", "ratio"):
         table.add_column(col, justify="right")
