@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from . import data as D
-from .runtime import autocast, resolve_precision
+from .runtime import autocast, resolve_precision, trim_heap
 
 POOLS = ("mean", "cls")
+TRIM_EVERY = 20  # batches between handing freed heap memory back (runtime.trim_heap)
 
 
 def inference_precision(precision: str, device: torch.device) -> str:
@@ -121,7 +122,9 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        for positions, x, failed in loader:
+        for n, (positions, x, failed) in enumerate(loader, 1):
+            if n % TRIM_EVERY == 0:
+                trim_heap()
             for position, (missing, why) in failed:
                 source = pending.pop(position)
                 if on_error is None:

@@ -136,3 +136,9 @@ def test_default_workers(monkeypatch, cpus, procs, cuda, expected):
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", procs)
     assert train.default_workers() == expected
+
+
+def test_trim_heap_is_safe_to_call_anywhere():
+    runtime.trim_heap()
+    runtime.trim_heap()  # the libc lookup is cached (or remembered as absent)
+    assert runtime._libc_trim is not None
