@@ -625,6 +625,20 @@ def bench_levers(opts) -> dict:
         t = interleaved({p: maecli_step(m, o, x, nz, p) for p in ("fp32", "bf16")}, reps)
         results[f"bf16_over_fp32_speed_{name}"] = med(t["fp32"]) / med(t["bf16"])
 
+    # loading weights: build (initializing every tensor) then copy in, vs build on the meta device and assign
+    from maecli.weights import model_from_state
+
+    for name in ("vit-base", "vit-large"):
+        c = MAEConfig.preset(name)
+        state = {k: v.clone() for k, v in MAE(c).state_dict().items()}
+
+        def init_then_load():
+            MAE(c).load_state_dict(state, strict=True)
+        t = interleaved({"init + copy": init_then_load, "meta + assign": lambda: model_from_state(state, c, name)},
+                        3 if opts.quick else 5)
+        results[f"load_s_{name}"] = {k: med(v) for k, v in t.items()}
+        del state
+
     # the loader, per image: maecli's decode (PIL + draft) vs torchvision.io.decode_jpeg (deprecated since
     # torchvision 0.29); seeding all backends vs the CPU generator only; v2 ToDtype + Normalize vs one pass
     from torchvision.transforms import v2

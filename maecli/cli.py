@@ -19,11 +19,14 @@ def openmp_wait_env(environ, others_running: float | None) -> dict[str, str]:
     default: up to 300,000 turns) or sleep. On a 2-core box both extremes lose (benchmarks/RESULTS.md): spinning
     threads stall everything else using the cores (a loader worker, a neighbour's job; 1.6-10x slower), and
     sleeping ones pay a wake-up at every region (a ViT-Tiny step 15-20% slower on idle cores). So: a short
-    spin (GOMP_SPINCOUNT=10000) when nothing else was runnable at start, sleeping otherwise.
+    spin (GOMP_SPINCOUNT=10000) when nothing else was runnable at start, sleeping otherwise, and always
+    sleeping when `accelerate launch` started several processes here (they share the cores).
     """
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
         return {}
-    if others_running is not None and others_running < 0.5:
+    siblings = environ.get("LOCAL_WORLD_SIZE", "1")
+    alone = not siblings.isdigit() or int(siblings) <= 1
+    if alone and others_running is not None and others_running < 0.5:
         return {"GOMP_SPINCOUNT": "10000"}
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 

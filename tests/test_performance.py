@@ -81,6 +81,8 @@ def cli_env(**extra):
     ({}, 0.4, {"GOMP_SPINCOUNT": "10000"}),
     ({}, 1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # someone else is computing: sleep
     ({}, None, {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: sleep
+    ({"LOCAL_WORLD_SIZE": "2"}, 0.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # launched processes share the cores
+    ({"LOCAL_WORLD_SIZE": "1"}, 0.0, {"GOMP_SPINCOUNT": "10000"}),
     ({"OMP_WAIT_POLICY": "ACTIVE"}, 0.0, {}),  # the user's choice wins
     ({"GOMP_SPINCOUNT": "1000"}, 5.0, {}),
 ])
