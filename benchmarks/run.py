@@ -40,7 +40,7 @@ from maecli.train import make_optimizer  # noqa: E402
 
 console = Console(highlight=False, width=max(120, Console().width))
 SECTIONS = ["step", "mask", "pretrain", "embed", "help", "memory"]
-EXTRA_SECTIONS = ["levers", "workers", "versus"]  # run only when named in --only
+EXTRA_SECTIONS = ["levers", "workers", "versus", "gpu"]  # run only when named in --only
 
 # name: (MAEConfig fields, batch size)
 CONFIGS = {
@@ -779,6 +779,85 @@ def bench_versus(opts) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# On a GPU: the issue's ViT-B/16 batch-256 bf16 run, model FLOPs utilization, and the loader per CPU core
+
+
+NOMINAL_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense tensor-core peaks, found in the name
+
+
+def bench_gpu(opts) -> dict:
+    """maecli against transformers on a CUDA device (ViT-B/16 at 224, batch 256, bf16): images/s, MFU against a
+    bf16 GEMM measured in the same rounds, and how many images one CPU core decodes per second. Skips without
+    CUDA; `--gpu-device cpu` runs the same code on the tiny config, to check it anywhere."""
+    device = opts.gpu_device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        console.print("gpu: skipped: no CUDA device")
+        return {"skipped": "no CUDA device"}
+    dev = torch.device(device)
+    name, batch, n = ("base", 256, 8192) if dev.type == "cuda" else ("tiny", 64, 1024)
+    model, cfg, _ = maecli_model(name)
+    imgs, noise = inputs(cfg, 8)
+    flops_per_image = model_flops(model, imgs, noise) / 8  # counted on the CPU: the same arithmetic anywhere
+    model = model.to(dev)
+    imgs, noise = (t.to(dev) for t in inputs(cfg, batch))
+
+    def synced(fn):
+        def run():
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        return run
+
+    def step(m, opt, forward):
+        def run():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = forward(m)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return synced(run)
+
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    contenders = {"gemm bf16": synced(lambda: a @ b),
+                  "maecli": step(model, make_optimizer(model, 1e-4, 0.05, dev), lambda m: m(imgs, 0.75, noise)[0])}
+    if have("transformers"):
+        hf = hf_model(cfg).to(dev)
+        contenders["transformers"] = step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4),
+                                          lambda m: m(pixel_values=imgs, noise=noise).loss)
+    t = interleaved(contenders, opts.repeats or (3 if opts.quick else 10), warmup=2)
+    peak = 2 * n**3 / med(t["gemm bf16"])
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "config": name,
+           "batch": batch, "gflop_per_image": flops_per_image / 1e9, "bf16_gemm_peak_tflop_s": peak / 1e12}
+    for k in ("maecli", "transformers"):
+        if k in t:
+            rate = batch / med(t[k])
+            out[k] = {"img_s": rate, "mfu_vs_measured_gemm": rate * flops_per_image / peak}
+            nominal = next((v for gpu, v in NOMINAL_BF16_TFLOPS.items() if gpu in out["device"]), None)
+            if nominal:
+                out[k]["mfu"] = rate * flops_per_image / (nominal * 1e12)
+    if "transformers" in t:
+        out["ratio"] = paired_speedup(t, "maecli", "transformers")
+
+    from maecli import data as D
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a loader worker runs one thread
+    try:
+        for rel in ("flowers-160/train", "photos"):
+            root = data_dir(rel)
+            if root is None:
+                continue
+            paths = D.find_images(root)[:200]
+            ds = D.PretrainDataset(paths, 224, 3, 0)
+            secs = interleaved({"item": lambda: [ds[(0, i)] for i in range(len(paths))]}, 2 if opts.quick else 3)
+            out[f"loader_img_s_per_core_{rel.split('/')[0]}"] = len(paths) / med(secs["item"])
+    finally:
+        torch.set_num_threads(threads)
+    console.print("gpu:", json.dumps(out, indent=1))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 
 
@@ -838,6 +917,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small configs and few repeats (a couple of minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="override the interleaved repeats of every section")
     ap.add_argument("--baseline", default=None, help="another checkout (e.g. /work/main) for the `versus` section")
+    ap.add_argument("--gpu-device", default=None,
+                    help="device for the `gpu` section [default: cuda]; `cpu` runs its code on the tiny config")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the results")
     opts = ap.parse_args(argv)
     wanted = [s.strip() for s in opts.only.split(",") if s.strip()]
@@ -852,7 +933,7 @@ def main(argv=None):
                   f"{os.environ.get('OMP_WAIT_POLICY') or 'spin ' + os.environ.get('GOMP_SPINCOUNT', 'default')}")
     bench = {"step": bench_step, "mask": bench_mask, "pretrain": bench_pretrain, "embed": bench_embed,
              "help": bench_help, "memory": bench_memory, "levers": bench_levers, "workers": bench_workers,
-             "versus": bench_versus}
+             "versus": bench_versus, "gpu": bench_gpu}
     t0 = time.time()
     for name in wanted:
         started = time.time()
