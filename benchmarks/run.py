@@ -97,8 +97,8 @@ def autocast_ctx(precision: str):
     return contextlib.nullcontext()
 
 
-def gemm(dtype: torch.dtype, n: int):
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def gemm(dtype: torch.dtype, n: int, device: torch.device | str = "cpu"):
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return lambda: a @ b
 
 
@@ -108,18 +108,16 @@ def model_flops(model, imgs, noise, mask_ratio=0.75, full=False) -> float:
     Counted on the plain-attention path (under bf16 autocast), whose attention matmuls the counter sees;
     the fused CPU kernel does the same arithmetic but is invisible to it.
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    def fwd_bwd():
+        (full_sequence_loss(model, imgs, noise, mask_ratio) if full else model(imgs, mask_ratio, noise)[0]).backward()
 
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = full_sequence_loss(model, imgs, noise, mask_ratio) if full else model(imgs, mask_ratio, noise)[0]
-        loss.backward()
+    flops = counted_flops(fwd_bwd)
     model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return flops
 
 
 def counted_flops(fn) -> float:
-    """Forward + backward FLOPs of `fn()` (which runs its own backward), as `model_flops` counts them."""
+    """FLOPs of `fn()` (forward and the backward it runs), under CPU bf16 autocast, as `model_flops` explains."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -149,15 +147,22 @@ def inputs(cfg: MAEConfig, batch: int):
             torch.rand(batch, cfg.num_patches, generator=g))
 
 
-def maecli_step(model, optimizer, imgs, noise, precision: str, full=False):
-    """What `maecli pretrain` does per step: forward under autocast, backward, fused AdamW, grads to None."""
+def train_step(optimizer, loss_fn, autocast):
+    """One training step as a callable: loss_fn() under autocast(), backward, optimizer step, grads to None."""
     def step():
-        with autocast_ctx(precision):
-            loss = full_sequence_loss(model, imgs, noise) if full else model(imgs, 0.75, noise)[0]
+        with autocast():
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def maecli_step(model, optimizer, imgs, noise, precision: str, full=False):
+    """What `maecli pretrain` does per step: forward under autocast, backward, fused AdamW, grads to None."""
+    def loss():
+        return full_sequence_loss(model, imgs, noise) if full else model(imgs, 0.75, noise)[0]
+    return train_step(optimizer, loss, lambda: autocast_ctx(precision))
 
 
 def hf_model(cfg: MAEConfig):
@@ -177,13 +182,7 @@ def hf_model(cfg: MAEConfig):
 
 def hf_step(model, optimizer, imgs, noise, precision: str):
     """A transformers user's step: the same autocast, `torch.optim.AdamW` with its defaults (for-loop)."""
-    def step():
-        with autocast_ctx(precision):
-            loss = model(pixel_values=imgs, noise=noise).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+    return train_step(optimizer, lambda: model(pixel_values=imgs, noise=noise).loss, lambda: autocast_ctx(precision))
 
 
 def have(module: str) -> bool:
@@ -506,6 +505,11 @@ def bench_embed(opts) -> dict:
 # 5. CLI start-up and embed memory
 
 
+def without_openmp_wait(env) -> dict:
+    """`env` minus the OpenMP wait settings, so a child `maecli` chooses its own as a fresh command does."""
+    return {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+
 def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -689,7 +693,7 @@ def bench_levers(opts) -> dict:
     rates = {}
 
     def policy(name, extra):
-        env = {k: v for k, v in subprocess_env().items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env = without_openmp_wait(subprocess_env())
         env.update(extra)
         cmd = [sys.executable, "-c", child, str(ROOT / "benchmarks")]
         return lambda: rates.setdefault(name, []).append(
@@ -748,7 +752,7 @@ def bench_versus(opts) -> dict:
     rates = {k: [] for k in trees}
 
     def env_for(tree):
-        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env = without_openmp_wait(os.environ)
         env["PYTHONPATH"] = str(tree)
         return env
 
@@ -809,16 +813,9 @@ def bench_gpu(opts) -> dict:
         return run
 
     def step(m, opt, forward):
-        def run():
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                loss = forward(m)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return synced(run)
+        return synced(train_step(opt, lambda: forward(m), lambda: torch.autocast(dev.type, dtype=torch.bfloat16)))
 
-    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    contenders = {"gemm bf16": synced(lambda: a @ b),
+    contenders = {"gemm bf16": synced(gemm(torch.bfloat16, n, dev)),
                   "maecli": step(model, make_optimizer(model, 1e-4, 0.05, dev), lambda m: m(imgs, 0.75, noise)[0])}
     if have("transformers"):
         hf = hf_model(cfg).to(dev)

@@ -95,11 +95,8 @@ def default_workers() -> int:
     GPU wants all the cores it can get; the cap of 16 bounds the memory their prefetched batches hold.
     """
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        procs = 1
-    share = max(1, cpus // procs)
+    launched = os.environ.get("LOCAL_WORLD_SIZE", "1")  # read as cli.openmp_wait_env reads it
+    share = max(1, cpus // max(1, int(launched) if launched.isdigit() else 1))
     if torch.cuda.is_available():
         return max(1, min(16, share - 1))
     return 1 if share <= 4 else min(4, share // 4)

@@ -92,7 +92,10 @@ def test_openmp_wait_policy(environ, others, expected):
 
 def test_others_running_reads_a_count():
     n = cli.others_running(samples=2, gap_s=0)
-    assert n is None or n >= 0
+    if not os.path.exists("/proc/loadavg"):
+        assert n is None
+    else:  # the count excludes this process, which is running while it reads
+        assert n is not None and 0 <= n < 10_000
 
 
 @pytest.mark.parametrize("extra, expected", [({}, ("PASSIVE", "10000")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE",)),
@@ -141,6 +144,11 @@ def test_default_workers(monkeypatch, cpus, procs, cuda, expected):
 
 
 def test_trim_heap_is_safe_to_call_anywhere():
+    import platform
+
     runtime.trim_heap()
     runtime.trim_heap()  # the libc lookup is cached (or remembered as absent)
-    assert runtime._libc_trim is not None
+    if platform.libc_ver()[0] == "glibc":
+        assert callable(runtime._libc_trim)
+    else:
+        assert runtime._libc_trim is False or callable(runtime._libc_trim)
