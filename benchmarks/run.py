@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
 
 import maecli.cli  # noqa: E402
+import maecli.heap  # noqa: E402
 
 maecli.cli.configure_openmp()  # first: the thread-waiting policy the CLI runs with, chosen before torch loads
 
@@ -704,8 +705,59 @@ def bench_levers(opts) -> dict:
                  "short spin (GOMP_SPINCOUNT=10000)": policy("short spin", {"GOMP_SPINCOUNT": "10000"})},
                 2 if opts.quick else 3, warmup=0)
     results["omp_wait_policy_tiny_fp32_img_s"] = {k: med(v) for k, v in rates.items()}
+
+    # the heap: glibc's default (large blocks mapped and unmapped, the top trimmed) vs keeping freed memory
+    # (maecli/heap.py), in fresh processes since the setting is process-wide; images/s and page faults per call
+    heap_runs = {}
+
+    def heap_run(what, mode):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--heap-child", f"{mode}:{what}"]
+        return lambda: heap_runs.setdefault((what, mode), []).append(json.loads(subprocess.run(
+            cmd, env=subprocess_env(), capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+
+    whats = ["maecli step", "encoder forward"] + (["transformers step"] if have("transformers") else [])
+    interleaved({f"{w} {m}": heap_run(w, m) for w in whats for m in ("default", "keep")},
+                2 if opts.quick else 3, warmup=0)
+    results["heap_tiny_fp32"] = {
+        w: {m: {"img_s": med([r["img_s"] for r in heap_runs[w, m]]),
+                "faults_per_call": med([r["faults"] for r in heap_runs[w, m]])} for m in ("default", "keep")}
+        | {"speedup": med([k["img_s"] / d["img_s"] for d, k in zip(heap_runs[w, "default"], heap_runs[w, "keep"])])}
+        for w in whats}
     console.print("levers:", json.dumps(results, indent=1))
     return results
+
+
+def heap_child(spec: str):
+    """One side of the heap A/B (`--heap-child keep:maecli step`): prints images/s and page faults per call."""
+    import resource
+
+    from maecli import heap
+
+    mode, what = spec.split(":", 1)
+    if mode == "keep" and not heap.keep_freed_memory():
+        raise SystemExit("this process cannot keep freed memory (no glibc, or MALLOC_* set)")
+    model, cfg, batch = maecli_model("tiny")
+    imgs, noise = inputs(cfg, batch)
+    if what == "maecli step":
+        call = maecli_step(model, make_optimizer(model, 1e-4, 0.05, torch.device("cpu")), imgs, noise, "fp32")
+    elif what == "transformers step":
+        hf = hf_model(cfg)
+        call = hf_step(hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), imgs, noise, "fp32")
+    else:  # what `maecli embed` runs per batch of 256
+        batch = 256
+        imgs = inputs(cfg, batch)[0]
+
+        def call():
+            with torch.inference_mode():
+                model.encode(imgs)
+    call()
+    call()
+    calls, faults, t = 4, resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for _ in range(calls):
+        call()
+    t = time.perf_counter() - t
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
+    print(json.dumps({"img_s": calls * batch / t, "faults": faults}))
 
 
 def bench_workers(opts) -> dict:
@@ -942,17 +994,22 @@ def main(argv=None):
     ap.add_argument("--gpu-device", default=None,
                     help="device for the `gpu` section [default: cuda]; `cpu` runs its code on the tiny config")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the results")
+    ap.add_argument("--heap-child", default=None, help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
+    if opts.heap_child:
+        return heap_child(opts.heap_child)
+    heap_kept = maecli.heap.keep_freed_memory()  # the memory policy the CLI runs with (maecli/heap.py)
     wanted = [s.strip() for s in opts.only.split(",") if s.strip()]
     unknown = set(wanted) - set(SECTIONS + EXTRA_SECTIONS)
     if unknown:
         ap.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS + EXTRA_SECTIONS)}")
 
-    res = {"machine": machine(), "load_before": os.getloadavg(), "quick": opts.quick,
+    res = {"machine": machine(), "load_before": os.getloadavg(), "quick": opts.quick, "heap_kept": heap_kept,
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     console.print(f"machine: {res['machine']['cpu']}, {res['machine']['cpus']} cpus, torch {torch.__version__}, "
                   f"auto precision {res['machine']['auto_precision']}; load {res['load_before']}; OpenMP waits: "
-                  f"{os.environ.get('OMP_WAIT_POLICY') or 'spin ' + os.environ.get('GOMP_SPINCOUNT', 'default')}")
+                  f"{os.environ.get('OMP_WAIT_POLICY') or 'spin ' + os.environ.get('GOMP_SPINCOUNT', 'default')}; "
+                  f"heap: {'keeps freed memory' if heap_kept else 'as configured'}")
     bench = {"step": bench_step, "mask": bench_mask, "pretrain": bench_pretrain, "embed": bench_embed,
              "help": bench_help, "memory": bench_memory, "levers": bench_levers, "workers": bench_workers,
              "versus": bench_versus, "gpu": bench_gpu}

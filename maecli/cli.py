@@ -12,6 +12,9 @@ from typing import Optional
 
 import typer
 
+from .heap import keep_freed_memory
+
+
 def openmp_wait_env(environ, others_running: float | None) -> dict[str, str]:
     """How torch's idle OpenMP threads should wait, as environment variables to add ({}: the user chose).
 
@@ -84,6 +87,7 @@ class Precision(str, Enum):
 def _root():
     """Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result."""
     configure_openmp()  # every command that runs a model passes here first, before it imports torch
+    keep_freed_memory()  # and reuses freed memory rather than faulting in fresh pages (maecli/heap.py)
 
 
 def fail(message: str, code: int = 1):

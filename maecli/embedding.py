@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from . import data as D
-from .runtime import autocast, resolve_precision, trim_heap
+from .heap import trim_heap
+from .runtime import autocast, resolve_precision
 
 POOLS = ("mean", "cls")
-TRIM_EVERY = 20  # batches between handing freed heap memory back (runtime.trim_heap)
+TRIM_EVERY = 20  # batches between handing freed heap memory back (heap.trim_heap)
 
 
 def inference_precision(precision: str, device: torch.device) -> str:

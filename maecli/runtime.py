@@ -62,26 +62,3 @@ def autocast(device: torch.device, precision: str):
     if mode == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
-
-
-_libc_trim = None
-
-
-def trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc's malloc_trim); a no-op where there is no glibc.
-
-    A long inference stream allocates and frees the same activations batch after batch; glibc keeps the
-    freed pieces, and `maecli embed`'s resident memory crept up ~10% over the first 15,000 images before it
-    levelled off. Trimming every few batches keeps it flat at no measurable cost (benchmarks/RESULTS.md).
-    """
-    global _libc_trim
-    if _libc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _libc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _libc_trim = False
-    if _libc_trim:
-        _libc_trim(0)

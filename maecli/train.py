@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from . import data as D
+from .heap import keep_freed_memory
 from .model import MAE, MAEConfig, no_weight_decay_groups
 from .runtime import resolve_precision
 from .weights import CONFIG_NAME, WEIGHTS_NAME, atomic_write, fsync_dir, save_weights, write_json
@@ -391,6 +392,7 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     if not 0 < args.mask < 1:
         raise TrainError(f"--mask must lie strictly between 0 and 1, got {args.mask}")
     cfg = build_config(args)
+    keep_freed_memory()  # every step reuses the last one's memory instead of faulting in fresh pages
 
     from accelerate.state import AcceleratorState
 

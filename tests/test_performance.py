@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from maecli import cli
 from maecli import data as D
-from maecli import runtime
+from maecli import heap, runtime
 from maecli.model import MAE, MAEConfig
 from maecli.train import make_optimizer
 
@@ -143,12 +143,47 @@ def test_default_workers(monkeypatch, cpus, procs, cuda, expected):
     assert train.default_workers() == expected
 
 
-def test_trim_heap_is_safe_to_call_anywhere():
-    import platform
+GLIBC = bool(heap.glibc())
 
-    runtime.trim_heap()
-    runtime.trim_heap()  # the libc lookup is cached (or remembered as absent)
-    if platform.libc_ver()[0] == "glibc":
-        assert callable(runtime._libc_trim)
-    else:
-        assert runtime._libc_trim is False or callable(runtime._libc_trim)
+# touches 64 MiB three times (bigger than any size glibc would keep on its heap by default) and prints the
+# page faults of the last round; "keep" sets maecli's heap policy first
+FAULTS_PER_ROUND = """
+import resource, sys
+from maecli import heap
+if sys.argv[1] == "keep":
+    assert heap.keep_freed_memory()
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = b"x" * (64 << 20)
+    del block
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults)
+"""
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
+def test_kept_memory_is_reused_without_page_faults():
+    env = {k: v for k, v in os.environ.items() if not heap.user_tuned({k: v})}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], env=env, cwd=ROOT,
+                                       capture_output=True, text=True, check=True).stdout)
+              for mode in ("default", "keep")}
+    pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults["default"] > pages // 2  # glibc maps and unmaps such a block each time: every page faults
+    assert faults["keep"] < pages // 20  # kept on the heap: the pages are already there
+
+
+def test_a_users_malloc_settings_win(monkeypatch):
+    assert heap.user_tuned({"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert heap.user_tuned({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
+    assert not heap.user_tuned({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    calls = []
+    if GLIBC:
+        monkeypatch.setattr(heap.glibc(), "mallopt", lambda *a: calls.append(a) or 1)
+    assert heap.keep_freed_memory({"MALLOC_MMAP_MAX_": "65536"}) is False
+    assert heap.keep_freed_memory({}) is GLIBC
+    assert calls == ([(heap.M_MMAP_MAX, 0), (heap.M_TRIM_THRESHOLD, heap.KEEP_FREE_BYTES)] if GLIBC else [])
+
+
+def test_trim_heap_is_safe_to_call_anywhere():
+    assert heap.trim_heap() is GLIBC
+    assert heap.trim_heap() is GLIBC  # the libc lookup is cached (or remembered as absent)
