@@ -37,8 +37,9 @@ def glibc():
 
 
 def user_tuned(environ) -> bool:
-    """Did the user set glibc's malloc tunables themselves? Then maecli leaves the heap alone."""
-    return any(k in environ for k in USER_SETTINGS) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+    """Did the user set glibc's malloc tunables, or MAECLI_KEEP_FREED_MEMORY=0? Then maecli leaves the heap alone."""
+    return (any(k in environ for k in USER_SETTINGS) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+            or environ.get("MAECLI_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "no", "false", "off"))
 
 
 def keep_freed_memory(environ=None) -> bool:
@@ -46,7 +47,8 @@ def keep_freed_memory(environ=None) -> bool:
 
     The process keeps its high-water mark (a training step reaches it again every step anyway) instead of
     returning memory between steps; `trim_heap()` still gives the free part back when asked. A user's own
-    MALLOC_* / GLIBC_TUNABLES malloc settings win, and it does nothing on other C libraries.
+    MALLOC_* / GLIBC_TUNABLES malloc settings win, MAECLI_KEEP_FREED_MEMORY=0 keeps glibc's default behaviour,
+    and it does nothing on other C libraries.
     """
     libc = glibc()
     if libc is None or user_tuned(os.environ if environ is None else environ):

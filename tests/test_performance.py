@@ -176,6 +176,8 @@ def test_a_users_malloc_settings_win(monkeypatch):
     assert heap.user_tuned({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert heap.user_tuned({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
     assert not heap.user_tuned({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"})
+    assert heap.user_tuned({"MAECLI_KEEP_FREED_MEMORY": "0"})
+    assert not heap.user_tuned({"MAECLI_KEEP_FREED_MEMORY": "1"})
     calls = []
     if GLIBC:
         monkeypatch.setattr(heap.glibc(), "mallopt", lambda *a: calls.append(a) or 1)
