@@ -186,6 +186,19 @@ def test_a_users_malloc_settings_win(monkeypatch):
     assert calls == ([(heap.M_MMAP_MAX, 0), (heap.M_TRIM_THRESHOLD, heap.KEEP_FREE_BYTES)] if GLIBC else [])
 
 
+def test_every_command_sets_the_heap_policy_first(monkeypatch):
+    from typer.testing import CliRunner
+
+    calls = []
+    monkeypatch.setattr(cli, "configure_openmp", lambda: calls.append("openmp"))
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("heap"))
+    for command in ("pretrain", "embed", "probe", "reconstruct", "export"):
+        calls.clear()
+        result = CliRunner().invoke(cli.app, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert calls == ["openmp", "heap"], command
+
+
 def test_trim_heap_is_safe_to_call_anywhere():
     assert heap.trim_heap() is GLIBC
     assert heap.trim_heap() is GLIBC  # the libc lookup is cached (or remembered as absent)
