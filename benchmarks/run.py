@@ -735,7 +735,7 @@ def heap_child(spec: str):
 
     mode, what = spec.split(":", 1)
     if mode == "keep" and not heap.keep_freed_memory():
-        raise SystemExit("this process cannot keep freed memory (no glibc, or MALLOC_* set)")
+        raise SystemExit("this process cannot keep freed memory (no glibc, MALLOC_* set or MAECLI_KEEP_FREED_MEMORY=0)")
     model, cfg, batch = maecli_model("tiny")
     imgs, noise = inputs(cfg, batch)
     if what == "maecli step":

@@ -5,7 +5,8 @@ torch allocates every CPU activation with malloc and frees it a moment later. gl
 top of its heap back to the OS when enough is free there. Either way the next step's tensors land on pages
 the kernel has to fault in and zero again: a ViT-Tiny training step at 64 px faulted ~50,000 pages (200 MB)
 every step here, and a ViT-Tiny forward over 256 images ~460,000. On this 2-core VM a page fault costs about
-a microsecond, so that was 10-25% of the time (benchmarks/RESULTS.md, the `levers` section).
+a microsecond: about a fifth of such a step or forward, and 40% of a step whose activations outgrow 32 MiB
+(benchmarks/RESULTS.md, the third session's levers).
 
 Nothing here imports torch: the command line sets this up before the first tensor exists.
 """
