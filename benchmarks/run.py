@@ -685,22 +685,16 @@ def bench_levers(opts) -> dict:
         }, reps)
         results[f"loader_ms_per_image_{rel.split('/')[0]}"] = {k: 1e3 * med(v) / len(paths) for k, v in t.items()}
 
-    # OpenMP's idle threads: libgomp's long spin (its default), sleeping, and the short spin the CLI picks on idle
-    # cores; separate processes, since libgomp reads the setting once
-    child = ("import sys, time, torch; sys.path.insert(0, sys.argv[1]); sys.argv = sys.argv[:1]; import run as R; "
-             "m, c, b = R.maecli_model('tiny'); x, nz = R.inputs(c, b); "
-             "s = R.maecli_step(m, R.make_optimizer(m, 1e-4, 0.05, torch.device('cpu')), x, nz, 'fp32'); s(); "
-             "t = time.perf_counter(); [s() for _ in range(4)]; print(4 * b / (time.perf_counter() - t))")
+    # OpenMP's idle threads: libgomp's long spin (its default count, set explicitly so that the child's own
+    # maecli.cli import leaves it alone), sleeping, and the short spin the CLI picks on idle cores; separate
+    # processes, since libgomp reads the setting once
     rates = {}
 
     def policy(name, extra):
-        env = without_openmp_wait(subprocess_env())
-        env.update(extra)
-        cmd = [sys.executable, "-c", child, str(ROOT / "benchmarks")]
-        return lambda: rates.setdefault(name, []).append(
-            float(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
+        run = child_run("keep:maecli step", extra)
+        return lambda: rates.setdefault(name, []).append(run()["img_s"])
 
-    interleaved({"long spin (libgomp default)": policy("long spin (libgomp default)", {}),
+    interleaved({"long spin (libgomp default)": policy("long spin (libgomp default)", {"GOMP_SPINCOUNT": "300000"}),
                  "passive": policy("passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
                  "short spin (GOMP_SPINCOUNT=10000)": policy("short spin", {"GOMP_SPINCOUNT": "10000"})},
                 2 if opts.quick else 3, warmup=0)
@@ -711,9 +705,8 @@ def bench_levers(opts) -> dict:
     heap_runs = {}
 
     def heap_run(what, mode):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--heap-child", f"{mode}:{what}"]
-        return lambda: heap_runs.setdefault((what, mode), []).append(json.loads(subprocess.run(
-            cmd, env=subprocess_env(), capture_output=True, text=True, check=True).stdout.splitlines()[-1]))
+        run = child_run(f"{mode}:{what}")
+        return lambda: heap_runs.setdefault((what, mode), []).append(run())
 
     whats = ["maecli step", "encoder forward"] + (["transformers step"] if have("transformers") else [])
     interleaved({f"{w} {m}": heap_run(w, m) for w in whats for m in ("default", "keep")},
@@ -727,8 +720,19 @@ def bench_levers(opts) -> dict:
     return results
 
 
-def heap_child(spec: str):
-    """One side of the heap A/B (`--heap-child keep:maecli step`): prints images/s and page faults per call."""
+def child_run(spec: str, env_extra: dict | None = None):
+    """A callable that runs `spec` (see `child`) in a fresh process and returns its images/s and page faults.
+    For process-wide settings (the heap policy, OpenMP's wait) that cannot be switched inside one process."""
+    env = without_openmp_wait(subprocess_env()) | (env_extra or {})
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", spec]
+    return lambda: json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                             check=True).stdout.splitlines()[-1])
+
+
+def child(spec: str):
+    """`--child MODE:WHAT`, MODE keep|default (the heap), WHAT maecli step|transformers step|encoder forward:
+    the tiny config's fp32 step (or a 256-image forward) timed in this process; prints images/s and page faults
+    per call as JSON."""
     import resource
 
     from maecli import heap
@@ -1002,10 +1006,10 @@ def main(argv=None):
     ap.add_argument("--gpu-device", default=None,
                     help="device for the `gpu` section [default: cuda]; `cpu` runs its code on the tiny config")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"), help="where to write the results")
-    ap.add_argument("--heap-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     opts = ap.parse_args(argv)
-    if opts.heap_child:
-        return heap_child(opts.heap_child)
+    if opts.child:
+        return child(opts.child)
     heap_kept = maecli.heap.keep_freed_memory()  # the memory policy the CLI runs with (maecli/heap.py)
     wanted = [s.strip() for s in opts.only.split(",") if s.strip()]
     unknown = set(wanted) - set(SECTIONS + EXTRA_SECTIONS)

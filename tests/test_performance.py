@@ -199,6 +199,29 @@ def test_every_command_sets_the_heap_policy_first(monkeypatch):
         assert calls == ["openmp", "heap"], command
 
 
-def test_trim_heap_is_safe_to_call_anywhere():
-    assert heap.trim_heap() is GLIBC
-    assert heap.trim_heap() is GLIBC  # the libc lookup is cached (or remembered as absent)
+# with the heap kept, a freed 64 MiB block stays resident until trim_heap(); prints the pages it gave back
+PAGES_TRIMMED = """
+from maecli import heap
+assert heap.keep_freed_memory()
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1])
+block = b"x" * (64 << 20)
+del block
+kept = resident()
+assert heap.trim_heap()
+print(kept - resident())
+"""
+
+
+@pytest.mark.skipif(not GLIBC or not os.path.exists("/proc/self/statm"), reason="glibc's malloc on Linux only")
+def test_trim_heap_gives_kept_memory_back():
+    env = {k: v for k, v in os.environ.items() if not heap.user_tuned({k: v})}
+    out = subprocess.run([sys.executable, "-c", PAGES_TRIMMED], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout) > (64 << 20) // os.sysconf("SC_PAGE_SIZE") // 2
+
+
+@pytest.mark.skipif(GLIBC, reason="without glibc only")
+def test_trim_heap_is_a_no_op_without_glibc():
+    assert heap.trim_heap() is False
