@@ -36,7 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from maecli.model import MAE, MAEConfig, random_masking  # noqa: E402
-from maecli.runtime import resolve_precision  # noqa: E402
+from maecli.runtime import cpu_bf16_gemm_in_fp32, resolve_precision  # noqa: E402
 from maecli.train import make_optimizer  # noqa: E402
 
 console = Console(highlight=False, width=max(120, Console().width))
@@ -206,9 +206,27 @@ def quiet():
 # 1. Training step against transformers, and the matmul peak
 
 
+def bf16_gemm(mode: str, step):
+    """Run `step` with CPU bf16 matmuls on `mode` ("fp32": through the fp32 GEMM, "native": bf16 GEMMs)."""
+    def run():
+        before = os.environ.get("MAECLI_CPU_BF16_GEMM")
+        os.environ["MAECLI_CPU_BF16_GEMM"] = mode
+        try:
+            step()
+        finally:
+            if before is None:
+                del os.environ["MAECLI_CPU_BF16_GEMM"]
+            else:
+                os.environ["MAECLI_CPU_BF16_GEMM"] = before
+    return run
+
+
 def bench_step(opts) -> dict:
     names = ["tiny"] if opts.quick else ["tiny", "base"]
     with_hf = have("transformers")
+    # maecli's bf16 default multiplies in fp32 where bf16 GEMMs are the slow ones (runtime.cpu_bf16_gemm_in_fp32);
+    # there a third maecli row shows its step on bf16 GEMMs, the path transformers takes
+    routed = cpu_bf16_gemm_in_fp32()
     rows = []
     for name in names:
         model, cfg, batch = maecli_model(name)
@@ -222,22 +240,28 @@ def bench_step(opts) -> dict:
         if with_hf:
             hf = hf_model(cfg)
             hopt = torch.optim.AdamW(hf.parameters(), lr=1e-4)
-        for prec in ("fp32", "bf16"):
-            contenders[f"maecli {prec}"] = maecli_step(model, opt, imgs, noise, prec)
-            if with_hf:
-                contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
+        # (row label, autocast precision, the GEMM maecli's linear layers run on)
+        variants = [("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32" if routed else "bf16")]
+        variants += [("bf16 (bf16 mm)", "bf16", "bf16")] if routed else []
+        for label, prec, _ in variants:
+            step = maecli_step(model, opt, imgs, noise, prec)
+            contenders[f"maecli {label}"] = bf16_gemm("native", step) if label == "bf16 (bf16 mm)" else step
+        for prec in ("fp32", "bf16") if with_hf else ():
+            contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
         reps = opts.repeats or (3 if opts.quick else (5 if name == "tiny" else 3))
         t = interleaved(contenders, reps)
         peak = {p: 2 * n**3 / med(t[f"gemm {p}"]) for p in ("bf16", "fp32")}
-        for prec in ("fp32", "bf16"):
-            ours = batch / med(t[f"maecli {prec}"])
+        for label, prec, gemm_dtype in variants:
+            ours = batch / med(t[f"maecli {label}"])
             ref = batch / med(t[f"transformers {prec}"]) if with_hf else None
-            vs_ref = paired_speedup(t, f"maecli {prec}", f"transformers {prec}") if with_hf else None
-            gflops = flops * ours / batch / 1e9
+            vs_ref = paired_speedup(t, f"maecli {label}", f"transformers {prec}") if with_hf else None
+            achieved = flops * ours / batch  # FLOP/s
             rows.append({
-                "config": name, "precision": prec, "batch": batch, "maecli_img_s": ours, "transformers_img_s": ref,
-                "ratio": vs_ref, "step_gflop": flops / 1e9, "maecli_gflop_s": gflops,
-                "peak_gflop_s": peak[prec] / 1e9, "fraction_of_peak": gflops * 1e9 / peak[prec],
+                "config": name, "precision": prec, "variant": label, "gemm": gemm_dtype, "batch": batch,
+                "maecli_img_s": ours, "transformers_img_s": ref, "ratio": vs_ref, "step_gflop": flops / 1e9,
+                "maecli_gflop_s": achieved / 1e9, "peak_gflop_s": peak[gemm_dtype] / 1e9,
+                "fraction_of_peak": achieved / peak[gemm_dtype], "bf16_peak_gflop_s": peak["bf16"] / 1e9,
+                "fraction_of_bf16_peak": achieved / peak["bf16"] if prec == "bf16" else None,
                 "transformers_fraction_of_peak": (flops * ref / batch / peak[prec]) if ref else None,
                 "repeats": reps,
             })
@@ -247,14 +271,16 @@ def bench_step(opts) -> dict:
     table = Table(title="1. training step (fwd+bwd+AdamW), images/s" + ("" if with_hf else
                                                                              " (transformers missing: skipped)"))
     for col in ("config", "prec", "batch", "maecli", "transformers", "ratio", "GFLOP/step", "maecli GFLOP/s",
-                "matmul peak", "% of peak"):
+                "peak of its GEMM", "% of peak", "% of bf16 peak"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["config"], r["precision"], str(r["batch"]), f"{r['maecli_img_s']:.1f}",
+        table.add_row(r["config"], r["variant"], str(r["batch"]), f"{r['maecli_img_s']:.1f}",
                       fmt(r["transformers_img_s"], ".1f"), fmt(r["ratio"], ".2f", "x"), f"{r['step_gflop']:.1f}",
-                      f"{r['maecli_gflop_s']:.0f}", f"{r['peak_gflop_s']:.0f}", f"{100 * r['fraction_of_peak']:.0f}%")
+                      f"{r['maecli_gflop_s']:.0f}", f"{r['peak_gflop_s']:.0f} {r['gemm']}",
+                      f"{100 * r['fraction_of_peak']:.0f}%",
+                      "-" if r["fraction_of_bf16_peak"] is None else f"{100 * r['fraction_of_bf16_peak']:.0f}%")
     console.print(table)
-    return {"rows": rows, "transformers": with_hf}
+    return {"rows": rows, "transformers": with_hf, "bf16_gemm_in_fp32": routed}
 
 
 def fmt(x, spec, suffix=""):
@@ -949,12 +975,19 @@ def targets(res: dict) -> list[dict]:
             out.append({"target": name, "value": round(value, 3), "goal": goal, "met": bool(ok)})
 
     for r in res.get("step", {}).get("rows", []):
+        if r.get("variant", r["precision"]) != r["precision"]:
+            continue  # a reference row (bf16 on bf16 GEMMs where that is not maecli's path), not a default
         if r["ratio"] is not None:
             goal = {("tiny", "bf16"): 1.8, ("base", "bf16"): 1.3}.get((r["config"], r["precision"]), 1.0)
             add(f"step {r['config']} {r['precision']} vs transformers", r["ratio"], f">= {goal}x", r["ratio"] >= goal)
         if r["config"] == "base" and r["precision"] == "bf16":
-            add("step base bf16, fraction of bf16 matmul peak", r["fraction_of_peak"], ">= 0.65",
-                r["fraction_of_peak"] >= 0.65)
+            # the issue's measure, and the stricter one: the peak of the GEMM the step actually runs on
+            add("step base bf16, fraction of the bf16 matmul peak",
+                r.get("fraction_of_bf16_peak", r["fraction_of_peak"]), ">= 0.65",
+                r.get("fraction_of_bf16_peak", r["fraction_of_peak"]) >= 0.65)
+            if r.get("gemm", "bf16") != "bf16":
+                add(f"step base bf16, fraction of its ({r['gemm']}) GEMM's peak", r["fraction_of_peak"],
+                    ">= 0.65", r["fraction_of_peak"] >= 0.65)
     for r in res.get("mask", {}).get("rows", []):
         add(f"masking speedup / FLOP ratio ({r['config']})", r["speedup_over_flop_ratio"], ">= 0.9",
             r["speedup_over_flop_ratio"] >= 0.9)

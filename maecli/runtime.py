@@ -1,7 +1,11 @@
 """Where and in what precision to run: shared by training and inference."""
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+import torch.nn.functional as F
 
 
 def default_device() -> torch.device:
@@ -62,3 +66,57 @@ def autocast(device: torch.device, precision: str):
     if mode == "no":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def cpu_bf16_gemm_in_fp32() -> bool:
+    """Should bf16 matmuls on this CPU run through the fp32 GEMM?
+
+    Yes where bf16 is not native (`native_bf16`): there the bf16 GEMM is the slow one (here, AVX512-BF16 without
+    AMX: 150-165 GFLOP/s against fp32's 270-320; elsewhere often worse), and multiplying bf16 values in fp32 gives
+    the bf16 GEMM's result: the products of two bf16 numbers are exact in fp32, and both accumulate in fp32.
+    `MAECLI_CPU_BF16_GEMM=native` (or `fp32`) overrides the choice.
+    """
+    choice = os.environ.get("MAECLI_CPU_BF16_GEMM", "auto")
+    if choice in ("native", "fp32"):
+        return choice == "fp32"
+    return not cpu_native_bf16()
+
+
+@functools.cache
+def cpu_native_bf16() -> bool:
+    return native_bf16(torch.device("cpu"))  # reads /proc/cpuinfo: once per process
+
+
+def in_cpu_bf16_autocast(x: torch.Tensor) -> bool:
+    on_cpu = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    return on_cpu and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+class _Bf16LinearInFp32(torch.autograd.Function):
+    """F.linear as CPU bf16 autocast defines it (inputs, weight and bias rounded to bf16, bf16 out), each GEMM
+    run by the fp32 kernel. Saves the bf16 input, as autocast does. The weight's gradient stays in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        xb = x.to(torch.bfloat16)
+        w = weight.to(torch.bfloat16).float()  # small: kept in fp32 for the backward
+        ctx.save_for_backward(xb, w)
+        ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+        with torch.autocast("cpu", enabled=False):
+            b = None if bias is None else bias.to(torch.bfloat16).float()
+            return F.linear(xb.float(), w, b).to(torch.bfloat16)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xb, w = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            g = grad.float()
+            grad_x = (g @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+            g2 = g.reshape(-1, g.shape[-1])
+            grad_w = g2.t() @ xb.reshape(-1, xb.shape[-1]).float() if ctx.needs_input_grad[1] else None
+            grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def bf16_linear_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _Bf16LinearInFp32.apply(x, weight, bias)

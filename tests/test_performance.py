@@ -225,3 +225,84 @@ def test_trim_heap_gives_kept_memory_back():
 @pytest.mark.skipif(GLIBC, reason="without glibc only")
 def test_trim_heap_is_a_no_op_without_glibc():
     assert heap.trim_heap() is False
+
+
+# bf16 on a CPU whose bf16 GEMM is the slow one: the linear layers multiply in fp32 (runtime.cpu_bf16_gemm_in_fp32)
+
+def _bf16_linear_run(monkeypatch, mode, x, lin, grad):
+    monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", mode)
+    x = x.clone().requires_grad_()
+    lin.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+    out.backward(grad)
+    return out, x.grad, lin.weight.grad, lin.bias.grad
+
+
+def test_bf16_linear_in_fp32_gives_the_bf16_result(monkeypatch):
+    from maecli.model import Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(96, 160)
+    x, grad = torch.randn(4, 33, 96, generator=g), torch.randn(4, 33, 160, generator=g).bfloat16()
+    routed = _bf16_linear_run(monkeypatch, "fp32", x, lin, grad)
+    native = _bf16_linear_run(monkeypatch, "native", x, lin, grad)
+    assert routed[0].dtype == native[0].dtype == torch.bfloat16
+    assert [t.dtype for t in routed[1:]] == [t.dtype for t in native[1:]] == [torch.float32] * 3
+    # the exact product of the bf16-rounded operands, in float64
+    xb, wb, bb = (t.bfloat16().double() for t in (x, lin.weight.detach(), lin.bias.detach()))
+    ref_out = xb @ wb.T + bb
+    g64 = grad.double()
+    refs = [ref_out, g64 @ wb, g64.reshape(-1, 160).T @ xb.reshape(-1, 96), g64.sum((0, 1))]
+    for name, r, n, ref in zip(["out", "grad x", "grad w", "grad b"], routed, native, refs):
+        err_routed = (r.double() - ref).abs().max().item()
+        err_native = (n.double() - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        # within bf16's rounding of the result (2^-8 relative), and no worse than the bf16 GEMM
+        assert err_routed <= 2**-8 * scale, (name, err_routed, scale)
+        assert err_routed <= err_native * 1.01 + 1e-6 * scale, (name, err_routed, err_native)
+
+
+def _matmul_dtypes(model, imgs, noise):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(imgs, noise=noise)[0]
+        loss.backward()
+    return seen
+
+
+def test_bf16_training_step_runs_its_linear_layers_on_the_chosen_gemm(monkeypatch):
+    torch.manual_seed(0)
+    model = MAE(MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                          decoder_dim=16, decoder_depth=1, decoder_heads=2))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", "fp32")
+    assert _matmul_dtypes(model, imgs, noise) == {torch.float32}
+    monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", "native")
+    assert torch.bfloat16 in _matmul_dtypes(model, imgs, noise)
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())  # timm's layers too
+
+
+@pytest.mark.parametrize("native, env, expected", [(True, None, False), (False, None, True), (True, "fp32", True),
+                                                   (False, "native", False), (False, "auto", True)])
+def test_bf16_gemm_choice_follows_the_cpu_unless_told(monkeypatch, native, env, expected):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    runtime.cpu_native_bf16.cache_clear()
+    if env is None:
+        monkeypatch.delenv("MAECLI_CPU_BF16_GEMM", raising=False)
+    else:
+        monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", env)
+    try:
+        assert runtime.cpu_bf16_gemm_in_fp32() is expected
+    finally:
+        runtime.cpu_native_bf16.cache_clear()
