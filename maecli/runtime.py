@@ -79,7 +79,7 @@ def cpu_bf16_gemm_in_fp32() -> bool:
     1.28x (ViT-Tiny) and 1.49x (ViT-B) faster bf16 training steps here.
     `MAECLI_CPU_BF16_GEMM=native` (or `fp32`) overrides the choice.
     """
-    choice = os.environ.get("MAECLI_CPU_BF16_GEMM", "auto")
+    choice = os.environ.get("MAECLI_CPU_BF16_GEMM", "auto").strip().lower()
     if choice in ("native", "fp32"):
         return choice == "fp32"
     return not cpu_native_bf16()
@@ -97,7 +97,8 @@ def in_cpu_bf16_autocast(x: torch.Tensor) -> bool:
 
 class _Bf16LinearInFp32(torch.autograd.Function):
     """F.linear as CPU bf16 autocast defines it (inputs, weight and bias rounded to bf16, bf16 out), each GEMM
-    run by the fp32 kernel. Saves the bf16 input, as autocast does. The weight's gradient stays in fp32."""
+    run by the fp32 kernel. Saves the bf16 input, as autocast does. Gradients for fp32 operands (the weight, an
+    fp32 input) come out of the fp32 GEMM unrounded, where autocast's would be rounded to bf16."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
