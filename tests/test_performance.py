@@ -306,3 +306,56 @@ def test_bf16_gemm_choice_follows_the_cpu_unless_told(monkeypatch, native, env, 
         assert runtime.cpu_bf16_gemm_in_fp32() is expected
     finally:
         runtime.cpu_native_bf16.cache_clear()
+
+
+def test_a_batch_at_once_gives_the_items_one_by_one(bad_images_dir, monkeypatch):
+    """__getitems__ (decode the whole micro-batch, then crop it) returns what __getitem__ returns for each slot:
+    the same tensors, the same substitutes for broken files, the same failures, in order."""
+    paths = D.find_images(bad_images_dir)
+    ds = D.PretrainDataset(paths, 32, 3, seed=3)
+    crop = ds.transform
+
+    def transform(img):  # a file that decodes but cannot be cropped is skipped like a broken one
+        out = crop(img)  # draws from the generator first, as a crop failing midway would
+        if img.shape[-2:] == (1, 1):
+            raise RuntimeError("nothing to crop")
+        return out
+
+    monkeypatch.setattr(ds, "transform", transform)
+    items = [(1, i) for i in range(len(paths))]
+    batch = ds.__getitems__(items)
+    one_by_one = [ds[item] for item in items]
+    assert len(batch) == len(one_by_one) == len(items)
+    for (x, failed), (y, failed_y) in zip(batch, one_by_one):
+        assert torch.equal(x, y) and failed == failed_y
+    skipped = {path for _, failed in batch for path, _ in failed}
+    assert str(bad_images_dir / "one_pixel.png") in skipped and str(bad_images_dir / "empty.jpg") in skipped
+    # and each slot holds the first file from its own on that decodes and crops, cropped with the slot's seed
+    for (epoch, index), (x, failed) in zip(items, batch):
+        for attempt in range(len(paths)):
+            try:
+                img = D.decode(paths[(index + attempt) % len(paths)], 3, ds.min_side)
+            except Exception:
+                continue
+            if img.shape[-2:] != (1, 1):
+                break
+        torch.manual_seed(D.sample_seed(3, epoch, index))
+        assert torch.equal(x, crop(img)) and len(failed) == attempt
+
+
+def test_embed_reads_a_batch_as_it_reads_each_source(bad_images_dir):
+    from PIL import Image
+
+    from maecli.embedding import Images
+
+    ds = Images(32, 3)
+    sources = list(D.find_images(bad_images_dir)) + [Image.new("RGB", (40, 30), (200, 10, 10)),
+                                                    torch.zeros(1, 8, 8, dtype=torch.uint8)]
+    items = list(enumerate(sources))
+    batch = ds.__getitems__(items)
+    assert [p for p, _, _ in batch] == list(range(len(sources)))
+    for (_, x, failure), item in zip(batch, items):
+        _, y, failure_y = ds[item]
+        assert failure == failure_y and (x is None) == (y is None) and (x is None or torch.equal(x, y))
+    assert batch[-1][2] is not None and batch[-2][2] is None  # the wrong-shape tensor fails, the PIL image reads
+    assert sum(f is not None for _, _, f in batch) > 5  # the folder's broken files are reported one by one
