@@ -248,7 +248,7 @@ def bench_step(opts) -> dict:
             contenders[f"maecli {label}"] = bf16_gemm("native", step) if label == "bf16 (bf16 mm)" else step
         for prec in ("fp32", "bf16") if with_hf else ():
             contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
-        reps = opts.repeats or (3 if opts.quick else (5 if name == "tiny" else 3))
+        reps = opts.repeats or (3 if opts.quick else (9 if name == "tiny" else 3))
         t = interleaved(contenders, reps)
         peak = {p: 2 * n**3 / med(t[f"gemm {p}"]) for p in ("bf16", "fp32")}
         for label, prec, gemm_dtype in variants:
@@ -328,7 +328,7 @@ def bench_mask(opts) -> dict:
             "decoder + loss": part(lambda: model.forward_loss(imgs, model.forward_decoder(latent, ids_restore), mask)),
         }
         part_flops = {k: counted_flops(fn) for k, fn in parts.items()}
-        reps = opts.repeats or (3 if opts.quick or name == "base" else 5)
+        reps = opts.repeats or (3 if opts.quick or name == "base" else 9)
         t = interleaved({"masked": fwd_bwd(False), "full": fwd_bwd(True), **parts}, reps)
         speedup = paired_speedup(t, "masked", "full")
         rows.append({"config": name, "precision": prec, "masked_img_s": batch / med(t["masked"]),
@@ -412,7 +412,7 @@ def bench_pretrain(opts) -> dict:
             continue
         block = model_only_block(flags, timed)
         e2e = []
-        reps = opts.repeats or (2 if opts.quick else 3)
+        reps = opts.repeats or (2 if opts.quick else 5)
         t = interleaved({"pretrain": lambda: e2e.append(pretrain_rate(data, flags, steps, log_every)),
                          "model": block}, reps, warmup=0)
         model_rates = [flags["batch_size"] * timed / x for x in t["model"]]
