@@ -194,6 +194,20 @@ class Linear(nn.Linear):
         return super().forward(x)
 
 
+class PatchProjection(nn.Conv2d):
+    """The patch embedding's stride-p convolution. On Linear's fp32-GEMM path it runs as the linear layer it is,
+    over each patch's (C, p, p) pixels: 1% of a ViT-Tiny bf16 step here, against oneDNN's bf16 convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (in_cpu_bf16_autocast(x) and cpu_bf16_gemm_in_fp32()):
+            return super().forward(x)
+        N, C, H, W = x.shape
+        p, D = self.kernel_size[0], self.out_channels
+        patches = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)
+        out = bf16_linear_in_fp32(patches, self.weight.reshape(D, -1), self.bias)  # (N, h * w, D)
+        return out.transpose(1, 2).reshape(N, D, H // p, W // p)
+
+
 def _blocks(n: int, dim: int, heads: int, mlp_ratio: float, eps: float) -> nn.ModuleList:
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=eps)) for _ in range(n)
@@ -222,9 +236,10 @@ class MAE(nn.Module):
             self.decoder_blocks = _blocks(cfg.decoder_depth, Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.norm_eps)
             self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.norm_eps)
             self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
-        for m in self.modules():  # timm's blocks build plain nn.Linear; same parameters, see Linear
+        for m in self.modules():  # timm builds plain nn.Linear and nn.Conv2d; same parameters, see Linear
             if type(m) is nn.Linear:
                 m.__class__ = Linear
+        self.patch_embed.proj.__class__ = PatchProjection
         self.initialize_weights()
 
     def initialize_weights(self):

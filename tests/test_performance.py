@@ -266,10 +266,12 @@ def _matmul_dtypes(model, imgs, noise):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen = set()
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.convolution.default,
+               torch.ops.aten.convolution_backward.default)
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            if func in matmuls:
                 seen.update(a.dtype for a in args if isinstance(a, torch.Tensor))
             return func(*args, **(kwargs or {}))
 
@@ -290,6 +292,22 @@ def test_bf16_training_step_runs_its_linear_layers_on_the_chosen_gemm(monkeypatc
     monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", "native")
     assert torch.bfloat16 in _matmul_dtypes(model, imgs, noise)
     assert all(type(m) is not torch.nn.Linear for m in model.modules())  # timm's layers too
+
+
+def test_patch_projection_in_fp32_is_the_bf16_convolution(monkeypatch):
+    from maecli.model import PatchProjection
+
+    g = torch.Generator().manual_seed(1)
+    proj = PatchProjection(3, 48, kernel_size=8, stride=8)
+    x = torch.randn(2, 3, 32, 24, generator=g)
+    monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", "fp32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+    assert out.shape == (2, 48, 4, 3) and out.dtype == torch.bfloat16
+    xb, wb, bb = (t.bfloat16().double() for t in (x, proj.weight.detach(), proj.bias.detach()))
+    ref = torch.nn.functional.conv2d(xb, wb, bb, stride=8).bfloat16()
+    ulps = (out.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("native, env, expected", [(True, None, False), (False, None, True), (True, "fp32", True),
