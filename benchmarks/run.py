@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -209,15 +210,8 @@ def quiet():
 def bf16_gemm(mode: str, step):
     """Run `step` with CPU bf16 matmuls on `mode` ("fp32": through the fp32 GEMM, "native": bf16 GEMMs)."""
     def run():
-        before = os.environ.get("MAECLI_CPU_BF16_GEMM")
-        os.environ["MAECLI_CPU_BF16_GEMM"] = mode
-        try:
+        with mock.patch.dict(os.environ, {"MAECLI_CPU_BF16_GEMM": mode}):
             step()
-        finally:
-            if before is None:
-                del os.environ["MAECLI_CPU_BF16_GEMM"]
-            else:
-                os.environ["MAECLI_CPU_BF16_GEMM"] = before
     return run
 
 
@@ -243,9 +237,9 @@ def bench_step(opts) -> dict:
         # (row label, autocast precision, the GEMM maecli's linear layers run on)
         variants = [("fp32", "fp32", "fp32"), ("bf16", "bf16", "fp32" if routed else "bf16")]
         variants += [("bf16 (bf16 mm)", "bf16", "bf16")] if routed else []
-        for label, prec, _ in variants:
+        for label, prec, mm in variants:
             step = maecli_step(model, opt, imgs, noise, prec)
-            contenders[f"maecli {label}"] = bf16_gemm("native", step) if label == "bf16 (bf16 mm)" else step
+            contenders[f"maecli {label}"] = bf16_gemm("native", step) if (prec, mm) == ("bf16", "bf16") else step
         for prec in ("fp32", "bf16") if with_hf else ():
             contenders[f"transformers {prec}"] = hf_step(hf, hopt, imgs, noise, prec)
         reps = opts.repeats or (3 if opts.quick else (9 if name == "tiny" else 3))

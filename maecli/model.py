@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .runtime import bf16_linear_in_fp32, cpu_bf16_gemm_in_fp32, in_cpu_bf16_autocast
+from .runtime import bf16_linear_in_fp32, bf16_on_fp32_gemm
 
 PRESETS = {
     # name: (embed_dim, depth, num_heads, patch_size)
@@ -189,7 +189,7 @@ class Linear(nn.Linear):
     bf16 result with the fp32 GEMM (`runtime.cpu_bf16_gemm_in_fp32`). Same parameters and state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if in_cpu_bf16_autocast(x) and cpu_bf16_gemm_in_fp32():
+        if bf16_on_fp32_gemm(x):
             return bf16_linear_in_fp32(x, self.weight, self.bias)
         return super().forward(x)
 
@@ -199,7 +199,7 @@ class PatchProjection(nn.Conv2d):
     over each patch's (C, p, p) pixels: 1% of a ViT-Tiny bf16 step here, against oneDNN's bf16 convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (in_cpu_bf16_autocast(x) and cpu_bf16_gemm_in_fp32()):
+        if not bf16_on_fp32_gemm(x):
             return super().forward(x)
         N, C, H, W = x.shape
         p, D = self.kernel_size[0], self.out_channels

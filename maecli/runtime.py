@@ -90,9 +90,10 @@ def cpu_native_bf16() -> bool:
     return native_bf16(torch.device("cpu"))  # reads /proc/cpuinfo: once per process
 
 
-def in_cpu_bf16_autocast(x: torch.Tensor) -> bool:
-    on_cpu = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-    return on_cpu and torch.get_autocast_dtype("cpu") == torch.bfloat16
+def bf16_on_fp32_gemm(x: torch.Tensor) -> bool:
+    """Should a layer given `x` take the fp32-GEMM bf16 path: CPU bf16 autocast, on a CPU where that pays?"""
+    on_cpu = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # cheap checks first: the fp32 default
+    return on_cpu and torch.get_autocast_dtype("cpu") == torch.bfloat16 and cpu_bf16_gemm_in_fp32()
 
 
 class _Bf16LinearInFp32(torch.autograd.Function):

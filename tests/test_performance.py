@@ -229,6 +229,13 @@ def test_trim_heap_is_a_no_op_without_glibc():
 
 # bf16 on a CPU whose bf16 GEMM is the slow one: the linear layers multiply in fp32 (runtime.cpu_bf16_gemm_in_fp32)
 
+def assert_rounded_product(out, ref):
+    """`out` is the bf16 rounding of the exact product `ref`: exactly, but where fp32 sums in another order tip a
+    tie (1 ulp)."""
+    ulps = (out.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99, (ulps.max(), (ulps == 0).float().mean())
+
+
 def _bf16_linear_run(monkeypatch, mode, x, lin, grad):
     monkeypatch.setenv("MAECLI_CPU_BF16_GEMM", mode)
     x = x.clone().requires_grad_()
@@ -252,9 +259,7 @@ def test_bf16_linear_in_fp32_gives_the_bf16_result(monkeypatch):
     # float64 on the operands rounded to bf16, as autocast rounds them
     xb, wb, bb = (t.bfloat16().double() for t in (x, lin.weight.detach(), lin.bias.detach()))
     ref = (xb @ wb.T + bb).bfloat16()
-    # the output is that product rounded to bf16: exactly, but where fp32 sums in another order tip a tie (1 ulp)
-    ulps = (out.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
-    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99, (ulps.max(), (ulps == 0).float().mean())
+    assert_rounded_product(out, ref)
     # gradients of the bf16 operands, in fp32 (autocast's bf16 kernel rounds them to bf16)
     g64 = grad.double()
     for got, want in [(grad_x, g64 @ wb), (grad_w, g64.reshape(-1, 160).T @ xb.reshape(-1, 96)),
@@ -305,9 +310,7 @@ def test_patch_projection_in_fp32_is_the_bf16_convolution(monkeypatch):
         out = proj(x)
     assert out.shape == (2, 48, 4, 3) and out.dtype == torch.bfloat16
     xb, wb, bb = (t.bfloat16().double() for t in (x, proj.weight.detach(), proj.bias.detach()))
-    ref = torch.nn.functional.conv2d(xb, wb, bb, stride=8).bfloat16()
-    ulps = (out.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
-    assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
+    assert_rounded_product(out, torch.nn.functional.conv2d(xb, wb, bb, stride=8).bfloat16())
 
 
 @pytest.mark.parametrize("native, env, expected", [(True, None, False), (False, None, True), (True, "fp32", True),
