@@ -1,0 +1,24 @@
+"""The errors that mean "the user's input is wrong": the CLI turns each into one line on stderr and exit 1.
+
+A leaf module: every other module may raise these, and nothing here imports the rest of maecli.
+"""
+
+
+class UserError(Exception):
+    """A problem the user can fix; the message is one sentence that names the value and what was expected."""
+
+
+class DataError(UserError, ValueError):
+    """An image folder, image file or labelled layout that cannot be used."""
+
+
+class WeightsError(UserError, ValueError):
+    """Weights that cannot be read or do not fit."""
+
+
+class EncoderOnlyError(WeightsError):
+    """Weights without a decoder: they embed, but cannot reconstruct."""
+
+
+class TrainError(UserError, RuntimeError):
+    """A training run that cannot start or go on (settings, run folder, a non-finite loss)."""
