@@ -5,36 +5,23 @@
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import data as D
-from .heap import trim_heap
+from .console import Progress
 from .runtime import autocast, resolve_precision
 
 POOLS = ("mean", "cls")
-TRIM_EVERY = 20  # batches between handing freed heap memory back (heap.trim_heap)
-
-
-def inference_precision(precision: str, device: torch.device) -> str:
-    """auto|no|bf16 -> "no" or "bf16". `auto` is fp32: an image's vector must not depend on its batch.
-
-    In bf16, a kernel chosen by batch shape (GPU libraries do this) changes the summation order, and
-    bf16 rounding turns that into differences far above the promised 1e-5. On this project's CPU
-    (AVX512-BF16, no AMX) fp32 was also the faster one for inference (vit-tiny at 224 px: 18 vs 11 img/s
-    on busy cores; README). `bf16` stays available where it pays off.
-    """
-    return "no" if precision == "auto" else resolve_precision(precision, device)
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -42,71 +29,6 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     if pool not in POOLS:
         raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     return tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]
-
-
-class Images(torch.utils.data.Dataset):
-    """Items are (position, source); a source is a path, a PIL image or a (C, H, W) image tensor.
-
-    Returns (position, model input (C, S, S) or None, failure or None), where a failure is
-    (no such file, why): the main process decides whether that ends the command.
-    """
-
-    def __init__(self, img_size: int, in_chans: int):
-        self.in_chans = in_chans
-        self.transform = D.eval_transform(img_size, in_chans)
-        self.min_side = img_size  # JPEG draft mode may drop resolution the resize would throw away
-
-    def load(self, source) -> torch.Tensor:
-        if isinstance(source, Image.Image):
-            arr = D._to_mode(ImageOps.exif_transpose(source), self.in_chans)
-            return torch.from_numpy(arr.reshape(arr.shape[0], arr.shape[1], -1)).permute(2, 0, 1)
-        if isinstance(source, torch.Tensor):
-            if source.ndim != 3 or source.shape[0] != self.in_chans:
-                raise ValueError(f"expected an image tensor of shape ({self.in_chans}, H, W), "
-                                 f"got {tuple(source.shape)}")
-            return source
-        return D.decode(source, self.in_chans, self.min_side)
-
-    def __getitem__(self, item):
-        return self.__getitems__([item])[0]
-
-    def __getitems__(self, items: list) -> list:
-        """A batch at once: every source decoded first, then every one resized (as data.PretrainDataset does:
-        1.16x less time per flowers photo than image by image)."""
-        loaded = []
-        for position, source in items:
-            try:
-                loaded.append((position, source, self.load(source), None))
-            except Exception as e:  # any decoder failure is reported per file, never a crash
-                loaded.append((position, source, None, e))
-        out = []
-        for position, source, img, error in loaded:
-            if error is None:
-                try:
-                    out.append((position, self.transform(img), None))
-                    continue
-                except Exception as e:
-                    error = e
-            path = source if isinstance(source, (str, os.PathLike)) else None
-            # a broken symlink is a bad file in the folder, not a path the user got wrong
-            missing = isinstance(error, FileNotFoundError) and not (path and os.path.islink(path))
-            out.append((position, None, (missing, D.describe_error(error, path))))
-        return out
-
-
-def _collate(items):
-    positions = [p for p, x, _ in items if x is not None]
-    xs = [x for _, x, _ in items if x is not None]
-    failed = [(p, f) for p, _, f in items if f is not None]
-    return positions, torch.stack(xs) if xs else None, failed
-
-
-def _batches(sources: Iterable, batch_size: int, pending: dict) -> Iterator[list]:
-    """Numbered sources in lists of batch_size, pulled lazily; each in-flight one is kept in `pending`."""
-    numbered = enumerate(sources)
-    while batch := list(itertools.islice(numbered, batch_size)):
-        pending.update(batch)
-        yield batch
 
 
 def stream(
@@ -117,48 +39,29 @@ def stream(
     normalize: bool = False,
     batch_size: int = 64,
     workers: int = 0,
-    precision: str = "auto",
-    on_error: Callable[[object, str, bool], None] | None = None,
+    precision: str = "no",
+    on_error: D.OnError | None = None,
 ) -> Iterator[tuple[list, torch.Tensor]]:
     """Yield (sources, vectors (B, D) float32 on the CPU) batch by batch, in input order.
 
-    `sources` is read lazily: at most (2 x workers + 1) batches are in flight, so a stdin of any length
-    flows through in flat memory. The model runs on its own device, without masking, in inference mode.
-    A source that cannot be read goes to on_error(source, why, missing) and is skipped; without on_error
-    it raises DataError.
+    Images come through `data.eval_batches` (lazily, in flat memory; `on_error` is its error policy). The model
+    runs on its own device, without masking, in inference mode. The default precision is fp32 ("no"), which
+    keeps each image's vector independent of the batch it lands in; bf16 kernels chosen by batch shape are not.
     """
     cfg = model.cfg
     device = next(model.parameters()).device
-    mode = inference_precision(precision, device)
-    pending: dict[int, object] = {}
-    loader = torch.utils.data.DataLoader(
-        Images(cfg.img_size, cfg.in_chans), batch_sampler=_batches(sources, batch_size, pending),
-        num_workers=workers, collate_fn=_collate, worker_init_fn=D.worker_init, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None,
-    )
+    mode = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
-    if workers > 0:
-        # the workers fork from this process: memory it keeps for reuse (maecli/heap.py) would be shared with them
-        # copy-on-write, and both sides would copy every page of it again (measured 10% of a 512-image run)
-        trim_heap()
     try:
-        for n, (positions, x, failed) in enumerate(loader, 1):
-            if n % TRIM_EVERY == 0:
-                trim_heap()
-            for position, (missing, why) in failed:
-                source = pending.pop(position)
-                if on_error is None:
-                    raise D.DataError(f"{source} does not exist" if missing else f"cannot read {source}: {why}")
-                on_error(source, why, missing)
-            if x is None:
-                continue
+        for items, x in D.eval_batches(sources, cfg.img_size, cfg.in_chans, batch_size=batch_size, workers=workers,
+                                       on_error=on_error, pin_memory=device.type == "cuda"):
             with torch.inference_mode(), autocast(device, mode):
                 tokens = model.encode(x.to(device, non_blocking=True))
             vectors = pool_tokens(tokens.float(), pool)
             if normalize:
                 vectors = F.normalize(vectors, dim=-1)
-            yield [pending.pop(p) for p in positions], vectors.cpu()
+            yield items, vectors.cpu()
     finally:
         model.train(was_training)
 
@@ -171,7 +74,7 @@ def embed(
     normalize: bool = False,
     batch_size: int = 64,
     workers: int = 0,
-    precision: str = "auto",
+    precision: str = "no",
 ) -> torch.Tensor:
     """One vector per image, (N, D) float32 on the CPU, in input order.
 
@@ -286,33 +189,6 @@ class NpyWriter:
                 tmp.unlink(missing_ok=True)
 
 
-class ProgressBar:
-    """A rich bar on stderr when it is a terminal; nothing otherwise, so pipes and logs get no progress noise."""
-
-    def __init__(self, console, label: str, total: int | None = None):
-        self.bar = None
-        if console is None or not console.is_terminal:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, transient=True)
-        self.task = self.bar.add_task(label, total=total)
-
-    def __enter__(self):
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self, n: int):
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def write_embeddings(
     model,
     inputs: list[str],
@@ -324,7 +200,7 @@ def write_embeddings(
     normalize: bool = False,
     batch_size: int = 64,
     workers: int = 0,
-    precision: str = "auto",
+    precision: str = "no",
     strict: bool = False,
     stdin=None,
     console=None,
@@ -339,7 +215,7 @@ def write_embeddings(
 
     def warn(message: str):
         if console is not None:
-            console.print(f"[yellow]warning:[/] {message}", highlight=False)
+            console.print(f"[yellow]warning:[/] {message}")
 
     def on_error(source, why, missing):
         nonlocal skipped
@@ -363,7 +239,7 @@ def write_embeddings(
     writer = NpyWriter(out_path, dim) if fmt == "npy" else (CsvWriter if fmt == "csv" else JsonlWriter)(out, dim)
     embedded, ok, t0 = 0, False, time.time()
     try:
-        with ProgressBar(console, "embed", total) as bar:
+        with Progress("embed", total, enabled=console is not None) as bar:
             for paths, vectors in stream(model, sources, pool=pool, normalize=normalize, batch_size=batch_size,
                                          workers=workers, precision=precision, on_error=on_error):
                 writer.write(paths, vectors.numpy())

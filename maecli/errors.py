@@ -22,3 +22,7 @@ class EncoderOnlyError(WeightsError):
 
 class TrainError(UserError, RuntimeError):
     """A training run that cannot start or go on (settings, run folder, a non-finite loss)."""
+
+
+class UsageError(UserError):
+    """Settings that cannot work together (found once the model's shape is known): a bad command line, exit 2."""

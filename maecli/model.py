@@ -12,20 +12,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from .runtime import bf16_linear_in_fp32, bf16_on_fp32_gemm
-
-PRESETS = {
-    # name: (embed_dim, depth, num_heads, patch_size)
-    "vit-tiny": (192, 12, 3, 16),
-    "vit-small": (384, 12, 6, 16),
-    "vit-base": (768, 12, 12, 16),
-    "vit-large": (1024, 24, 16, 16),
-    "vit-huge": (1280, 32, 16, 14),
-}
+from .presets import PRESETS, default_patch_size
 
 
 @dataclass
@@ -61,16 +51,20 @@ class MAEConfig:
             )
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "MAEConfig":
+    def preset(cls, name: str, **overrides) -> MAEConfig:
+        """A named size (presets.PRESETS) with its decoder; `overrides` that are not None win. Without a patch
+        size, small images get a smaller patch than the preset's (presets.default_patch_size)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
-        dim, depth, heads, patch = PRESETS[name]
-        kwargs = dict(embed_dim=dim, depth=depth, num_heads=heads, patch_size=patch)
+        p = PRESETS[name]
+        kwargs = dict(embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads, decoder_dim=p.decoder_dim,
+                      decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads)
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        kwargs.setdefault("patch_size", default_patch_size(name, kwargs.get("img_size", cls.img_size)))
         return cls(**kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MAEConfig":
+    def from_dict(cls, d: dict) -> MAEConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -175,39 +169,6 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
     return emb.float()
 
 
-def use_fused_attention(x: torch.Tensor) -> bool:
-    """Whether timm's fused attention kernel should run for input x.
-
-    On CPU under bf16 the fused kernel's backward is slow (measured 1.2-1.65x slower than plain
-    matmul-softmax attention); in fp32 and on GPUs the fused kernel wins.
-    """
-    return not (x.device.type == "cpu" and (x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")))
-
-
-class Linear(nn.Linear):
-    """nn.Linear that, under CPU bf16 autocast on a CPU whose bf16 GEMM is the slower one, computes the same
-    bf16 result with the fp32 GEMM (`runtime.cpu_bf16_gemm_in_fp32`). Same parameters and state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bf16_on_fp32_gemm(x):
-            return bf16_linear_in_fp32(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-class PatchProjection(nn.Conv2d):
-    """The patch embedding's stride-p convolution. On Linear's fp32-GEMM path it runs as the linear layer it is,
-    over each patch's (C, p, p) pixels: 1% of a ViT-Tiny bf16 step here, against oneDNN's bf16 convolution."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not bf16_on_fp32_gemm(x):
-            return super().forward(x)
-        N, C, H, W = x.shape
-        p, D = self.kernel_size[0], self.out_channels
-        patches = x.reshape(N, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)
-        out = bf16_linear_in_fp32(patches, self.weight.reshape(D, -1), self.bias)  # (N, h * w, D)
-        return out.transpose(1, 2).reshape(N, D, H // p, W // p)
-
-
 def _blocks(n: int, dim: int, heads: int, mlp_ratio: float, eps: float) -> nn.ModuleList:
     return nn.ModuleList(
         Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=eps)) for _ in range(n)
@@ -236,10 +197,6 @@ class MAE(nn.Module):
             self.decoder_blocks = _blocks(cfg.decoder_depth, Dd, cfg.decoder_heads, cfg.mlp_ratio, cfg.norm_eps)
             self.decoder_norm = nn.LayerNorm(Dd, eps=cfg.norm_eps)
             self.decoder_pred = nn.Linear(Dd, cfg.patch_size**2 * cfg.in_chans)
-        for m in self.modules():  # timm builds plain nn.Linear and nn.Conv2d; same parameters, see Linear
-            if type(m) is nn.Linear:
-                m.__class__ = Linear
-        self.patch_embed.proj.__class__ = PatchProjection
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -259,11 +216,16 @@ class MAE(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def set_fused_attention(self, fused: bool) -> None:
+        """Use torch's fused attention kernel (timm's default) or plain matmul-softmax attention: the trainer
+        chooses once per device and precision (runtime.fused_attention_pays). Same results either way."""
+        for module in self.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = fused
+
     @staticmethod
     def _run(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        fused = use_fused_attention(x)
         for blk in blocks:
-            blk.attn.fused_attn = fused
             x = blk(x)
         return x
 

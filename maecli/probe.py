@@ -8,141 +8,53 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as D
-from .embedding import ProgressBar, stream
+from .console import Progress
+from .embedding import stream
+from .errors import DataError
+from .labelled import Labelled, Split, load_labelled
 from .model import MAE
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
-METHODS = ("knn", "linear", "both")
-
-
-@dataclass
-class Split:
-    paths: list[str]
-    labels: list[int]
-
-
-@dataclass
-class Labelled:
-    classes: list[str]
-    train: Split
-    val: Split
-    layout: str  # how the split was made, for the user
-
-
-# ----------------------------------------------------------------------------------------------
-# Labelled folders
-
-
-def class_folders(root: str | Path) -> dict[str, list[Path]]:
-    """{class name: its images}, one class per (non-hidden) subfolder; DataError for a layout a probe cannot use."""
-    root = Path(root)
-    if not root.is_dir():
-        raise D.DataError(f"{root} is not a folder")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if len(classes) < 2:
-        found = f" ({classes[0]})" if classes else ""
-        raise D.DataError(f"{root} holds {len(classes)} class folder(s){found}; a probe needs one subfolder per "
-                          f"class, at least two")
-    images = {c: D.find_images(root / c) for c in classes}
-    empty = [c for c, paths in images.items() if not paths]
-    if empty:
-        raise D.DataError(f"class folder(s) with no images in {root}: {', '.join(empty)}")
-    return images
-
-
-def stratified_split(images: dict[str, list[Path]], fraction: float, seed: int):
-    """Hold out round(n x fraction) images of each class (at least one, never all), chosen by `seed`."""
-    train, val = {}, {}
-    for c, paths in images.items():
-        if len(paths) < 2:
-            raise D.DataError(f"class {c} has only {len(paths)} image; --val-split needs at least 2 per class")
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(paths), generator=g).tolist()
-        n_val = min(len(paths) - 1, max(1, round(len(paths) * fraction)))
-        val[c] = sorted(paths[i] for i in order[:n_val])
-        train[c] = sorted(paths[i] for i in order[n_val:])
-    return train, val
-
-
-def load_labelled(data: str | Path, val: str | Path | None = None, val_split: float | None = None,
-                  seed: int = 0) -> Labelled:
-    """The train and validation images of a labelled folder.
-
-    DATA/train + DATA/val (or DATA/test) when present; else DATA and `val`; else a stratified split of DATA.
-    """
-    data = Path(data)
-    if not data.is_dir():
-        raise D.DataError(f"{data} is not a folder" if data.exists() else f"{data} does not exist")
-    val_dir = next((data / n for n in ("val", "test") if (data / n).is_dir()), None)
-    if (data / "train").is_dir() and val_dir is not None:
-        if val is not None or val_split is not None:
-            raise D.DataError(f"{data} already holds train/ and {val_dir.name}/; drop --val/--val-split")
-        train, valid = class_folders(data / "train"), class_folders(val_dir)
-        layout = f"{data / 'train'} and {val_dir}"
-    elif val is not None:
-        if val_split is not None:
-            raise D.DataError("--val and --val-split contradict each other; pick one")
-        train, valid = class_folders(data), class_folders(val)
-        layout = f"{data} and {val}"
-    else:
-        if (data / "train").is_dir():
-            raise D.DataError(f"{data} holds train/ but no val/ or test/; pass --val DIR, or point DATA at "
-                              f"{data / 'train'} to split it")
-        fraction = 0.2 if val_split is None else val_split
-        if not 0 < fraction < 1:
-            raise D.DataError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
-        train, valid = stratified_split(class_folders(data), fraction, seed)
-        layout = f"{data}, {fraction:g} of each class held out (seed {seed})"
-    if set(train) != set(valid):
-        only_train, only_val = sorted(set(train) - set(valid)), sorted(set(valid) - set(train))
-        raise D.DataError("classes differ between train and val: "
-                          + "; ".join(f"only in {name}: {', '.join(names)}"
-                                      for name, names in (("train", only_train), ("val", only_val)) if names))
-    classes = sorted(train)
-
-    def flatten(images):
-        pairs = [(str(p), i) for i, c in enumerate(classes) for p in images[c]]
-        return Split([p for p, _ in pairs], [y for _, y in pairs])
-
-    return Labelled(classes, flatten(train), flatten(valid), layout)
 
 
 # ----------------------------------------------------------------------------------------------
 # Features
 
 
-def features(model, split: Split, *, batch_size: int = 64, workers: int = 0, precision: str = "auto",
-             console=None, label: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean-pooled encoder features (N, D) and labels (N,) for the readable images of `split`."""
+def features(model, split: Split, *, batch_size: int = 64, workers: int = 0, precision: str = "no",
+             console=None, label: str = "features", classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled encoder features (N, D) and labels (N,) for the readable images of `split`; unreadable ones are
+    skipped (with a warning on `console`). DataError when a class is left without any readable image."""
     label_of = dict(zip(split.paths, split.labels))
     feats, labels = [], []
 
     def skip(source, why, missing):
         if console is not None:
-            console.print(f"[yellow]warning:[/] skipped {source}: {why}", highlight=False)
+            console.print(f"[yellow]warning:[/] skipped {source}: {why}")
         bar.advance(1)
 
-    with ProgressBar(console, label, len(split.paths)) as bar:
+    with Progress(label, len(split.paths), enabled=console is not None) as bar:
         for paths, vectors in stream(model, split.paths, batch_size=batch_size, workers=workers,
                                      precision=precision, on_error=skip):
             feats.append(vectors)
             labels.extend(label_of[p] for p in paths)
             bar.advance(len(paths))
     if not feats:
-        raise D.DataError(f"none of the {len(split.paths)} images of the {label} split could be read")
-    return torch.cat(feats), torch.tensor(labels)
+        raise DataError(f"none of the {len(split.paths)} images of the {label} split could be read")
+    labels = torch.tensor(labels)
+    unread = sorted(set(split.labels) - set(labels.tolist()))
+    if unread:
+        names = ", ".join(classes[i] if classes else str(i) for i in unread)
+        raise DataError(f"no image of class {names} could be read ({label}); a class needs at least one")
+    return torch.cat(feats), labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,11 +156,12 @@ def random_encoder(model: MAE, seed: int) -> MAE:
 
 def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
              temperature: float = KNN_TEMPERATURE, epochs: int = 100, seed: int = 0, batch_size: int = 64,
-             workers: int = 0, precision: str = "auto", console=None, prefix: str = "") -> dict:
+             workers: int = 0, precision: str = "no", console=None, prefix: str = "") -> dict:
     """{"knn": {"top1", "top5"} or None, "linear": ... or None, "n_train", "n_val"} for one encoder;
     the counts are of the images that could be read."""
     extract = dict(batch_size=batch_size, workers=workers, precision=precision, console=console)
     t0 = time.time()
+    extract["classes"] = labelled.classes
     train_x, train_y = features(model, labelled.train, label=f"{prefix}train features", **extract)
     val_x, val_y = features(model, labelled.val, label=f"{prefix}val features", **extract)
     if console is not None:
@@ -266,7 +179,7 @@ def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
 
 def run_probe(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K, epochs: int = 100,
               baseline: bool = False, seed: int = 0, batch_size: int = 64, workers: int = 0,
-              precision: str = "auto", console=None) -> dict:
+              precision: str = "no", console=None) -> dict:
     """The documented result: {"knn", "linear", "baseline": {"knn", "linear"} or None, "n_train", "n_val",
     "classes"}."""
     opts = dict(method=method, k=k, epochs=epochs, seed=seed, batch_size=batch_size, workers=workers,
@@ -328,19 +241,17 @@ def labelled_for_training(probe_dir: str) -> Labelled:
                     subsample(d.val, TRAINING_PROBE_MAX["val"]), d.layout)
 
 
-def probe_during_training(model, probe_dir: str, epoch: int, step: int, metrics, console) -> dict:
-    """kNN top-1 (and top-5) on the probe folder at an epoch end, logged to metrics.jsonl and stderr."""
+def probe_during_training(model, probe_dir: str, epoch: int) -> dict:
+    """kNN top-1 (and top-5) on the probe folder at an epoch end, for metrics.jsonl; a line on stderr."""
+    from .console import console
+
     labelled = labelled_for_training(probe_dir)
     t0 = time.time()
-    train_x, train_y = features(model, labelled.train, batch_size=256)
-    val_x, val_y = features(model, labelled.val, batch_size=256)
+    train_x, train_y = features(model, labelled.train, batch_size=256, classes=labelled.classes)
+    val_x, val_y = features(model, labelled.val, batch_size=256, classes=labelled.classes)
     acc = topk_accuracy(knn_scores(train_x, train_y, val_x, len(labelled.classes)), val_y)
-    row = {"step": step, "epoch": epoch, "knn_top1": round(acc["top1"], 5)}
+    row = {"knn_top1": round(acc["top1"], 5)}
     if acc["top5"] is not None:
         row["knn_top5"] = round(acc["top5"], 5)
-    if metrics is not None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-    if console is not None:
-        console.print(f"epoch {epoch}: kNN top-1 {100 * acc['top1']:.1f}% on {probe_dir} ({time.time() - t0:.0f}s)")
+    console.print(f"epoch {epoch}: kNN top-1 {100 * acc['top1']:.1f}% on {probe_dir} ({time.time() - t0:.0f}s)")
     return row

@@ -14,18 +14,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import data as D
+from .errors import DataError, EncoderOnlyError
+from .files import write_bytes
 from .model import MAE, patch_stats, patchify, unpatchify
-from .runtime import autocast
-from .weights import WeightsError, atomic_write
+from .runtime import autocast, resolve_precision
 
 COLUMNS = ("original", "masked", "prediction", "pred + visible")
 GREY = 0.5  # hidden patches in the "masked" column
 PREVIEW_MASK = 0.75
 MARGIN, GAP = 6, 4
-
-
-class EncoderOnlyError(WeightsError):
-    """Weights without a decoder: they embed, but cannot reconstruct."""
 
 
 @dataclass
@@ -77,24 +74,12 @@ class Reconstruction:
 
 
 def load_images(paths: list[str | os.PathLike], img_size: int, in_chans: int) -> torch.Tensor:
-    """Files -> model input (N, C, img_size, img_size): shorter side resized, center-cropped, normalized.
-
-    Raises DataError naming the first file that is missing or does not decode.
-    """
-    transform = D.eval_transform(img_size, in_chans)
-    out = []
+    """Files -> model input (N, C, img_size, img_size) through the inference image path (data.eval_batches):
+    shorter side resized, center-cropped, normalized. DataError names the first file that is missing or unreadable."""
     for p in paths:
-        p = Path(p)
-        if not p.exists():
-            raise D.DataError(f"image not found: {p}")
-        if p.is_dir():
-            raise D.DataError(f"{p} is a folder, not an image file")
-        try:
-            img = D.decode(p, in_chans, min_side=img_size)
-        except Exception as e:  # every decoder failure is the user's file, reported by name
-            raise D.DataError(f"cannot read image {p}: {D.describe_error(e)}") from None
-        out.append(transform(img))
-    return torch.stack(out)
+        if Path(p).is_dir():
+            raise DataError(f"{p} is a folder, not an image file")
+    return torch.cat([x for _, x in D.eval_batches(paths, img_size, in_chans)])
 
 
 def mask_noise(n: int, num_patches: int, seed: int) -> torch.Tensor:
@@ -132,6 +117,7 @@ def reconstruct(
         images = load_images(images, cfg.img_size, cfg.in_chans)
     names = names or [f"image {i + 1}" for i in range(images.shape[0])]
     device = next(model.parameters()).device
+    mode = resolve_precision(precision, device)
     noise = mask_noise(images.shape[0], cfg.num_patches, seed)
 
     was_training = model.training
@@ -140,7 +126,7 @@ def reconstruct(
     try:
         for start in range(0, images.shape[0], batch_size):
             x = images[start : start + batch_size].to(device)
-            with autocast(device, precision):
+            with autocast(device, mode):
                 latent, mask, ids_restore = model.forward_encoder(
                     x, mask_ratio, noise=noise[start : start + batch_size].to(device))
                 pred = model.forward_decoder(latent, ids_restore)
@@ -289,11 +275,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def write_png(data: bytes, path: str | os.PathLike) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(Path(path), write)
+    write_bytes(path, data)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Weights on disk: the run folder's `model.safetensors` + `config.json`, written atomically, and `load`, which
-reads those and other people's MAE weights too (layouts and names in interop.py).
+"""Weights on disk: maecli's `model.safetensors` (+ the run's `config.json`), and `load`, which reads those and other
+people's MAE and ViT weights too (their layouts are converted by formats.py).
 
 The model config also travels inside the safetensors header, so a lone weights file still loads.
 """
@@ -9,13 +9,17 @@ import contextlib
 import json
 import os
 import re
-import tempfile
+import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import formats
+from .errors import WeightsError
+from .files import atomic_write, write_json
 from .model import MAE, MAEConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -24,47 +28,9 @@ CONFIG_NAME = "config.json"
 FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class WeightsError(ValueError):
-    """Weights that cannot be used; the message is one sentence for the user."""
-
-
-def fsync_dir(path: Path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename over `path`: readers see the old file or the new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+def write_config(run: Path, cfg: MAEConfig, train: dict, **sections) -> None:
+    """RUN/config.json: {"model": the MAEConfig, "train": the command's arguments, ...}, enough to rebuild and resume."""
+    write_json(Path(run) / CONFIG_NAME, {"model": cfg.to_dict(), "train": train, **sections})
 
 
 def state_dict_for_saving(model: MAE) -> dict[str, torch.Tensor]:
@@ -264,8 +230,6 @@ def load(
     released size. `img_size` rebuilds the position embeddings for another input size, with a warning.
     Weights without a decoder give a model with `has_decoder` False.
     """
-    from . import interop  # interop builds on this module, so it comes in on first use
-
     weights, config_path = resolve(path)
     state, meta = read_tensors(weights)
     config = read_config(config_path)
@@ -281,15 +245,35 @@ def load(
             cfg = MAEConfig.from_dict(cfg_dict)
         except (TypeError, ValueError, AttributeError) as e:
             raise WeightsError(f"{weights}: invalid model config ({e})") from None
-    elif interop.is_hf_layout(state):
-        hf = interop.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)
-        state = interop.from_hf(state, source)
+    elif formats.is_hf_layout(state):
+        hf = formats.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)
+        state = formats.from_hf(state, source)
         heads = hf.pop("num_heads") or num_heads
-        cfg = interop.infer_config(state, source, num_heads=heads, model_hint=model_hint, **hf)
+        cfg = formats.infer_config(state, source, num_heads=heads, model_hint=model_hint, **hf)
     else:
-        state = interop.clean_original(state, source)
-        cfg = interop.infer_config(state, source, num_heads=num_heads, model_hint=model_hint)
+        state = formats.clean_original(state, source)
+        cfg = formats.infer_config(state, source, num_heads=num_heads, model_hint=model_hint)
     model = model_from_state(state, cfg, source)
     if img_size is not None and img_size != cfg.img_size:
-        model = interop.resize_input(model, img_size)
+        model = resize_input(model, img_size)
     return model
+
+
+def resize_input(model: MAE, img_size: int) -> MAE:
+    """The same weights for `img_size`-pixel inputs: position embeddings rebuilt for the new grid, with a warning."""
+    cfg = model.cfg
+    try:
+        new_cfg = replace(cfg, img_size=img_size)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    state = model.state_dict()
+    state["pos_embed"], how = formats.resize_pos_embed(state["pos_embed"], new_cfg.grid)
+    if model.has_decoder:
+        state["decoder_pos_embed"], _ = formats.resize_pos_embed(state["decoder_pos_embed"], new_cfg.grid)
+    warnings.warn(
+        f"position embeddings resized from {cfg.grid}x{cfg.grid} to {new_cfg.grid}x{new_cfg.grid} patches ({how}): "
+        f"the model was trained on {cfg.img_size}-pixel images and is used on {img_size}-pixel ones"
+    )
+    resized = MAE(new_cfg, decoder=model.has_decoder)
+    resized.load_state_dict(state, strict=True)
+    return resized.eval()

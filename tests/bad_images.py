@@ -144,7 +144,7 @@ def make_bad_images(root: Path) -> dict[str, BadImage]:
     pal = Image.fromarray(_noise(20, 20, 1, 4) // 64).convert("P")  # 4 colours in a palette
     pal.save(root / "palette_transparent.png", transparency=0)
     Image.fromarray(np.dstack([_noise(12, 16, 1, 5), _noise(12, 16, 1, 6)]), "LA").save(root / "la.png")
-    Image.fromarray((_noise(18, 22, 1, 7).astype(np.uint16) * 257)).save(root / "gray16.png")
+    Image.fromarray(_noise(18, 22, 1, 7).astype(np.uint16) * 257).save(root / "gray16.png")
     Image.fromarray(_noise(16, 16, 1, 8) > 127).save(root / "bilevel.png")
     Image.fromarray(_noise(10, 12, 1, 9).astype(np.float32) / 255.0, "F").save(root / "float.tif")
     Image.fromarray(_noise(20, 28, 3, 10)).convert("CMYK").save(root / "cmyk.jpg", quality=90)

@@ -8,18 +8,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import bad_images as B
 import pytest
 import torch
+from conftest import TINY
 from typer.testing import CliRunner
 
-import bad_images as B
 import maecli
 from maecli.cli import app
 from maecli.data import decode, describe_error, find_images
 from maecli.model import MAE, MAEConfig
 from maecli.weights import WeightsError, save_weights
-
-from conftest import TINY
 
 runner = CliRunner()
 
@@ -216,7 +215,7 @@ def test_broken_weights_are_one_clear_error(tmp_path, photo_dir):
     other = tmp_path / "other_arch"
     other.mkdir()
     save_weights(tiny_model(embed_dim=64), other / "model.safetensors")
-    (other / "config.json").write_text('{"model": %s}' % __import__("json").dumps(tiny_model().cfg.to_dict()))
+    (other / "config.json").write_text('{{"model": {}}}'.format(__import__("json").dumps(tiny_model().cfg.to_dict())))
     from safetensors.torch import save_file
 
     foreign = tmp_path / "resnet.safetensors"  # somebody else's network, no maecli config anywhere

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from maecli.cli import app
-from maecli.interop import export_hf, export_timm, timm_create_call
+from maecli.export import export_hf, export_timm, timm_create_call
 from maecli.model import MAE, MAEConfig, sincos_pos_embed
 from maecli.weights import WeightsError, load
 

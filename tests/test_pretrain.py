@@ -6,15 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import maecli
 from maecli.cli import app
 from maecli.data import EpochBatches, decode, find_images
-from maecli.train import lr_at
-
-from conftest import TINY
 
 runner = CliRunner()
 
@@ -90,7 +88,7 @@ def test_broken_files_are_skipped_and_counted(tmp_path, photo_dir):
                "--workers", "0")
     assert r.exit_code == 0, r.output
     for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
-        assert f"skipped" in r.stderr and name in r.stderr
+        assert "skipped" in r.stderr and name in r.stderr
     assert "3 unreadable file(s) skipped" in r.stderr
     assert "3 files skipped" in r.stderr
 
@@ -144,8 +142,8 @@ def test_find_images_order_and_filters(tmp_path):
 
 
 def test_decode_modes(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     cases = {
         "rgba.png": Image.new("RGBA", (10, 7), (255, 0, 0, 0)),
@@ -180,11 +178,3 @@ def test_epoch_batches_are_disjoint_across_ranks_and_resumable():
     tail = [list(b) for b in EpochBatches(10, 3, seed=1, epochs=2, start_epoch=1, start_micro=2)]
     assert tail == full[4 + 2:]
     assert len(EpochBatches(10, 3, seed=1, epochs=2)) == 8
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lr_at(100, 100, 10, 1.0) == pytest.approx(0.0)

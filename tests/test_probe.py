@@ -4,12 +4,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import EXAMPLES, TINY
 from typer.testing import CliRunner
 
 from maecli.cli import app
-from maecli.probe import knn_scores, linear_probe, load_labelled, topk_accuracy
-
-from conftest import EXAMPLES, TINY
+from maecli.labelled import load_labelled
+from maecli.probe import knn_scores, linear_probe, topk_accuracy
 
 runner = CliRunner()
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES, TINY
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -15,8 +16,6 @@ from maecli.cli import app
 from maecli.model import MAE, MAEConfig, patchify
 from maecli.reconstruct import GREY, layout, preview_paths, reconstruct
 from maecli.weights import save_weights, state_dict_for_saving
-
-from conftest import EXAMPLES, TINY
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

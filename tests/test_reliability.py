@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bad_images import WritesAFile
+from conftest import ROOT, TINY
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import maecli
 from maecli.cli import app
-
-from bad_images import WritesAFile
-from conftest import ROOT, TINY
 
 runner = CliRunner()
 
@@ -167,11 +166,11 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, small_dir, reference, sig
 def test_a_relayed_signal_is_not_a_second_ctrl_c(monkeypatch):
     """A launcher relays the terminal's Ctrl-C to its processes; a scheduler may send SIGTERM twice. Only a
     second Ctrl-C from the user, a moment later, aborts without a checkpoint."""
-    import maecli.train as T
+    import maecli.loop as T
 
     clock = [100.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
-    with T._Stop(verbose=False) as stop:
+    with T.StopSignal(verbose=False) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signum == signal.SIGINT  # handled at once, so the next one is a second delivery
         os.kill(os.getpid(), signal.SIGINT)  # relayed within the same instant
@@ -180,7 +179,7 @@ def test_a_relayed_signal_is_not_a_second_ctrl_c(monkeypatch):
         clock[0] += 2.0
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    with T._Stop(verbose=False) as stop:
+    with T.StopSignal(verbose=False) as stop:
         for _ in range(3):
             os.kill(os.getpid(), signal.SIGTERM)
         clock[0] += 5.0
@@ -325,15 +324,15 @@ def test_unwritable_output_is_refused_before_training(tmp_path, small_dir):
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_dir, monkeypatch):
     import errno
 
-    import maecli.train as T
+    import maecli.loop as T
 
     real, calls = T.save_checkpoint, []
 
-    def full_disk(out, model, optimizer, state, keep):
-        calls.append(state["step"])
+    def full_disk(out, model, optimizer, state, steps_per_epoch, keep):
+        calls.append(state.step)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(out, model, optimizer, state, keep)
+        return real(out, model, optimizer, state, steps_per_epoch, keep)
 
     monkeypatch.setattr(T, "save_checkpoint", full_disk)
     out = tmp_path / "run"
@@ -407,7 +406,7 @@ def test_two_processes_split_the_data_write_once_stop_together_and_resume(tmp_pa
     assert err.count("done:") == 1 and "40 images seen" in err
     # only the main process writes: one set of files, one row a step
     assert {f.name for f in whole.iterdir()} <= {"config.json", "model.safetensors", "metrics.jsonl", "checkpoints",
-                                                 "previews"}
+                                                 "previews", ".lock"}
     assert [r["step"] for r in rows(whole)] == list(range(1, 11)) and rows(whole)[-1]["images_seen"] == 40
     assert maecli.load(whole).cfg.depth == 2
 

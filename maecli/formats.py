@@ -1,26 +1,24 @@
-"""Other people's MAE weights in, maecli's weights out: the original release and timm, and Hugging Face's ViTMAE.
+"""Other people's weight layouts, converted to and from maecli's: the original MAE release and timm (maecli's own
+parameter names, with extras to drop) and Hugging Face's ViTMAE (query/key/value split, everything renamed).
 
-The original release and timm already use maecli's parameter names; Hugging Face splits attention into
-query/key/value and renames everything else. Architecture comes from tensor shapes; heads, which shapes
-cannot tell, come from a config, a preset hint, or the widths of the released sizes.
+Pure functions of state dicts and configs: reading files is `weights.py`, writing exports is `export.py`.
+Architecture comes from tensor shapes; heads, which shapes cannot tell, from a config, a preset hint, or the widths
+of the released sizes.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
-from .model import MAE, PRESETS, MAEConfig, sincos_pos_embed
-from .weights import WeightsError, atomic_write, load, read_config, resolve, state_dict_for_saving, write_json
+from .errors import WeightsError
+from .model import MAEConfig, sincos_pos_embed
+from .presets import PRESETS
 
 # The released sizes: width -> heads. Every MAE and timm ViT of these widths uses these heads.
-HEADS_BY_WIDTH = {dim: heads for dim, _, heads, _ in PRESETS.values()}
+HEADS_BY_WIDTH = {p.embed_dim: p.num_heads for p in PRESETS.values()}
 DECODER_HEADS = 16  # the release's decoder heads, for every size
 
 # timm extras that an encoder has no use for: the classifier head and what feeds it.
@@ -113,7 +111,7 @@ def _heads(dim: int, num_heads: int | None, model_hint: str | None, source: str)
     if num_heads is None and model_hint is not None:
         if model_hint not in PRESETS:
             raise WeightsError(f"unknown model {model_hint!r}; choose one of {', '.join(PRESETS)}")
-        hint_dim, _, num_heads, _ = PRESETS[model_hint]
+        hint_dim, num_heads = PRESETS[model_hint].embed_dim, PRESETS[model_hint].num_heads
         if hint_dim != dim:
             raise WeightsError(f"--model {model_hint} is {hint_dim} wide, but {source} is {dim} wide")
     if num_heads is None:
@@ -299,105 +297,3 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> tuple[torch.Tensor, str]:
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos)
     return torch.cat([pos[:, :1], patches], dim=1), "learned, interpolated bicubically"
-
-
-def resize_input(model: MAE, img_size: int) -> MAE:
-    """The same weights for `img_size`-pixel inputs: position embeddings rebuilt for the new grid, with a warning."""
-    cfg = model.cfg
-    try:
-        new_cfg = replace(cfg, img_size=img_size)
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
-    state = model.state_dict()
-    state["pos_embed"], how = resize_pos_embed(state["pos_embed"], new_cfg.grid)
-    if model.has_decoder:
-        state["decoder_pos_embed"], _ = resize_pos_embed(state["decoder_pos_embed"], new_cfg.grid)
-    warnings.warn(
-        f"position embeddings resized from {cfg.grid}x{cfg.grid} to {new_cfg.grid}x{new_cfg.grid} patches ({how}): "
-        f"the model was trained on {cfg.img_size}-pixel images and is used on {img_size}-pixel ones"
-    )
-    resized = MAE(new_cfg, decoder=model.has_decoder)
-    resized.load_state_dict(state, strict=True)
-    return resized.eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Export
-
-# timm architectures for maecli's presets: (embed_dim, depth, heads) -> (timm name, its patch size)
-TIMM_NAMES = {
-    (192, 12, 3): ("vit_tiny", 16),
-    (384, 12, 6): ("vit_small", 16),
-    (768, 12, 12): ("vit_base", 16),
-    (1024, 24, 16): ("vit_large", 16),
-    (1280, 32, 16): ("vit_huge", 14),
-}
-
-
-def encoder_state(model: MAE) -> dict[str, torch.Tensor]:
-    return {
-        k: v for k, v in state_dict_for_saving(model).items() if not k.startswith(("decoder_", "mask_token"))
-    }
-
-
-def timm_create_call(cfg: MAEConfig) -> str:
-    """The `timm.create_model(...)` call that builds an encoder these weights load into with strict=True."""
-    family, timm_patch = TIMM_NAMES.get((cfg.embed_dim, cfg.depth, cfg.num_heads), ("vit_base", 16))
-    base_dim, base_depth, base_heads = next(k for k, v in TIMM_NAMES.items() if v[0] == family)
-    base = dict(embed_dim=base_dim, depth=base_depth, num_heads=base_heads, mlp_ratio=4.0, patch_size=timm_patch,
-                img_size=224, in_chans=3)
-    ours = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                patch_size=cfg.patch_size, img_size=cfg.img_size, in_chans=cfg.in_chans)
-    kwargs = "".join(f", {k}={v!r}" for k, v in ours.items() if v != base[k])
-    return f"timm.create_model('{family}_patch{timm_patch}_224', num_classes=0{kwargs})"
-
-
-def export_timm(model: MAE, out: Path) -> str:
-    """The encoder as a timm ViT state dict in one safetensors file; returns Python that loads it."""
-    meta = {"format": "pt", "maecli_config": json.dumps(model.cfg.to_dict())}
-    tensors = encoder_state(model)
-    atomic_write(Path(out), lambda tmp: save_file(tensors, tmp, metadata=meta))
-    lines = [
-        "import timm, safetensors.torch",
-        f"model = {timm_create_call(model.cfg)}",
-        f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))",
-    ]
-    if model.cfg.norm_eps != 1e-6:
-        lines.append(f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} (a negligible difference)")
-    return "\n".join(lines)
-
-
-def export_hf(model: MAE, out: Path, mask_ratio: float = 0.75) -> str:
-    """A transformers folder (config.json + model.safetensors); ViTMAEForPreTraining when the model has a
-    decoder, else ViTMAEModel. Returns Python that loads it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    encoder_only = not model.has_decoder
-    config = hf_config(model.cfg, encoder_only=encoder_only, mask_ratio=mask_ratio)
-    tensors = to_hf(encoder_state(model) if encoder_only else state_dict_for_saving(model), encoder_only)
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_json(out / "config.json", config)
-    cls = config["architectures"][0]
-    return f"from transformers import {cls}\nmodel = {cls}.from_pretrained({str(out)!r})"
-
-
-
-def trained_mask_ratio(path) -> float:
-    """The mask ratio the weights were trained with where their folder says (maecli run, transformers config)."""
-    config = read_config(resolve(path)[1])
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
-    ratio = train.get("mask", config.get("mask_ratio"))
-    return float(ratio) if isinstance(ratio, (int, float)) and 0 < ratio < 1 else 0.75
-
-
-def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
-    """Load any weights `load` reads and write them for timm or transformers (fmt "timm" or "hf").
-
-    Returns Python that loads the result.
-    """
-    model = load(source, model_hint=model_hint)
-    if fmt == "timm":
-        return export_timm(model, out)
-    if fmt == "hf":
-        return export_hf(model, out, mask_ratio=trained_mask_ratio(source))
-    raise ValueError(f"unknown export format {fmt!r}; choose timm or hf")

@@ -1,0 +1,150 @@
+"""Resumable training state: what a checkpoint holds beyond the weights, and the one pair of functions that writes
+and reads `checkpoints/step-N/` (model.safetensors, optimizer.pt, state.json).
+
+A checkpoint folder gets its final name only once every file in it is on disk, so a kill at any moment leaves
+the previous checkpoint whole; `.tmp-*` folders are saves cut short and never count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write, fsync_dir, write_json
+from .weights import WEIGHTS_NAME, save_weights
+
+FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the model and the optimizer to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    images_seen: int = 0  # over all processes
+    seconds: float = 0.0  # training time so far, across resumes
+    micro: int = 0  # micro-batches taken: seeds the masks
+    total_steps: int = 0
+    images: int = 0  # images in the data folder when saved
+    processes: int = 1
+    loss_sum: list[float] = field(default_factory=list)  # per process: the loss average in progress since the
+    loss_count: int = 0  # last logged row, so the next metrics row is exact after a resume too
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable files: path -> why
+    extra: dict = field(default_factory=dict)  # a training command's own values (e.g. the best epoch so far)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class NonFiniteError(RuntimeError):
+    """The weights or the optimizer state hold NaN or inf: such a checkpoint is never written."""
+
+
+def all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all().item()) if flags else True  # one device sync for all of them
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [t for st in optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()
+            and all((p / f).is_file() for f in FILES)]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_epoch: int, keep: int) -> Path:
+    """Write checkpoints/step-N atomically (a temp folder, fsynced, then renamed) and prune all but `keep`.
+
+    Raises NonFiniteError, writing nothing, if the weights or the optimizer state are not all finite.
+    """
+    if not all_finite([*model.state_dict().values(), *optimizer_tensors(optimizer)]):
+        raise NonFiniteError(f"the weights or the optimizer state hold NaN or inf at step {state.step}")
+    root = Path(run) / "checkpoints"
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{state.step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        save_weights(model, tmp / WEIGHTS_NAME)
+        atomic_write(tmp / "optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
+        write_json(tmp / "state.json", {**asdict(state), "epoch": state.step / steps_per_epoch})
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # the same step saved before: swap it out, so some copy exists at every moment
+        old = root / f".tmp-old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(root)
+    for old in checkpoint_dirs(run)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(ckpt: Path, model, optimizer) -> tuple[dict, dict, TrainState]:
+    """(weights, optimizer state, TrainState) of a checkpoint, checked against `model` and `optimizer` without
+    changing them; raises ValueError saying what is wrong."""
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(ckpt / WEIGHTS_NAME))
+        # weights_only: a checkpoint folder from elsewhere cannot run code through its pickle
+        optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+        state = json.loads((ckpt / "state.json").read_text())
+    except Exception as e:  # safetensors, zip and pickle errors have no common base class
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    expected = model.state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError("its weights do not fit this run's model")
+    if not all_finite(weights.values()):
+        raise ValueError("its weights hold NaN or inf")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        saved_ids = [i for group in optim["param_groups"] for i in group["params"]]
+        fits = len(saved_ids) == len(params) and all(
+            t.shape == params[saved_ids.index(i)].shape
+            for i, st in optim["state"].items() for name, t in st.items() if name in ("exp_avg", "exp_avg_sq"))
+        fits = fits and isinstance(state.get("step"), int) and state["step"] >= 0
+    except (KeyError, TypeError, ValueError, AttributeError):
+        fits = False
+    if not fits:
+        raise ValueError("its optimizer state or state.json does not fit this run")
+    return weights, optim, TrainState.from_dict(state)
+
+
+def find_checkpoint(run: Path, model, optimizer, warn: Callable[[str], None]):
+    """(path, (weights, optimizer state, TrainState)) of the newest checkpoint that reads back whole, falling back
+    to older ones with a warning; None when there is none. ValueError when none of several is usable."""
+    ckpts = checkpoint_dirs(run)
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, read_checkpoint(ckpt, model, optimizer)
+        except ValueError as e:
+            warn(f"checkpoint {ckpt} is unusable ({e}); trying an older one")
+    if ckpts:
+        raise ValueError(f"none of the {len(ckpts)} checkpoints in {Path(run) / 'checkpoints'} is usable")
+    return None

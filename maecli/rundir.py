@@ -1,0 +1,161 @@
+"""The run folder of a training command: creating it (or refusing to clobber one), holding it against a second
+writer, its metrics log, and which settings a resumed run may change.
+
+RUN/
+  config.json        {"model": ..., "train": every argument}: enough to rebuild the model and to resume
+  model.safetensors  the weights a command hands over (the final, or the best, epoch's)
+  metrics.jsonl      one JSON object per logged row
+  checkpoints/       resumable state (checkpoint.py)
+  previews/          per-epoch pictures
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from .errors import TrainError
+from .files import atomic_write
+from .weights import CONFIG_NAME, WEIGHTS_NAME
+
+METRICS_NAME = "metrics.jsonl"
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoints", "previews")
+LOCK_NAME = ".lock"
+
+
+def default_out() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+class RunLock:
+    """An exclusive OS lock on RUN/.lock for as long as a run writes the folder; the kernel drops it when the
+    process dies, so a killed run never leaves the folder locked. A POSIX record lock (lockf), not flock: loader
+    workers forked from the run do not inherit it, so a killed run's last workers cannot hold the folder."""
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / LOCK_NAME
+        self.fd = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise TrainError(f"{self.path.parent} is in use by another maecli run (process {holder}); wait for it "
+                             f"to end or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+
+def prepare(run: Path, resume: bool, overwrite: bool) -> RunLock:
+    """Create or reuse `run` and lock it; refuse to clobber an earlier run; check that it is writable; clear what
+    --overwrite replaces. All before any training."""
+    if run.exists() and not run.is_dir():
+        raise TrainError(f"cannot use {run} as the output folder: it is a file")
+    existing = run.exists() and any((run / name).exists() for name in RUN_FILES)
+    if existing and not (resume or overwrite):
+        raise TrainError(f"{run} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and not (run / CONFIG_NAME).exists():
+        raise TrainError(f"cannot resume: {run} holds no {CONFIG_NAME}")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run).acquire()
+    except OSError as e:
+        raise TrainError(f"cannot write to output folder {run}: {e.strerror or e}") from None
+    for name in (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME):  # atomic_write's temp files from a killed run
+        for stale in run.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    if overwrite and not resume:
+        for name in RUN_FILES:
+            p = run / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    return lock
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Drop the metrics rows a killed run logged after the checkpoint it resumes from (and a half-written last
+    line), so the resumed run's rows follow on without repeats."""
+    path = Path(run) / METRICS_NAME
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict) or row.get("step", 0) <= step:
+            keep.append(line)
+    text = "".join(line + "\n" for line in keep)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+class MetricsLog:
+    """Appends rows to RUN/metrics.jsonl, each flushed at once (on the main process only; elsewhere a no-op)."""
+
+    def __init__(self, run: Path, enabled: bool = True):
+        self.file = open(Path(run) / METRICS_NAME, "a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def saved_settings(run: Path, section: str = "train") -> dict:
+    """The arguments saved in RUN/config.json under `section`."""
+    path = Path(run) / CONFIG_NAME
+    if not path.exists():
+        raise TrainError(f"cannot resume: {run} holds no {CONFIG_NAME}")
+    try:
+        saved = json.loads(path.read_text())[section]
+        if not isinstance(saved, dict):
+            raise TypeError("not an object")
+        return saved
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"cannot resume: {path} is unreadable ({e})") from None
+
+
+def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: str = "train"):
+    """The settings saved with the run in args.out, updated with those the user gave again and may change.
+
+    `args` is a dataclass of a command's arguments; `given` names the ones the user set explicitly. One that
+    differs from the saved run and is not in `may_change` is refused rather than silently ignored or applied.
+    """
+    saved = saved_settings(Path(args.out), section)
+    known = {f.name for f in dataclasses.fields(args)}
+    merged = {k: v for k, v in saved.items() if k in known}
+    merged.update(data=args.data, out=str(args.out), resume=True, overwrite=False)
+    for name in sorted(set(given) & known - {"data", "out", "resume", "overwrite"}):
+        now, before = getattr(args, name), merged.get(name)
+        if now == before:
+            continue
+        if name not in may_change:
+            may = ", ".join("--" + n.replace("_", "-") for n in may_change[:7])
+            raise TrainError(f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume keeps a "
+                             f"run's settings and may change only {may}")
+        merged[name] = now
+    if "epochs" in given and "steps" not in given and merged.get("epochs") != saved.get("epochs"):
+        merged["steps"] = None  # a new epoch count replaces the step count the run was started with
+    return type(args)(**merged)
