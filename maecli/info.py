@@ -1,0 +1,509 @@
+"""`maecli info`: what a run folder or a weights file is, where a run stands, and what it has left on disk.
+
+A run is read, never loaded: config.json, metrics.jsonl, the checkpoints' state.json and the safetensors
+headers. Anything else is handed to `maecli.load`, to show what it infers. Unknown keys are ignored, so runs
+from newer or other commands (finetune) still answer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .plot import METRICS_NAME, NOT_PLOTTED, metric_series, read_metrics
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
+# What a weights folder may hold, in the order maecli.load prefers them.
+FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small readers
+
+
+def _read_json(path: Path) -> tuple[object | None, str | None]:
+    """(the parsed file, None), or (None, a note saying why not); a missing file is (None, None)."""
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"{path} cannot be read ({type(e).__name__})"
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """({tensor name: shape}, metadata) from a .safetensors header, without reading the tensors.
+
+    The format: an 8-byte little-endian header length, then that many bytes of JSON.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000 or n > path.stat().st_size - 8:
+            raise ValueError("not a safetensors header")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise TypeError("not a safetensors header")
+    meta = header.pop("__metadata__", None) or {}
+    shapes = {k: list(v["shape"]) for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+    return shapes, meta
+
+
+def _is_decoder(name: str) -> bool:
+    return name.startswith("decoder_") or name == "mask_token"
+
+
+def _is_encoder(name: str) -> bool:
+    return name.split(".")[0] in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+
+
+def parameter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
+    """Numbers of values in the encoder, the decoder, anything else (a classifier head) and in all."""
+    counts = {"encoder": 0, "decoder": 0, "other": 0}
+    for name, shape in shapes.items():
+        n = 1
+        for d in shape:
+            n *= d
+        counts["decoder" if _is_decoder(name) else "encoder" if _is_encoder(name) else "other"] += n
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def preset_name(cfg: dict) -> str | None:
+    """The named size whose width, depth and heads these are, or None for a custom one."""
+    from .model import PRESETS
+
+    for name, p in PRESETS.items():
+        dims = (p.embed_dim, p.depth, p.num_heads) if hasattr(p, "embed_dim") else tuple(p[:3])
+        if dims == (cfg.get("embed_dim"), cfg.get("depth"), cfg.get("num_heads")):
+            return name
+    return None
+
+
+def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
+    """The model part of an answer: the config, its preset name, decoder or not, parameter counts.
+
+    Without `shapes` (no weights written yet) the counts come from building the config's MAE on the meta
+    device, which allocates nothing.
+    """
+    summary = {"preset": preset_name(cfg), "config": cfg}
+    if shapes is None:
+        try:
+            import torch
+
+            from .model import MAE, MAEConfig
+
+            with torch.device("meta"):
+                model = MAE(MAEConfig.from_dict(cfg))
+            shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        except (TypeError, ValueError):
+            shapes = {}
+    summary["has_decoder"] = any(_is_decoder(k) for k in shapes)
+    summary["parameters"] = parameter_counts(shapes) if shapes else None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+
+
+def _checkpoints(run: Path) -> list[dict]:
+    """Every folder in RUN/checkpoints, oldest step first; `.tmp-*` ones are saves cut short."""
+    root = run / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if not p.is_dir():
+            continue
+        entry = {"name": p.name, "path": str(p), "bytes": _tree_bytes(p), "step": None, "complete": False,
+                 "resumable": False}
+        if p.name.startswith(".tmp-"):
+            entry["why"] = "an unfinished save (a temporary folder)"
+        elif p.name.startswith("step-") and p.name[5:].isdigit():
+            entry["step"] = int(p.name[5:])
+            missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
+            state, note = _read_json(p / "state.json")
+            entry["complete"] = not missing
+            entry["resumable"] = not missing and isinstance(state, dict) and isinstance(state.get("step"), int)
+            if missing:
+                entry["why"] = f"missing {', '.join(missing)}"
+            elif not entry["resumable"]:
+                entry["why"] = note or "state.json does not say its step"
+        else:
+            entry["why"] = "not a checkpoint folder"
+        found.append(entry)
+    return sorted(found, key=lambda e: (e["step"] is None, e["step"] or 0, e["name"]))
+
+
+def _metrics_summary(rows: list[dict]) -> dict:
+    """For each series (loss, lr, knn_top1, val_top1, ...): the last value, and for all but lr the best one
+    (lowest for a loss, highest otherwise) with the step and epoch it was logged at."""
+    epoch_at = {}
+    for row in rows:
+        for name in row:
+            epoch_at[(name, row.get("step"))] = row.get("epoch")
+    out = {}
+    for name, (steps, values) in metric_series(rows).items():
+        if name in NOT_PLOTTED:
+            continue
+        entry = {"last": values[-1], "last_step": steps[-1]}
+        if name == "lr":
+            entry["peak"] = max(values)
+        else:
+            pick = min if name.endswith("loss") else max
+            best = pick(range(len(values)), key=lambda i: values[i])
+            entry.update(best=values[best], best_step=steps[best], best_epoch=epoch_at.get((name, steps[best])))
+        out[name] = entry
+    return out
+
+
+def _count_images(data) -> int | None:
+    from .data import find_images
+
+    try:
+        return len(find_images(data))
+    except (OSError, ValueError, UserError):
+        return None
+
+
+def _epoch_at_last_step(rows: list[dict]) -> float | None:
+    latest = None
+    for row in rows:
+        step, epoch = row.get("step"), row.get("epoch")
+        if isinstance(step, int) and isinstance(epoch, (int, float)) and (latest is None or step >= latest[0]):
+            latest = (step, epoch)
+    return latest[1] if latest else None
+
+
+def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
+    recipe_key = "finetune" if isinstance(config.get("finetune"), dict) else "train"
+    recipe = config.get(recipe_key) if isinstance(config.get(recipe_key), dict) else {}
+    finetune = recipe_key == "finetune" or "classes" in config
+    info: dict = {"path": str(run), "kind": "finetune run" if finetune else "pretrain run", "recipe": recipe}
+
+    weights = run / WEIGHTS_NAME
+    shapes = None
+    if weights.is_file():
+        info["weights"] = {"path": str(weights), "bytes": weights.stat().st_size,
+                           "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(weights.stat().st_mtime))}
+        try:
+            shapes, meta = safetensors_header(weights)
+            info["weights"]["tensors"] = len(shapes)
+        except (OSError, ValueError, TypeError) as e:
+            notes.append(f"{weights} cannot be read ({e})")
+            meta = {}
+    else:
+        info["weights"] = None
+        meta = {}
+    cfg = config.get("model") if isinstance(config.get("model"), dict) else None
+    if cfg is None and "maecli_config" in meta:
+        try:
+            cfg = json.loads(meta["maecli_config"])
+        except ValueError:
+            notes.append(f"the config in {weights}'s header is not valid JSON")
+    info["model"] = _model_summary(cfg, shapes) if isinstance(cfg, dict) else None
+    if info["weights"] is not None and info["model"] is not None:
+        info["weights"]["has_decoder"] = info["model"]["has_decoder"]
+
+    classes = config.get("classes")
+    if classes is None and isinstance(config.get("finetune"), dict):
+        classes = config["finetune"].get("classes")
+    if isinstance(classes, list):
+        info["classes"] = [str(c) for c in classes]
+
+    rows = read_metrics(run / METRICS_NAME)
+    checkpoints = _checkpoints(run)
+    resumable = [c for c in checkpoints if c["resumable"]]
+    state: dict = {}
+    if resumable:
+        newest, _ = _read_json(Path(resumable[-1]["path"]) / "state.json")
+        state = newest if isinstance(newest, dict) else {}
+    info["checkpoints"] = checkpoints
+
+    data = recipe.get("data")
+    info["data"] = None
+    if isinstance(data, str):
+        exists = Path(data).exists()
+        info["data"] = {"path": data, "exists": exists, "images": _count_images(data) if exists else None,
+                        "images_at_start": state.get("images")}
+
+    series = metric_series(rows)  # in step order, a resumed run's repeats resolved
+
+    def last(name):
+        return series[name][1][-1] if name in series else None
+
+    step = max([steps[-1] for steps, _ in series.values()] + [state.get("step") or 0])
+    total = state.get("total_steps") if isinstance(state.get("total_steps"), int) else None
+    if total is None and isinstance(recipe.get("steps"), int) and recipe["steps"] > 0:
+        total = recipe["steps"]
+    epoch = _epoch_at_last_step(rows)
+    if epoch is None:
+        epoch = state.get("epoch")
+    epochs = recipe.get("epochs")
+    if total and step and isinstance(epoch, (int, float)) and epoch > 0:
+        epochs = round(total * epoch / step, 2)  # the steps per epoch as the run counted them
+    seconds = max([s for s in (last("time"), state.get("seconds")) if isinstance(s, (int, float))], default=None)
+    checkpoint_step = resumable[-1]["step"] if resumable else None
+    if total is not None and checkpoint_step is not None and checkpoint_step >= total:
+        status = "finished"
+    elif not rows and not checkpoints:
+        status = "not started"
+    else:
+        status = "unfinished"
+    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / "checkpoints") if p.exists()]
+    written += [os.stat(c["path"]).st_mtime for c in checkpoints if os.path.exists(c["path"])]
+    info["status"] = status
+    info["progress"] = {
+        "step": step, "total_steps": total, "epoch": epoch, "epochs": epochs,
+        "images_seen": last("images_seen") if "images_seen" in series else state.get("images_seen"),
+        "seconds": seconds, "checkpoint_step": checkpoint_step,
+        "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
+    }
+    info["metrics"] = _metrics_summary(rows)
+    skipped = state.get("skipped")
+    info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
+    info["notes"] = notes
+    order = ("path", "kind", "status", "model", "classes", "data", "recipe", "progress", "metrics", "skipped",
+             "checkpoints", "weights", "notes")  # the order a reader of --json wants them in
+    return {key: info[key] for key in order if key in info}
+
+
+def _is_run(folder: Path, config) -> bool:
+    if (folder / METRICS_NAME).exists() or (folder / "checkpoints").is_dir():
+        return True
+    return isinstance(config, dict) and any(k in config for k in ("train", "finetune", "classes"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights that are not a run
+
+
+def _weights_file(path: Path) -> Path | None:
+    if path.is_file():
+        return path
+    return next((path / n for n in FOLDER_WEIGHTS if (path / n).exists()), None)
+
+
+def _weights_info(path: Path) -> dict:
+    """What maecli.load makes of a weights file or a folder that is not a run."""
+    from . import load
+
+    try:
+        model = load(path)
+    except (UserError, ValueError, OSError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(message) from None
+    cfg = model.cfg.to_dict()
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    file = _weights_file(path)
+    return {
+        "path": str(path),
+        "kind": "weights",
+        "model": {"preset": preset_name(cfg), "config": cfg, "has_decoder": bool(model.has_decoder),
+                  "parameters": parameter_counts(shapes)},
+        "weights": {"path": str(file), "bytes": _tree_bytes(file), "has_decoder": bool(model.has_decoder),
+                    "tensors": len(shapes)} if file else None,
+    }
+
+
+def run_info(path: str | os.PathLike) -> dict:
+    """Everything `maecli info` shows, as a JSON-serialisable dict.
+
+    For a run folder: kind ("pretrain run" or "finetune run"), status ("finished", "unfinished" or "not
+    started"), model, data, recipe, progress, metrics (last and best of each series), skipped files,
+    checkpoints, weights, classes (finetune) and notes (files that could not be read). For anything else
+    maecli.load reads: kind "weights", the model it infers and the weights file. Bad paths raise UserError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a run folder or a weights file")
+    if path.is_dir():
+        config, note = _read_json(path / CONFIG_NAME)
+        if _is_run(path, config):
+            notes = [note] if note else []
+            if not (path / CONFIG_NAME).exists():
+                notes.append(f"{path} has no {CONFIG_NAME}; the model comes from the weights' header, if any")
+            if config is not None and not isinstance(config, dict):
+                notes.append(f"{path / CONFIG_NAME} is not a JSON object")
+            return _run_info(path, config if isinstance(config, dict) else {}, notes)
+    return _weights_info(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+LABEL = 13  # the width of format_info's left column
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+def _number(x) -> str:
+    return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def _model_line(model: dict) -> str:
+    c = model["config"]
+    name = model["preset"] or "custom"
+    line = (f"{name}: {c.get('embed_dim')} wide, {c.get('depth')} deep, {c.get('num_heads')} heads; "
+            f"{c.get('img_size')} px in {c.get('patch_size')} px patches, {c.get('in_chans')} channels")
+    if model["has_decoder"]:
+        line += f"; decoder {c.get('decoder_dim')} wide, {c.get('decoder_depth')} deep"
+    else:
+        line += "; no decoder (embeds, cannot reconstruct)"
+    p = model.get("parameters")
+    if p:
+        parts = [f"{_count(p['encoder'])} encoder"]
+        if p["decoder"]:
+            parts.append(f"{_count(p['decoder'])} decoder")
+        if p["other"]:
+            parts.append(f"{_count(p['other'])} other")
+        line += f"\n{'':{LABEL + 2}}{_count(p['total'])} parameters ({' + '.join(parts)})"
+    return line
+
+
+def _recipe_line(r: dict) -> str:
+    parts = []
+    if r.get("steps"):
+        parts.append(f"{r['steps']} steps")
+    elif r.get("epochs") is not None:
+        parts.append(f"{r['epochs']} epochs")
+    if r.get("batch_size") is not None:
+        accum = r.get("accum_iter") or 1
+        parts.append(f"batch {r['batch_size']}" + (f" x {accum} accumulated" if accum > 1 else ""))
+    if r.get("lr") is not None:
+        parts.append(f"lr {_number(r['lr'])}")
+    elif r.get("blr") is not None:
+        parts.append(f"blr {_number(r['blr'])}")
+    for key, label in (("mask", "mask"), ("warmup_epochs", "warmup epochs"), ("weight_decay", "weight decay"),
+                       ("seed", "seed")):
+        if r.get(key) is not None:
+            parts.append(f"{label} {_number(r[key])}")
+    return ", ".join(parts)
+
+
+def format_info(info: dict) -> str:
+    """A few readable lines from `run_info`'s answer."""
+    lines = []
+
+    def row(label: str, text: str):
+        lines.append(f"  {label:<{LABEL}}{text}".rstrip())
+
+    if info["kind"] == "weights":
+        head = f"{info['path']}: weights, "
+        head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
+        lines.append(head)
+        row("model", _model_line(info["model"]))
+        w = info.get("weights")
+        if w:
+            row("file", f"{w['path']} ({_size(w['bytes'])}, {w['tensors']} tensors)")
+        return "\n".join(lines)
+
+    status, prog = info["status"], info["progress"]
+    head = f"{info['path']}: {info['kind']}, {status}"
+    if status == "unfinished":
+        ago = prog["seconds_since_last_write"]
+        head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
+    lines.append(head)
+    if info["model"]:
+        row("model", _model_line(info["model"]))
+    if info.get("classes") is not None:
+        classes = info["classes"]
+        shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
+        row("classes", f"{len(classes)}: {shown}")
+    d = info["data"]
+    if d:
+        if not d["exists"]:
+            row("data", f"{d['path']} (not found here)")
+        else:
+            text = f"{d['path']} ({d['images']} images"
+            if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
+                text += f"; {d['images_at_start']} when the run started"
+            row("data", text + ")")
+    if info["recipe"]:
+        row("recipe", _recipe_line(info["recipe"]))
+
+    text = f"step {prog['step']}" + (f" of {prog['total_steps']}" if prog["total_steps"] else "")
+    if prog["epoch"] is not None:
+        text += f", epoch {_number(prog['epoch'])}" + (f" of {_number(prog['epochs'])}" if prog["epochs"] else "")
+    if prog["images_seen"] is not None:
+        text += f", {prog['images_seen']:,} images seen"
+    if prog["seconds"] is not None:
+        text += f", {_duration(prog['seconds'])} of training"
+    row("progress", text)
+    if status == "unfinished" and info["kind"] == "pretrain run" and prog["checkpoint_step"] is not None:
+        data = info["recipe"].get("data", "DATA")
+        row("", f"resumes from step {prog['checkpoint_step']}: maecli pretrain {data} --out {info['path']} --resume")
+
+    for name, m in info["metrics"].items():
+        if name == "lr":
+            row("lr", f"last {m['last']:.3g} (step {m['last_step']}), peak {m['peak']:.3g}")
+            continue
+        when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
+        word = "lowest" if name.endswith("loss") else "best"
+        row(name, f"last {m['last']:.4f} (step {m['last_step']}), {word} {m['best']:.4f} ({when})")
+
+    skipped = info["skipped"]
+    if skipped:
+        first = list(skipped.items())[:3]
+        row("skipped", f"{len(skipped)} unreadable files: " + "; ".join(f"{p} ({why})" for p, why in first)
+            + ("; ..." if len(skipped) > 3 else ""))
+
+    if info["checkpoints"]:
+        row("checkpoints", "")
+        resumable = [c for c in info["checkpoints"] if c["resumable"]]
+        for c in info["checkpoints"]:
+            if c["resumable"]:
+                state = "resumable" + (" (newest)" if c is resumable[-1] else "")
+            else:
+                state = f"incomplete: {c.get('why', 'unusable')}"
+            lines.append(f"    {c['name']:<26}{_size(c['bytes']):>10}  {state}")
+    else:
+        row("checkpoints", "none")
+    w = info["weights"]
+    if w:
+        row("weights", f"{w['path']} ({_size(w['bytes'])}, written {w['modified']})")
+    else:
+        row("weights", "none yet (written at each epoch end)")
+    for note in info["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

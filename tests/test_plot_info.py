@@ -1,0 +1,446 @@
+"""`maecli plot` and `maecli info` on run folders written by hand (config.json, metrics.jsonl, checkpoints and a
+real tiny model's weights), so they test the reading, not the training loop."""
+import json
+import math
+import os
+import shutil
+import sys
+
+import pytest
+from conftest import EXAMPLES
+
+from maecli.errors import UserError
+from maecli.info import format_info, preset_name, run_info
+from maecli.plot import metric_series, read_metrics
+
+CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_dim": 32,
+       "decoder_depth": 1, "decoder_heads": 2}
+TOTAL = 40  # steps of a whole hand-made run: 4 epochs of 10
+
+
+def model_config() -> dict:
+    from maecli.model import MAEConfig
+
+    return MAEConfig(**CFG).to_dict()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A real tiny MAE's model.safetensors (with the decoder), written once and copied into each run."""
+    from maecli.model import MAE, MAEConfig
+    from maecli.weights import save_weights
+
+    path = tmp_path_factory.mktemp("weights") / "model.safetensors"
+    save_weights(MAE(MAEConfig(**CFG)), path)
+    return path
+
+
+def train_rows(first: int, last: int, every: int = 2, scale: float = 1.0) -> list[dict]:
+    """Training rows as pretrain logs them: the loss falls through two decades, the lr warms up then decays."""
+    rows = []
+    for step in range(first, last + 1, every):
+        rows.append({"step": step, "epoch": step / 10, "loss": scale * math.exp(-step / 8.0),
+                     "lr": 1e-3 * min(step / 10, 1.0) * (1 + math.cos(math.pi * step / TOTAL)) / 2,
+                     "images_per_sec": 100.0, "images_seen": step * 4, "time": step * 0.5})
+    return rows
+
+
+def probe_rows(epochs) -> list[dict]:
+    return [{"step": e * 10, "epoch": e, "knn_top1": 0.2 + 0.1 * e, "knn_top5": 0.6 + 0.05 * e} for e in epochs]
+
+
+def write_metrics(run, rows, tail: str = ""):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def make_run(root, weights, *, logged=TOTAL, checkpoints=(20, 40), rows=None, data=None, with_weights=True,
+             skipped=None, config_extra=None):
+    """A pretrain run folder: config.json, metrics.jsonl up to step `logged`, complete checkpoints at the given
+    steps, the weights file."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = {"data": str(data or root / "no-such-photos"), "out": str(root), "model": "vit-tiny", "img_size": 32,
+             "epochs": 4, "steps": None, "batch_size": 4, "blr": 1.5e-4, "lr": None, "mask": 0.75, "seed": 0,
+             "warmup_epochs": 1, "accum_iter": 1}
+    config = {"model": model_config(), "train": train, **(config_extra or {})}
+    (root / "config.json").write_text(json.dumps(config))
+    write_metrics(root, train_rows(2, logged) + probe_rows(range(1, logged // 10 + 1)) if rows is None else rows)
+    for step in checkpoints:
+        add_checkpoint(root, weights, step, skipped=skipped)
+    if with_weights:
+        shutil.copy(weights, root / "model.safetensors")
+    return root
+
+
+def add_checkpoint(run, weights, step, skipped=None, files=("model.safetensors", "optimizer.pt", "state.json")):
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if "model.safetensors" in files:
+        shutil.copy(weights, ckpt / "model.safetensors")
+    if "optimizer.pt" in files:
+        (ckpt / "optimizer.pt").write_bytes(b"\0" * 1000)
+    if "state.json" in files:
+        state = {"step": step, "epoch": step / 10, "images_seen": step * 4, "total_steps": TOTAL,
+                 "seconds": step * 0.5, "images": 8, "processes": 1, "skipped": skipped or {}}
+        (ckpt / "state.json").write_text(json.dumps(state))
+    return ckpt
+
+
+# -- reading metrics.jsonl --------------------------------------------------------------------------
+
+
+def test_half_written_last_line_is_dropped(tmp_path):
+    write_metrics(tmp_path, train_rows(2, 10), tail='{"step": 12, "epoch": 1.2, "lo')
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_resumed_metrics_keep_the_newer_rows(tmp_path):
+    """A killed run logged up to step 30 past its checkpoint at 20; the resumed run logs 22.. again."""
+    rows = train_rows(2, 30) + train_rows(22, 40, scale=2.0) + probe_rows([1, 2, 3, 2, 3, 4])
+    steps, losses = metric_series(rows)["loss"]
+    assert steps == list(range(2, 41, 2))
+    assert losses[steps.index(30)] == pytest.approx(2.0 * math.exp(-30 / 8))  # the resumed run's value
+    assert losses[steps.index(20)] == pytest.approx(math.exp(-20 / 8))
+    assert metric_series(rows)["knn_top1"][0] == [10, 20, 30, 40]
+    # rows without an integer step, and values that are not finite numbers, are not series
+    series = metric_series([{"step": "x", "loss": 1.0}, {"step": 3, "loss": float("nan"), "note": "hi",
+                                                        "flag": True}])
+    assert series == {}
+
+
+# -- plot ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mpl():
+    return pytest.importorskip("matplotlib")
+
+
+def figure(runs):
+    from maecli.plot import load_curves, make_figure
+
+    return make_figure(load_curves(runs, warn=lambda message: None))
+
+
+def test_plot_writes_a_png_with_a_panel_per_series(tmp_path, weights, mpl):
+    from maecli.plot import figure_panels, plot_runs
+
+    run = make_run(tmp_path / "run", weights)
+    out = plot_runs([run], tmp_path / "pics" / "curves.png")
+    assert out == tmp_path / "pics" / "curves.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.parent.iterdir()] == ["curves.png"]  # no temporary file left behind
+    assert figure_panels([run]) == ["loss", "learning rate", "kNN top-1", "kNN top-5"]
+    fig = figure([run])
+    loss, lr, knn = fig.axes[:3]
+    assert loss.get_yscale() == "log"  # two decades of loss
+    assert lr.get_yscale() == "linear"
+    assert [ax.get_xlabel() for ax in fig.axes] == ["step"] * 4
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "lr", "knn_top1", "knn_top5"]
+    assert list(knn.lines[0].get_xdata()) == [10, 20, 30, 40]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["run"]
+
+
+def test_a_narrow_loss_stays_linear(tmp_path, mpl):
+    write_metrics(tmp_path / "run", [{"step": s, "loss": 0.5 + 0.01 * s, "lr": 1e-4} for s in range(1, 20)])
+    assert figure([tmp_path / "run"]).axes[0].get_yscale() == "linear"
+
+
+def test_two_runs_overlay_with_a_legend(tmp_path, weights, mpl):
+    """Two recipes whose folders share a name; the second also logs finetune-style validation rows."""
+    a = make_run(tmp_path / "a" / "run", weights)
+    b = make_run(tmp_path / "b" / "run", weights, rows=train_rows(2, 30) + [
+        {"step": 10, "epoch": 1, "val_top1": 0.5, "val_loss": 1.2}, {"step": 20, "epoch": 2, "val_top1": 0.6,
+                                                                     "val_loss": 1.0}])
+    fig = figure([a, b])
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "learning rate", "kNN top-1", "kNN top-5",
+                                                   "validation loss", "validation top-1"]
+    loss = fig.axes[0]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["a/run", "b/run"]
+    assert [line.get_label() for line in loss.lines] == ["a/run", "b/run"]
+    assert loss.lines[0].get_color() != loss.lines[1].get_color()
+    assert [line.get_label() for line in fig.axes[-1].lines] == ["b/run"]  # only b has validation rows
+    assert fig.axes[-1].lines[0].get_color() == loss.lines[1].get_color()  # a run keeps its color
+
+
+def test_the_same_run_twice_gets_two_labels(tmp_path, weights, mpl):
+    run = make_run(tmp_path / "run", weights)
+    labels = [t.get_text() for t in figure([run, run]).axes[0].get_legend().get_texts()]
+    assert len(set(labels)) == 2 and all("run" in label for label in labels)
+
+
+def test_plot_a_run_in_progress(tmp_path, weights, mpl):
+    """Halfway through, the last line being written: the rows so far are drawn."""
+    run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20], with_weights=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 26, "epoch": 2.6, "loss": 0.0')
+    loss = figure([run]).axes[0]
+    assert list(loss.lines[0].get_xdata()) == list(range(2, 25, 2))
+
+
+def test_plot_resumed_metrics(tmp_path, weights, mpl):
+    run = make_run(tmp_path / "run", weights, rows=train_rows(2, 30) + train_rows(22, 40))
+    xs = list(figure([run]).axes[0].lines[0].get_xdata())
+    assert xs == sorted(set(xs)) == list(range(2, 41, 2))
+
+
+def test_empty_or_missing_metrics(tmp_path, weights, mpl):
+    from maecli.plot import load_curves, plot_runs
+
+    empty = tmp_path / "empty"
+    write_metrics(empty, [])
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    with pytest.raises(UserError, match="nothing to plot: .*empty has no metrics rows yet, .*missing has no metrics"):
+        plot_runs([empty, missing], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+    with pytest.raises(UserError, match="not found"):
+        plot_runs([tmp_path / "nowhere"], tmp_path / "c.png")
+    with pytest.raises(UserError, match="no runs"):
+        plot_runs([], tmp_path / "c.png")
+    # with one good run, the empty one is left out with a warning
+    good = make_run(tmp_path / "good", weights)
+    warned = []
+    assert [c.path for c in load_curves([empty, good, missing], warn=warned.append)] == [good]
+    assert len(warned) == 2 and "no metrics rows" in warned[0] and "no metrics.jsonl" in warned[1]
+    with pytest.warns(UserWarning, match="left out of the plot"):  # the default: a Python warning
+        load_curves([empty, good])
+    with pytest.raises(UserError, match="is a folder"):
+        plot_runs([good], tmp_path)
+
+
+def test_write_curves(tmp_path, weights, mpl):
+    from maecli.plot import write_curves
+
+    run = make_run(tmp_path / "run", weights)
+    assert write_curves(run) == run / "curves.png"
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    write_metrics(run, [])
+    assert write_curves(run) is None  # nothing to draw: the caller warns, the run goes on
+
+
+def test_missing_matplotlib_names_the_extra(tmp_path, weights, monkeypatch):
+    from maecli.plot import plot_runs, write_curves
+
+    run = make_run(tmp_path / "run", weights)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r'pip install "maecli\[plot\]"'):
+        plot_runs([run], tmp_path / "c.png")
+    with pytest.raises(UserError, match="matplotlib"):
+        write_curves(run)
+
+
+# -- info ---------------------------------------------------------------------------------------------
+
+
+def images(root, n=3):
+    root.mkdir(parents=True)
+    for f in sorted(EXAMPLES.glob("*.jpg"))[:n]:
+        shutil.copy(f, root / f.name)
+    return root
+
+
+def state_dict_size() -> int:
+    from maecli.model import MAE, MAEConfig
+
+    return sum(t.numel() for t in MAE(MAEConfig(**CFG)).state_dict().values())
+
+
+def said(info) -> str:
+    """format_info's text with runs of spaces as one, so the checks do not depend on column widths."""
+    return " ".join(format_info(info).split())
+
+
+def test_info_finished_run(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights, data=images(tmp_path / "photos"))
+    info = run_info(run)
+    json.dumps(info, allow_nan=False)
+    assert info["kind"] == "pretrain run" and info["status"] == "finished"
+    assert info["model"]["config"] == model_config() and info["model"]["preset"] is None
+    assert info["model"]["has_decoder"] is True
+    assert info["model"]["parameters"]["total"] == state_dict_size()
+    assert info["data"] == {"path": str(tmp_path / "photos"), "exists": True, "images": 3, "images_at_start": 8}
+    assert info["progress"]["step"] == info["progress"]["total_steps"] == TOTAL
+    assert info["progress"]["epoch"] == 4 and info["progress"]["epochs"] == 4
+    assert info["progress"]["images_seen"] == TOTAL * 4 and info["progress"]["seconds"] == TOTAL * 0.5
+    loss = info["metrics"]["loss"]
+    assert loss["last_step"] == TOTAL and loss["best_step"] == TOTAL and loss["best"] == loss["last"]
+    assert info["metrics"]["knn_top1"]["best"] == pytest.approx(0.6) and info["metrics"]["knn_top1"]["best_epoch"] == 4
+    assert [(c["step"], c["resumable"]) for c in info["checkpoints"]] == [(20, True), (40, True)]
+    assert info["weights"]["bytes"] == weights.stat().st_size and info["weights"]["has_decoder"]
+    text = said(info)
+    for part in ("pretrain run, finished", "custom: 32 wide, 2 deep, 2 heads", "3 images; 8 when the run started",
+                 "4 epochs, batch 4, blr 0.00015, mask 0.75", "step 40 of 40, epoch 4 of 4, 160 images seen",
+                 "knn_top1", "step-00000040", "resumable (newest)", str(run / "model.safetensors")):
+        assert part in text, (part, text)
+    assert "--resume" not in text
+
+
+def test_info_in_progress_run(tmp_path, weights):
+    """Step 24 of 40 logged, the checkpoint at 20, a save under way, no weights yet, data folder gone."""
+    run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20], with_weights=False)
+    tmp_save = run / "checkpoints" / ".tmp-step-00000030-123"
+    tmp_save.mkdir()
+    (tmp_save / "model.safetensors").write_bytes(b"partial")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 26, "lo')
+    info = run_info(run)
+    json.dumps(info, allow_nan=False)
+    assert info["status"] == "unfinished"
+    assert info["progress"]["step"] == 24 and info["progress"]["checkpoint_step"] == 20
+    assert info["progress"]["seconds_since_last_write"] < 60
+    assert info["weights"] is None
+    assert info["model"]["parameters"]["total"] == state_dict_size()  # from the config, on the meta device
+    assert info["data"]["exists"] is False and info["data"]["images"] is None
+    assert [(c["name"], c["complete"], c["resumable"]) for c in info["checkpoints"]] == [
+        ("step-00000020", True, True), (".tmp-step-00000030-123", False, False)]
+    text = said(info)
+    for part in ("unfinished (in progress, or stopped; last write", "step 24 of 40", "resumes from step 20",
+                 "--resume", "incomplete: an unfinished save", "weights none yet", "(not found here)"):
+        assert part in text, (part, text)
+
+
+def test_info_killed_run(tmp_path, weights):
+    """Killed long ago at step 30, its last checkpoint missing a file; two files skipped on the way."""
+    skipped = {"photos/bad.jpg": "truncated file", "photos/empty.png": "zero bytes"}
+    run = make_run(tmp_path / "run", weights, logged=30, checkpoints=[10, 20], skipped=skipped)
+    add_checkpoint(run, weights, 30, files=("model.safetensors", "state.json"))
+    old = 1_000_000_000
+    for p in [run / "metrics.jsonl", run / "model.safetensors", run / "checkpoints",
+              *(run / "checkpoints").iterdir()]:
+        os.utime(p, (old, old))
+    info = run_info(run)
+    assert info["status"] == "unfinished" and info["progress"]["checkpoint_step"] == 20
+    assert info["progress"]["seconds_since_last_write"] > 3600
+    assert info["skipped"] == skipped
+    assert info["checkpoints"][-1]["step"] == 30 and not info["checkpoints"][-1]["resumable"]
+    text = said(info)
+    for part in ("h ", "2 unreadable files: photos/bad.jpg (truncated file)", "incomplete: missing optimizer.pt",
+                 "resumes from step 20"):
+        assert part in text, (part, text)
+
+
+def test_info_not_started(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
+    info = run_info(run)
+    assert info["status"] == "not started" and info["metrics"] == {} and info["checkpoints"] == []
+    assert "checkpoints none" in said(info)
+
+
+def test_info_finetune_run(tmp_path, weights):
+    """A finetune-style run: its args under "finetune", class names, validation rows, keys info does not know."""
+    run = tmp_path / "ft"
+    run.mkdir()
+    config = {"model": {**model_config(), "num_classes": 2, "global_pool": True}, "classes": ["cat", "dog"],
+              "finetune": {"data": str(tmp_path / "pets"), "epochs": 2, "batch_size": 8, "lr": 1e-3,
+                           "label_smoothing": 0.1}, "head": {"something": "new"}}
+    (run / "config.json").write_text(json.dumps(config))
+    rows = [{"step": 5, "epoch": 1, "loss": 0.9, "lr": 1e-3}, {"step": 5, "epoch": 1, "val_top1": 0.7,
+                                                                "val_loss": 0.8},
+            {"step": 10, "epoch": 2, "loss": 0.5, "lr": 1e-4}, {"step": 10, "epoch": 2, "val_top1": 0.65,
+                                                                 "val_loss": 0.6}]
+    write_metrics(run, rows)
+    shutil.copy(weights, run / "model.safetensors")
+    info = run_info(run)
+    json.dumps(info, allow_nan=False)
+    assert info["kind"] == "finetune run" and info["classes"] == ["cat", "dog"]
+    assert info["metrics"]["val_top1"]["best"] == 0.7 and info["metrics"]["val_top1"]["best_epoch"] == 1
+    assert info["metrics"]["val_loss"]["best"] == 0.6 and info["metrics"]["val_loss"]["best_step"] == 10
+    assert info["recipe"]["label_smoothing"] == 0.1
+    text = said(info)
+    for part in ("finetune run", "classes 2: cat, dog", "val_top1", "best 0.7000 (step 5, epoch 1)",
+                 "val_loss", "lowest 0.6000", "2 epochs, batch 8, lr 0.001"):
+        assert part in text, (part, text)
+
+
+def test_info_plain_weights(tmp_path, weights):
+    info = run_info(weights)
+    json.dumps(info, allow_nan=False)
+    assert info["kind"] == "weights" and info["model"]["has_decoder"] is True
+    assert info["model"]["config"] == model_config()
+    assert info["model"]["parameters"]["total"] == state_dict_size()
+    assert info["weights"]["bytes"] == weights.stat().st_size
+    assert "weights, with the decoder" in format_info(info)
+
+
+def test_info_encoder_only_weights_in_a_folder(tmp_path):
+    from maecli.model import MAE, MAEConfig
+    from maecli.weights import save_weights
+
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    save_weights(MAE(MAEConfig(**CFG), decoder=False), folder / "model.safetensors")
+    info = run_info(folder)
+    assert info["kind"] == "weights" and info["model"]["has_decoder"] is False
+    assert info["model"]["parameters"]["decoder"] == 0
+    assert "encoder only" in format_info(info)
+
+
+def test_preset_names():
+    assert preset_name({"embed_dim": 192, "depth": 12, "num_heads": 3}) == "vit-tiny"
+    assert preset_name({"embed_dim": 768, "depth": 12, "num_heads": 12}) == "vit-base"
+    assert preset_name(CFG) is None
+
+
+def test_info_bad_paths(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        run_info(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError) as e:
+        run_info(tmp_path / "notes.txt")
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError):
+        run_info(tmp_path / "empty")
+
+
+# -- the commands -------------------------------------------------------------------------------------
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from maecli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_plot(tmp_path, weights, mpl, monkeypatch):
+    a = make_run(tmp_path / "a", weights)
+    b = make_run(tmp_path / "b", weights, logged=24, checkpoints=[20])
+    write_metrics(tmp_path / "empty", [])
+    monkeypatch.chdir(tmp_path)
+    r = invoke("plot", a, b, tmp_path / "empty")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "curves.png\n" and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "curves of 3 runs" in r.stderr and "warning:" in r.stderr and "empty has no metrics rows" in r.stderr
+    r = invoke("plot", a, "-o", tmp_path / "pics" / "a.png")
+    assert r.exit_code == 0 and r.stdout == f"{tmp_path / 'pics' / 'a.png'}\n"
+
+
+def test_cli_plot_errors(tmp_path, mpl):
+    write_metrics(tmp_path / "empty", [])
+    for args, message in [((tmp_path / "empty",), "nothing to plot"), ((tmp_path / "nowhere",), "run not found")]:
+        r = invoke("plot", *args, "-o", tmp_path / "c.png")
+        assert r.exit_code == 1 and r.stdout == ""
+        assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+        assert "Traceback" not in r.output and r.stderr.count("\n") == 1
+
+
+def test_cli_info(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20])
+    r = invoke("info", run)
+    assert r.exit_code == 0, r.output
+    assert "pretrain run, unfinished" in r.stdout and "--resume" in r.stdout
+    r = invoke("info", run, "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert info["status"] == "unfinished" and info["progress"]["step"] == 24
+    r = invoke("info", weights, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["kind"] == "weights"
+    for bad in (tmp_path / "nowhere", tmp_path / "run" / "config.json"):
+        r = invoke("info", bad)
+        assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith("error: "), r.output
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.output
