@@ -551,3 +551,218 @@ def info(
         typer.echo(json.dumps(summary))
     else:
         typer.echo(format_info(summary))
+
+
+@app.command()
+def finetune(
+    ctx: typer.Context,
+    data: Path = typer.Argument(..., help="Labelled folder, read as `maecli probe` reads it: one subfolder per class, "
+                                          "or train/ and val/ (or test/) that each hold them."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="The pretrained encoder: " + WEIGHTS_HELP),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
+    val: Path | None = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
+                                                           "(when DATA holds no train/ and val/)."),
+    val_split: float | None = typer.Option(None, "--val-split", callback=finite,
+                                              help="Fraction of each class held out when there is no validation "
+                                                   "folder (default 0.2)."),
+    fraction: float | None = typer.Option(None, "--fraction", callback=finite,
+                                             help="Train on this fraction of each class's training images (a seeded "
+                                                  "stratified subset): the few-labels case."),
+    per_class: int | None = typer.Option(None, "--per-class", min=1, max=10**9,
+                                            help="Train on at most N images of each class (seeded)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also train the same architecture from random init with "
+                                                            "the same recipe, seed and data order, into RUN/baseline, "
+                                                            "and show both."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result table as one JSON object on stdout."),
+    epochs: int = typer.Option(50, "--epochs", min=1, max=10**7, help="Passes over the training images."),
+    steps: int | None = typer.Option(None, "--steps", min=1, max=10**9,
+                                        help="Stop after this many optimizer steps (wins over --epochs)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
+    blr: float = typer.Option(1e-3, "--blr", min=0.0, callback=finite,
+                              help="Base learning rate: lr = blr x effective batch / 256."),
+    lr: float | None = typer.Option(None, "--lr", min=0.0, callback=finite,
+                                       help="Absolute learning rate (overrides --blr)."),
+    min_lr: float = typer.Option(1e-6, "--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends."),
+    warmup_epochs: float = typer.Option(5, "--warmup-epochs", min=0.0, max=10**7, callback=finite,
+                                        help="Linear warmup, in epochs (at most half the run)."),
+    accum_iter: int = typer.Option(1, "--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step."),
+    clip_grad: float | None = typer.Option(None, "--clip-grad", min=0.0, callback=finite,
+                                              help="Clip the gradient norm."),
+    weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, callback=finite, help="AdamW weight decay."),
+    layer_decay: float = typer.Option(0.75, "--layer-decay", callback=finite,
+                                      help="Layer-wise lr decay: each block trains this many times slower than the one "
+                                           "above it (1: no decay)."),
+    drop_path: float = typer.Option(0.1, "--drop-path", min=0.0, max=0.99, callback=finite,
+                                    help="Stochastic depth rate."),
+    mixup: float = typer.Option(0.8, "--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off)."),
+    cutmix: float = typer.Option(1.0, "--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off)."),
+    smoothing: float = typer.Option(0.1, "--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing."),
+    reprob: float = typer.Option(0.25, "--reprob", min=0.0, max=1.0, callback=finite,
+                                 help="Random erasing probability."),
+    aa: str = typer.Option("rand-m9-mstd0.5-inc1", "--aa", help="timm RandAugment policy, or none."),
+    pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens, then a LayerNorm (the "
+                                                        "paper's default); cls: the cls token."),
+    img_size: int | None = typer.Option(None, "--img-size", min=8, max=4096,
+                                           help="Input size [default: the weights'; another size resizes the position "
+                                                "embeddings]."),
+    precision: Precision = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
+    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**31 - 1, help="Seed for the subset, init, data order, "
+                                                                    "augmentation and mixing."),
+    save_every: int = typer.Option(500, "--save-every", min=0, max=10**9,
+                                   help="Checkpoint every N steps (and at each epoch end)."),
+    keep: int = typer.Option(2, "--keep", min=1, max=10**6, help="How many checkpoints to keep."),
+    log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (and its baseline) from the newest "
+                                                        "checkpoints."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+):
+    """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
+
+    Validates at each epoch end (val_top1, val_top5, val_loss in metrics.jsonl) and keeps the best epoch's
+    classifier in RUN/model.safetensors; config.json holds the classes in order and the recipe, per_class.json
+    the best epoch's accuracy per class. With --baseline the same recipe from random init runs next, into
+    RUN/baseline, and the closing table shows both.
+
+    --resume continues an interrupted run exactly. Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
+    """
+    if resume and out is None:
+        fail("--resume needs --out RUN_FOLDER", 2)
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other; pick one", 2)
+    if val is not None and val_split is not None:
+        fail("--val and --val-split contradict each other; pick one", 2)
+    if val_split is not None and not 0 < val_split < 1:
+        fail(f"--val-split must lie strictly between 0 and 1, got {val_split}", 2)
+    if fraction is not None and per_class is not None:
+        fail("--fraction and --per-class contradict each other; pick one", 2)
+    if fraction is not None and not 0 < fraction <= 1:
+        fail(f"--fraction must lie in (0, 1], got {fraction}", 2)
+    if not 0 < layer_decay <= 1:
+        fail(f"--layer-decay must lie in (0, 1], got {layer_decay}", 2)
+    for path in (data, val, weights):
+        if path is not None and not path.exists():
+            fail(f"{path} does not exist")
+    quiet_libraries()
+    from .console import console
+    from .finetune import FinetuneArgs, json_summary, result_table, stopped_message
+    from .finetune import finetune as run_finetune
+    from .runtime import default_device
+
+    host.tune_for_cpu(default_device())
+    args = FinetuneArgs(
+        data=str(data), weights=str(weights), out=str(out) if out else None, val=str(val) if val else None,
+        val_split=val_split, fraction=fraction, per_class=per_class, img_size=img_size, pool=pool.value,
+        epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
+        accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay, layer_decay=layer_decay,
+        drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, reprob=reprob, aa=aa,
+        precision=precision.value, workers=workers, seed=seed, save_every=save_every, keep=keep, log_every=log_every,
+        resume=resume, overwrite=overwrite, baseline=baseline,
+    )
+    given = {name for name in ctx.params
+             if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    try:
+        with reported():
+            result = run_finetune(args, given=given)
+    except KeyboardInterrupt:
+        fail("interrupted; the checkpoints on disk are complete (continue with --resume)", 130)
+    stopped = stopped_message(result, args)
+    if stopped:
+        import signal
+
+        console.print(f"[yellow]{stopped}[/]")
+        signum = next(r["signal"] for r in (result["finetuned"], result["baseline"]) if r and r["signal"])
+        raise typer.Exit(130 if signum == signal.SIGINT else 143)
+    console.print(result_table(result))
+    for name, r in (("finetuned", result["finetuned"]), ("baseline", result["baseline"])):
+        if r is not None:
+            console.print(f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; {r['skipped']} "
+                          f"unreadable training file(s) skipped, {r['val_unreadable']} validation file(s)")
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(json_summary(result)))
+
+
+class PredictFormat(str, Enum):
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+@app.command()
+def predict(
+    inputs: list[str] = typer.Argument(..., metavar="INPUT",
+                                       help="Image files, folders (searched at any depth), or - to read "
+                                            "newline-separated paths from stdin."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="A `maecli finetune` run folder or its "
+                                                              "model.safetensors."),
+    fmt: PredictFormat = typer.Option(PredictFormat.jsonl, "--format", "-f",
+                                      help="jsonl: {\"path\", \"class\", \"probability\", \"top_k\"} per line; csv: "
+                                           "path,class,probability,class_2,probability_2,..."),
+    top_k: int = typer.Option(5, "--top-k", min=1, max=10**5, help="Classes listed per image (at most all)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5,
+                                   help="Images per forward pass (does not change the results)."),
+    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
+    precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout (written whole "
+                                                                       "at the end)."),
+    strict: bool = typer.Option(False, "--strict", help="Stop with an error at the first unreadable image "
+                                                        "instead of skipping it."),
+):
+    """Label images with a fine-tuned classifier: the predicted class, its probability and the top k.
+
+    Each batch is written as soon as it is classified, in input order, so it works inside pipelines:
+
+    find photos -name '*.jpg' | maecli predict - -w runs/ft > labels.jsonl
+
+    Images are read as validation reads them (shorter side resized, center-cropped). Unreadable images are
+    skipped with a warning and counted (exit 0), unless --strict.
+    """
+    for item in inputs:
+        if item != "-" and not Path(item).exists():
+            fail(f"{item} does not exist")
+    if not weights.exists():
+        fail(f"weights not found: {weights}")
+    to_file = output is not None and str(output) != "-"
+    if to_file and output.is_dir():
+        fail(f"--output {output} is a folder; give a file", 2)
+    quiet_libraries()
+    import tempfile
+
+    from .classifier import load_classifier
+    from .console import console
+    from .predict import write_predictions
+    from .runtime import default_device
+
+    out, tmp = None, None
+    try:
+        with reported():
+            device = default_device()
+            host.tune_for_cpu(device)
+            model, classes = load_classifier(weights)
+            model = model.to(device)
+            if to_file:
+                fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or ".")
+                out = open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            else:
+                sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
+                out = sys.stdout
+            summary = write_predictions(model, classes, inputs, out=out, fmt=fmt.value, top_k=top_k,
+                                        batch_size=batch_size, workers=workers_or_default(workers),
+                                        precision=precision.value, strict=strict, console=console)
+            if tmp is not None:
+                out.close()
+                os.replace(tmp, output)
+                tmp = None
+    except BrokenPipeError:
+        stdout_closed_early()
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    finally:
+        if tmp is not None:
+            out.close()
+            os.unlink(tmp)
+    n, seconds = summary["predicted"], summary["seconds"]
+    console.print(f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
+                  + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
+                  + (f"; written to {output}" if to_file else ""))

@@ -22,8 +22,9 @@ def encoder_state(model: MAE) -> dict[str, torch.Tensor]:
     }
 
 
-def timm_create_call(cfg: MAEConfig) -> str:
-    """The `timm.create_model(...)` call that builds an encoder these weights load into with strict=True."""
+def timm_create_call(cfg: MAEConfig, num_classes: int = 0, global_pool: str | None = None) -> str:
+    """The `timm.create_model(...)` call that builds an encoder (or, given classes, a classifier) these weights load
+    into with strict=True."""
     dims = (cfg.embed_dim, cfg.depth, cfg.num_heads)
     preset = next((p for p in PRESETS.values() if (p.embed_dim, p.depth, p.num_heads) == dims), PRESETS["vit-base"])
     base = dict(embed_dim=preset.embed_dim, depth=preset.depth, num_heads=preset.num_heads, mlp_ratio=4.0,
@@ -31,7 +32,8 @@ def timm_create_call(cfg: MAEConfig) -> str:
     ours = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
                 patch_size=cfg.patch_size, img_size=cfg.img_size, in_chans=cfg.in_chans)
     kwargs = "".join(f", {k}={v!r}" for k, v in ours.items() if v != base[k])
-    return f"timm.create_model('{preset.timm_name}', num_classes=0{kwargs})"
+    pool = f", global_pool={global_pool!r}" if global_pool is not None else ""
+    return f"timm.create_model('{preset.timm_name}', num_classes={num_classes}{pool}{kwargs})"
 
 
 def export_timm(model: MAE, out: Path) -> str:
@@ -76,6 +78,11 @@ def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
 
     Returns Python that loads the result.
     """
+    if fmt == "timm":
+        from .classifier import classifier_info, export_timm_classifier
+
+        if classifier_info(source) is not None:  # a fine-tuned run: the whole classifier, head included
+            return export_timm_classifier(source, out)
     model = load(source, model_hint=model_hint)
     if fmt == "timm":
         return export_timm(model, out)

@@ -245,6 +245,8 @@ def load(
             cfg = MAEConfig.from_dict(cfg_dict)
         except (TypeError, ValueError, AttributeError) as e:
             raise WeightsError(f"{weights}: invalid model config ({e})") from None
+        if "head.weight" in state:  # a `maecli finetune` classifier: its encoder, as for a timm classifier
+            state = formats.clean_original(state, source)
     elif formats.is_hf_layout(state):
         hf = formats.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)
         state = formats.from_hf(state, source)

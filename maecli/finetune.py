@@ -1,0 +1,510 @@
+"""Fine-tuning: `finetune(FinetuneArgs)` turns an MAE encoder into a classifier on a labelled folder with the paper's
+recipe (timm's RandAugment, random erasing, Mixup/CutMix, label smoothing, layer-wise lr decay, drop path), on the
+shared training loop (loop.py), and with `baseline` trains the same recipe from random init beside it.
+
+As in pretraining, every random choice derives from (seed, epoch, index) or (seed, micro-batch), so a resumed run
+continues exactly; the best epoch on the validation set is tracked in the resumable state.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .checkpoint import TrainState
+from .classifier import Classifier, from_encoder, save_classifier
+from .console import console, warn
+from .errors import DataError, UsageError
+from .labelled import Labelled, Split, load_labelled
+from .loop import LoopSettings, Trainer, make_accelerator, make_optimizer
+from .model import MAE, MAEConfig
+from .rundir import METRICS_NAME, MetricsLog, default_out, prepare, resumed_args
+from .runtime import default_workers, fused_attention_pays
+from .schedule import Schedule
+from .train import restore
+from .weights import CONFIG_NAME, WEIGHTS_NAME
+
+PER_CLASS_NAME = "per_class.json"
+BASELINE_DIR = "baseline"
+
+
+@dataclass
+class FinetuneArgs:
+    data: str
+    weights: str
+    out: str | None = None
+    val: str | None = None
+    val_split: float | None = None
+    fraction: float | None = None
+    per_class: int | None = None
+    img_size: int | None = None  # default: the weights'
+    pool: str = "mean"
+    epochs: int = 50
+    steps: int | None = None
+    batch_size: int = 64
+    blr: float = 1e-3
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 5
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75
+    drop_path: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    reprob: float = 0.25
+    aa: str | None = "rand-m9-mstd0.5-inc1"
+    precision: str = "auto"
+    workers: int | None = None
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 2
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    baseline: bool = False
+    scratch: bool = False  # this run starts from random init (the baseline's own run)
+
+
+# What a resumed run may change: none of these alter the model or the steps already taken.
+RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "baseline")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: a seeded stratified subset, timm's training transform, seeded per image
+
+
+def subset(split: Split, classes: list[str], fraction: float | None, per_class: int | None, seed: int) -> Split:
+    """A seeded stratified subset of `split`: round(n x fraction), or min(n, per_class), images of each class."""
+    if fraction is None and per_class is None:
+        return split
+    by_class: dict[int, list[str]] = {}
+    for path, label in zip(split.paths, split.labels):
+        by_class.setdefault(label, []).append(path)
+    kept = []
+    for label, paths in sorted(by_class.items()):
+        n = round(len(paths) * fraction) if fraction is not None else min(len(paths), per_class)
+        if n < 1:
+            need = 0.5 / len(paths)
+            raise DataError(f"--fraction {fraction:g} leaves class {classes[label]} ({len(paths)} training images) "
+                            f"with none; use more than {need:.3g}, or --per-class N")
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+        kept += [(paths[i], label) for i in sorted(order[:n])]
+    return Split([p for p, _ in kept], [y for _, y in kept])
+
+
+def posterize_at_least_one_bit(img, bits_to_keep, **_):
+    """timm's posterize for Pillow 13, which refuses 0 bits. RandAugment's `inc1` posterize keeps 4 - 4 x m/10
+    bits, so a magnitude drawn at 10 (m9 with mstd0.5 reaches it about 2% of the time) asks for 0; older Pillow
+    returned a black image there. One bit, the strongest posterize Pillow now allows, keeps the image."""
+    from PIL import ImageOps
+
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
+
+
+def train_transform(args: FinetuneArgs, img_size: int, in_chans: int):
+    """timm's training transform on PIL images: random resized crop, flip, RandAugment, normalize, random erasing."""
+    from timm.data import create_transform
+
+    mean, std = D.mean_std(in_chans)
+    aa = args.aa if args.aa and args.aa.lower() != "none" else None
+    try:
+        transform = create_transform(img_size, is_training=True, auto_augment=aa, re_prob=args.reprob,
+                                     re_mode="pixel", re_count=1, interpolation="bicubic", mean=mean, std=std)
+    except (AssertionError, ValueError, KeyError) as e:
+        raise UsageError(f"--aa {args.aa}: timm cannot build it ({e})") from None
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):  # RandAugment's operations
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = posterize_at_least_one_bit
+    return transform
+
+
+def to_pil(img: torch.Tensor):
+    """uint8 (C, H, W) from data.decode -> the PIL image timm's transforms take."""
+    from PIL import Image
+
+    arr = img.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+class LabelledTrainSet(D.PretrainDataset):
+    """Items are (epoch, index) pairs; returns (image, label, [paths that failed]). PretrainDataset's reading (batch
+    at once, an unreadable file replaced by the next readable one, whose label comes along), with timm's transform.
+    Every random draw (python's, numpy's, torch's CPU generator) is seeded by (seed, epoch, index)."""
+
+    def __init__(self, paths: list[str], labels: list[int], transform, img_size: int, in_chans: int, seed: int):
+        super().__init__([Path(p) for p in paths], img_size, in_chans, seed)
+        self.labels, self.transform = labels, transform
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list:
+        loaded = [self._load(index, first=0, failed=[]) for _, index in items]
+        out = []
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                for (epoch, index), (img, attempt, failed) in zip(items, loaded):
+                    while True:
+                        seed = D.sample_seed(self.seed, epoch, index)
+                        random.seed(seed)
+                        np.random.seed(seed % 2**32)
+                        torch.default_generator.manual_seed(seed)
+                        try:
+                            x = self.transform(to_pil(img))
+                            break
+                        except Exception as e:  # decodes but cannot be transformed: skip it too
+                            path = self.paths[(index + attempt) % len(self.paths)]
+                            failed.append((str(path), D.describe_error(e, path)))
+                            img, attempt, failed = self._load(index, attempt + 1, failed)
+                    out.append((x, self.labels[(index + attempt) % len(self.paths)], failed))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return out
+
+
+def collate(items):
+    xs, ys, failed = zip(*items)
+    return (torch.stack(xs), torch.tensor(ys, dtype=torch.long)), [f for fs in failed for f in fs]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss: Mixup/CutMix and label smoothing (timm's), seeded per micro-batch
+
+
+def classification_loss(args: FinetuneArgs, num_classes: int, rank: int):
+    """loss_fn(model, (images, labels), micro) for the Trainer. Mixup's draws (numpy) and drop path's (torch) are
+    seeded by (seed, micro-batch, rank), so a resumed run mixes and drops exactly as the uninterrupted one."""
+    from timm.data import Mixup
+    from timm.data.mixup import mixup_target
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixing = args.mixup > 0 or args.cutmix > 0
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                  num_classes=num_classes) if mixing else None
+    if mixing:
+        criterion = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    def loss_fn(model, batch, micro: int) -> torch.Tensor:
+        x, y = batch
+        seed = (args.seed * 1_000_003 + micro * 4_099 + rank * 7 + 1) % 2**32
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        if mixup is not None:
+            # Mixup pairs each image with the batch reversed and wants an even batch; an odd last image of an
+            # epoch goes in unmixed (with the smoothed target it would get at lam 1).
+            even = len(x) - len(x) % 2
+            if even:
+                mixed, target = mixup(x[:even].clone(), y[:even])
+            else:
+                mixed, target = x[:0], torch.empty(0, num_classes, device=x.device)
+            if even < len(x):
+                mixed = torch.cat([mixed, x[even:]])
+                target = torch.cat([target, mixup_target(y[even:], num_classes, 1.0, args.smoothing)])
+            x, y = mixed, target
+        return criterion(model(x).float(), y)
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation at each epoch end, and the best epoch
+
+
+@torch.no_grad()
+def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, workers: int = 0,
+             on_error=None) -> dict:
+    """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and per-class correct counts of `model` on
+    `split`, each image whole (data.eval_batches: resized, center-cropped), in fp32 and eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    cfg = model.cfg
+    label_of = dict(zip(split.paths, split.labels))
+    k = min(5, num_classes)
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    per_class = [[0, 0] for _ in range(num_classes)]  # [correct, images]
+    try:
+        for paths, x in D.eval_batches(split.paths, cfg.img_size, cfg.in_chans, batch_size=batch_size,
+                                       workers=workers, on_error=on_error, pin_memory=device.type == "cuda"):
+            y = torch.tensor([label_of[p] for p in paths])
+            logits = model(x.to(device)).float().cpu()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            top = logits.topk(k, dim=1).indices
+            hit1 = top[:, 0] == y
+            correct1 += hit1.sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            seen += len(y)
+            for label, hit in zip(y.tolist(), hit1.tolist()):
+                per_class[label][0] += int(hit)
+                per_class[label][1] += 1
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise DataError("none of the validation images could be read")
+    return {"top1": correct1 / seen, "top5": correct5 / seen, "loss": loss_sum / seen, "images": seen,
+            "per_class": per_class}
+
+
+class Validation:
+    """on_epoch_end for the Trainer: validate, log val_top1/val_top5/val_loss, and write the classifier to
+    RUN/model.safetensors when this epoch is the best so far (higher top-1, then lower loss). The best epoch lives
+    in state.extra, so it is saved with every later checkpoint."""
+
+    def __init__(self, args: FinetuneArgs, labelled: Labelled, out: Path, state: TrainState, workers: int):
+        self.args, self.labelled, self.out, self.state, self.workers = args, labelled, out, state, workers
+        self.warned: set[str] = set()
+        self.unreadable = 0
+
+    def on_error(self, source, why, missing):
+        if source not in self.warned:  # once per file, not once per epoch
+            self.warned.add(source)
+            self.unreadable += 1
+            warn(f"skipped validation image {source}: {why}")
+
+    def __call__(self, epoch: int, step: int, model) -> dict:
+        result = evaluate(model, self.labelled.val, len(self.labelled.classes), batch_size=self.args.batch_size,
+                          workers=self.workers, on_error=self.on_error)
+        best = self.state.extra.get("best")
+        if best is None or (result["top1"], -result["loss"]) > (best["top1"], -best["loss"]):
+            save_classifier(model, self.labelled.classes, self.out / WEIGHTS_NAME)
+            self.state.extra["best"] = {"epoch": epoch, "step": step, **result}
+        best_now = self.state.extra["best"]["epoch"] == epoch
+        console.print(f"epoch {epoch}: val top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
+                      f"{result['loss']:.4f}" + (" (best so far)" if best_now else ""))
+        return {"val_top1": round(result["top1"], 6), "val_top5": round(result["top5"], 6),
+                "val_loss": round(result["loss"], 6)}
+
+    def catch_up(self, schedule: Schedule, model) -> None:
+        """On resume from an epoch-end checkpoint: that epoch's validation ran after the checkpoint was written, so
+        it is not in the saved state. Run it again (the same weights give the same result) and log it unless the
+        killed run already did."""
+        st = self.state
+        if st.step == 0 or not schedule.is_epoch_end(st.step):
+            return
+        epoch = schedule.epoch_of(st.step - 1) + 1
+        row = self(epoch, st.step, model)
+        path = self.out / METRICS_NAME
+        logged = path.exists() and any('"val_top1"' in line and json.loads(line).get("step") == st.step
+                                       for line in path.read_text().splitlines() if line.strip())
+        if not logged:
+            log = MetricsLog(self.out)
+            log.write({"step": st.step, "epoch": epoch, **row})
+            log.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+
+
+def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
+    """Fine-tune `args.weights` on the labelled folder `args.data`, then (with `args.baseline`) the same recipe from
+    random init into RUN/baseline. Returns {"finetuned": summary, "baseline": summary or None, "classes"}.
+
+    Raises a maecli UserError for the user before anything is written. With `args.resume`, both runs continue
+    from their newest checkpoints; `given` names the settings the caller set explicitly (rundir.resumed_args).
+    """
+    out = Path(args.out or default_out())
+    args = replace(args, out=str(out))
+    if args.resume:
+        args = resumed_args(args, set(given), RESUME_MAY_CHANGE, section="finetune")
+    check_recipe(args)
+    labelled = load_labelled(args.data, args.val, args.val_split, args.seed)
+    labelled = replace(labelled, train=subset(labelled.train, labelled.classes, args.fraction, args.per_class,
+                                              args.seed))
+    encoder = load_encoder(args)
+    finetuned = train_classifier(args, labelled, encoder, out)
+    baseline = None
+    if args.baseline and finetuned["signal"] is None:
+        base_out = out / BASELINE_DIR
+        resume = args.resume and (base_out / CONFIG_NAME).exists()  # killed before the baseline began: start it
+        base_args = replace(args, out=str(base_out), resume=resume, overwrite=not resume, baseline=False,
+                            scratch=True)
+        torch.manual_seed(args.seed)  # the same seeded init the pretraining began from
+        scratch = MAE(encoder.cfg, decoder=False)
+        baseline = train_classifier(base_args, labelled, scratch, base_out)
+    elif not args.baseline and args.overwrite and (out / BASELINE_DIR).is_dir():
+        shutil.rmtree(out / BASELINE_DIR)  # an earlier run's baseline no longer belongs to this run
+    return {"finetuned": finetuned, "baseline": baseline, "classes": labelled.classes, "labelled": labelled}
+
+
+def check_recipe(args: FinetuneArgs) -> None:
+    if args.pool not in ("mean", "cls"):
+        raise UsageError(f"--pool must be mean or cls, got {args.pool}")
+    if args.fraction is not None and args.per_class is not None:
+        raise UsageError("--fraction and --per-class contradict each other; pick one")
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        raise UsageError(f"--fraction must lie in (0, 1], got {args.fraction}")
+    if args.per_class is not None and args.per_class < 1:
+        raise UsageError(f"--per-class must be at least 1, got {args.per_class}")
+    for name in ("mixup", "cutmix", "smoothing", "drop_path", "reprob"):
+        value = getattr(args, name)
+        if not (0 <= value < 1 if name in ("smoothing", "drop_path") else 0 <= value):
+            raise UsageError(f"--{name.replace('_', '-')} {value} is out of range")
+    if not 0 < args.layer_decay <= 1:
+        raise UsageError(f"--layer-decay must lie in (0, 1], got {args.layer_decay}")
+
+
+def load_encoder(args: FinetuneArgs) -> MAE:
+    """The pretrained encoder from any weights maecli.load reads; a ViT that does not fit timm's is refused."""
+    from .weights import load
+
+    return load(args.weights, img_size=args.img_size)
+
+
+def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: Path) -> dict:
+    """One fine-tuning run into `out`: the classifier on `encoder`, trained by the shared loop, validated at each
+    epoch end. Returns {"out", "top1", "top5", "loss", "best_epoch", "per_class", "steps", ...}."""
+    acc = make_accelerator(args.precision)
+    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
+    cfg: MAEConfig = encoder.cfg
+    classes, train = labelled.classes, labelled.train
+    lock = prepare(out, args.resume, args.overwrite) if main else None
+    try:
+        acc.wait_for_everyone()
+        torch.manual_seed(args.seed)
+        model = from_encoder(encoder, len(classes), args.pool, args.drop_path)
+        batch = min(args.batch_size, math.ceil(len(train.paths) / world))
+        eff_batch = batch * args.accum_iter * world
+        peak_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+        sampler = D.EpochBatches(len(train.paths), batch, args.seed, epochs=1, rank=rank, world=world)
+        schedule = Schedule.plan(sampler.micro_per_epoch(), args.accum_iter, peak_lr, epochs=args.epochs,
+                                 steps=args.steps, warmup_epochs=args.warmup_epochs, min_lr=min(args.min_lr, peak_lr))
+        optimizer = make_optimizer(layer_decay_groups(model, args), peak_lr, acc.device, betas=(0.9, 0.999))
+        state = (restore(args, out, model, optimizer, schedule, len(train.paths), world) if args.resume
+                 else TrainState())
+        state.total_steps, state.images, state.processes = schedule.total_steps, len(train.paths), world
+        model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
+        workers = default_workers() if args.workers is None else args.workers
+        sampler = replace(sampler, epochs=schedule.epochs, start_epoch=schedule.epoch_of(state.step),
+                          start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch)
+        dataset = LabelledTrainSet(train.paths, train.labels, train_transform(args, cfg.img_size, cfg.in_chans),
+                                   cfg.img_size, cfg.in_chans, args.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=D.worker_init,
+            pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+        validation = Validation(args, labelled, out, state, workers)
+        if main:
+            write_run_config(out, cfg, classes, args, labelled)
+            kind = "from random init (baseline)" if args.scratch else f"from {args.weights}"
+            console.print(f"maecli finetune {kind}: {len(train.paths)} training images in {len(classes)} classes, "
+                          f"{len(labelled.val.paths)} validation images ({labelled.layout}); ViT {cfg.embed_dim}-d x "
+                          f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool; device "
+                          f"{acc.device.type} x{world}, precision {acc.mixed_precision}, {workers} loader workers")
+            console.print(f"effective batch {eff_batch}, lr {peak_lr:.3g}"
+                          + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
+                          + f", layer decay {args.layer_decay:g}, {schedule.total_steps} steps "
+                            f"({schedule.steps_per_epoch}/epoch, {schedule.epochs} epochs), warmup "
+                            f"{schedule.warmup_steps} steps")
+        trainer = Trainer(acc, model, optimizer, schedule, out, state,
+                          loss_fn=classification_loss(args, len(classes), rank),
+                          settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad,
+                                                "baseline" if args.scratch else "finetune"),
+                          on_epoch_end=validation)
+        if main and args.resume:
+            validation.catch_up(schedule, trainer.raw_model)
+        result = trainer.fit(loader)
+    finally:
+        if lock is not None:
+            lock.release()
+    acc.end_training()
+    best = state.extra.get("best")
+    summary = {"out": str(out), "weights": str(out / WEIGHTS_NAME), "total_steps": schedule.total_steps, **result,
+               "skipped": len(result["skipped"]), "val_unreadable": validation.unreadable,
+               "top1": best["top1"] if best else None, "top5": best["top5"] if best else None,
+               "loss": best["loss"] if best else None, "best_epoch": best["epoch"] if best else None,
+               "per_class": per_class_rows(classes, best["per_class"]) if best else None}
+    if main and best:
+        from .files import write_json
+
+        write_json(out / PER_CLASS_NAME, {"best_epoch": best["epoch"], "classes": summary["per_class"]})
+    return summary
+
+
+def layer_decay_groups(model: Classifier, args: FinetuneArgs) -> list[dict]:
+    """timm's layer-wise lr decay groups (each with its lr_scale; the loop applies it): the head at full lr, each
+    block below it `layer_decay` times less; no weight decay on biases, norms, tokens and positions."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=args.layer_decay)
+
+
+def write_run_config(out: Path, cfg: MAEConfig, classes: list[str], args: FinetuneArgs, labelled: Labelled) -> None:
+    """RUN/config.json: the encoder's config, the classes in logit order, the head, and the recipe (every argument),
+    enough to load the classifier and to resume."""
+    from .files import write_json
+
+    write_json(out / CONFIG_NAME, {
+        "model": cfg.to_dict(), "classes": classes,
+        "classifier": {"num_classes": len(classes), "pool": args.pool},
+        "finetune": {**asdict(args), "resume": False, "overwrite": False},
+        "data": {"layout": labelled.layout, "train_images": len(labelled.train.paths),
+                 "val_images": len(labelled.val.paths)},
+    })
+
+
+def per_class_rows(classes: list[str], counts: list[list[int]]) -> list[dict]:
+    return [{"class": c, "correct": right, "images": n, "accuracy": right / n if n else None}
+            for c, (right, n) in zip(classes, counts)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The closing report (stderr)
+
+
+def result_table(result: dict) -> str:
+    """Pretrained against scratch, top-1 and top-5 at each run's best epoch; then accuracy per class."""
+    runs = [("finetuned", result["finetuned"]), ("scratch", result["baseline"])]
+    runs = [(name, r) for name, r in runs if r is not None]
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.2f}%"
+
+    lines = [f"{'':<10} {'top-1':>8} {'top-5':>8} {'best epoch':>11}"]
+    for name, r in runs:
+        lines.append(f"{name:<10} {pct(r['top1']):>8} {pct(r['top5']):>8} {str(r['best_epoch'] or '-'):>11}")
+    width = max([len("class")] + [len(c) for c in result["classes"]])
+    lines.append("")
+    lines.append(f"{'class':<{width}} {'images':>6} " + " ".join(f"{name:>10}" for name, _ in runs))
+    for i, c in enumerate(result["classes"]):
+        rows = [r["per_class"][i] if r["per_class"] else None for _, r in runs]
+        n = next((row["images"] for row in rows if row), 0)
+        lines.append(f"{c:<{width}} {n:>6} " + " ".join(f"{pct(row['accuracy'] if row else None):>10}" for row in rows))
+    return "\n".join(lines)
+
+
+def json_summary(result: dict) -> dict:
+    def brief(r):
+        return None if r is None else {"top1": r["top1"], "top5": r["top5"], "best_epoch": r["best_epoch"]}
+
+    return {"finetuned": brief(result["finetuned"]), "baseline": brief(result["baseline"]),
+            "classes": result["classes"]}
+
+
+def stopped_message(result: dict, args: FinetuneArgs) -> str | None:
+    """How to continue a run stopped by a signal, or None."""
+    for r in (result["finetuned"], result["baseline"]):
+        if r is not None and r["signal"] is not None:
+            name = "SIGINT" if r["signal"] == signal.SIGINT else "SIGTERM"
+            return (f"{name}: stopped at step {r['steps']}/{r['total_steps']} of {r['out']}; checkpoint saved. "
+                    f"Continue with:\n  maecli finetune {args.data} --weights {args.weights} --out {args.out} --resume")
+    return None
