@@ -37,14 +37,14 @@ def openmp_wait_env(environ, others_running: float | None) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def others_running(samples: int = 8, gap_s: float = 0.002) -> float | None:
+def others_running(samples: int = 8, gap_s: float = 0.002, loadavg: str = "/proc/loadavg") -> float | None:
     """Mean number of runnable threads on this machine besides this one (Linux /proc/loadavg), or None."""
     import time
 
     counts = []
     try:
         for _ in range(samples):
-            with open("/proc/loadavg") as f:
+            with open(loadavg) as f:
                 counts.append(int(f.read().split()[3].split("/")[0]) - 1)
             time.sleep(gap_s)
     except (OSError, ValueError, IndexError):

@@ -86,8 +86,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
 
 @contextlib.contextmanager
 def one_thread():
-    """Run tiny ops on one thread: thread hand-offs dominate them (the linear probe measured 20-40x faster
-    on one thread than on two busy cores)."""
+    """Run tiny ops on one thread: for a linear layer on a few thousand features, handing work between threads
+    costs more than the work."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

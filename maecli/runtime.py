@@ -27,12 +27,12 @@ def default_device():
     return torch.device("cpu")
 
 
-def cpu_vendor() -> str:
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The x86 vendor string ("GenuineIntel", "AuthenticAMD"), or "" where it cannot be read."""
     import platform
 
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("vendor_id"):
                     return line.split(":", 1)[1].strip()

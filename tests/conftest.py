@@ -18,6 +18,15 @@ TINY = ["--model", "vit-tiny", "--img-size", "32", "--patch-size", "8", "--embed
         "--batch-size", "4", "--workers", "0"]
 
 
+def invoke(*args, input=None):
+    """The real CLI, in this process: invoke("embed", path, "-w", weights); stdout and stderr kept apart."""
+    from typer.testing import CliRunner
+
+    from maecli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
 @pytest.fixture
 def photo_dir(tmp_path) -> Path:
     """Real photos (RGB JPEGs and grayscale PNGs) in nested folders."""
@@ -33,21 +42,10 @@ def photo_dir(tmp_path) -> Path:
 @pytest.fixture
 def tiny_run(tmp_path, photo_dir):
     """A finished 4-step pretrain through the CLI; returns its run folder."""
-    from typer.testing import CliRunner
-
-    from maecli.cli import app
-
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["pretrain", str(photo_dir), "--out", str(out), "--steps", "4", *TINY])
+    result = invoke("pretrain", photo_dir, "--out", out, "--steps", "4", *TINY)
     assert result.exit_code == 0, result.output
     return out
-
-
-def shared_data(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is not on this machine")
-    return path
 
 
 @pytest.fixture

@@ -11,16 +11,12 @@ from pathlib import Path
 import bad_images as B
 import pytest
 import torch
-from conftest import TINY
-from typer.testing import CliRunner
+from conftest import TINY, invoke
 
 import maecli
-from maecli.cli import app
 from maecli.data import decode, describe_error, find_images
 from maecli.model import MAE, MAEConfig
 from maecli.weights import WeightsError, save_weights
-
-runner = CliRunner()
 
 REASONS = {  # why pretrain skips a file, as its warning says
     "empty.jpg": "not a readable image",
@@ -34,10 +30,6 @@ REASONS = {  # why pretrain skips a file, as its warning says
     "pipe.jpg": "not a regular file",
     "no_permission.jpg": "permission denied",
 }
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

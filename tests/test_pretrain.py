@@ -6,19 +6,11 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, invoke
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import maecli
-from maecli.cli import app
 from maecli.data import EpochBatches, decode, find_images
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_run_folder_is_complete(tiny_run):

@@ -4,18 +4,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXAMPLES, TINY
-from typer.testing import CliRunner
+from conftest import EXAMPLES, TINY, invoke
 
-from maecli.cli import app
 from maecli.labelled import load_labelled
 from maecli.probe import knn_scores, linear_probe, topk_accuracy
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def labelled(root, layout):

@@ -16,24 +16,16 @@ import numpy as np
 import pytest
 import torch
 from bad_images import WritesAFile
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, invoke
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 import maecli
-from maecli.cli import app
-
-runner = CliRunner()
 
 # 24 images in batches of 2: 12 steps an epoch, 5 epochs; a checkpoint every 5 steps lands mid-epoch.
 RUN = [*TINY, "--batch-size", "2", "--steps", "60", "--save-every", "5", "--log-every", "1", "--lr", "1e-3",
        "--warmup-epochs", "1"]
 STEPS = 60
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module", autouse=True)

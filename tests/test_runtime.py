@@ -35,8 +35,12 @@ def test_auto_precision_on_cpu(monkeypatch, amx, avx512_bf16, vendor, expected):
     assert len(caught) == (0 if expected else 1)  # with one warning where bf16 is the slow choice
 
 
-def test_cpu_vendor_is_a_known_string():
-    assert runtime.cpu_vendor() in ("GenuineIntel", "AuthenticAMD", "")
+def test_cpu_vendor_reads_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\n")
+    assert runtime.cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert runtime.cpu_vendor(str(info)) == "GenuineIntel"
 
 
 def cli_env(**extra):
@@ -59,12 +63,11 @@ def test_openmp_wait_policy(environ, others, expected):
     assert host.openmp_wait_env(environ, others) == expected
 
 
-def test_others_running_reads_a_count():
-    n = host.others_running(samples=2, gap_s=0)
-    if not os.path.exists("/proc/loadavg"):
-        assert n is None
-    else:  # the count excludes this process, which is running while it reads
-        assert n is not None and 0 <= n < 10_000
+def test_others_running_counts_the_runnable_threads_besides_this_one(tmp_path):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("3.61 2.98 1.02 4/312 4242\n")  # 4 runnable, this process among them
+    assert host.others_running(samples=3, gap_s=0, loadavg=str(loadavg)) == 3
+    assert host.others_running(samples=1, gap_s=0, loadavg=str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("extra, expected", [({}, ("PASSIVE", "10000")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE",)),
