@@ -558,7 +558,8 @@ def finetune(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Labelled folder, read as `maecli probe` reads it: one subfolder per class, "
                                           "or train/ and val/ (or test/) that each hold them."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="The pretrained encoder: " + WEIGHTS_HELP),
+    weights: Path | None = typer.Option(None, "--weights", "-w", help="The pretrained encoder (required, except with "
+                                                                         "--resume): " + WEIGHTS_HELP),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
     val: Path | None = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
                                                            "(when DATA holds no train/ and val/)."),
@@ -630,6 +631,8 @@ def finetune(
         fail("--resume needs --out RUN_FOLDER", 2)
     if resume and overwrite:
         fail("--resume and --overwrite contradict each other; pick one", 2)
+    if weights is None and not resume:
+        fail("missing --weights: the pretrained encoder to fine-tune", 2)
     if val is not None and val_split is not None:
         fail("--val and --val-split contradict each other; pick one", 2)
     if val_split is not None and not 0 < val_split < 1:
@@ -651,7 +654,7 @@ def finetune(
 
     host.tune_for_cpu(default_device())
     args = FinetuneArgs(
-        data=str(data), weights=str(weights), out=str(out) if out else None, val=str(val) if val else None,
+        data=str(data), weights=str(weights) if weights else "", out=str(out) if out else None, val=str(val) if val else None,
         val_split=val_split, fraction=fraction, per_class=per_class, img_size=img_size, pool=pool.value,
         epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay, layer_decay=layer_decay,

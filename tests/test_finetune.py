@@ -1,0 +1,273 @@
+"""`maecli finetune` and `maecli predict`: a real tiny model end to end through the CLI, exact resume, bad input,
+and the timm export of a classifier."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from maecli.cli import app
+
+CLASSES = ("blue", "green", "red")
+# fast settings for the classifier runs: batch 8 over 24 training images is 3 steps an epoch
+FAST = ["--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--log-every", "1"]
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def make_labelled(root, per_class=8, val_per_class=3, broken=False):
+    """train/ and val/ with three classes of generated 32 px images: noisy squares, one dominant colour each."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 90, (32, 32, 3), dtype=np.uint8)
+                x, y, s = rng.integers(0, 16, 3)
+                img[y : y + 10 + s, x : x + 10 + s, 2 - c] = 230
+                Image.fromarray(img).save(folder / f"{i:02d}.png")
+    if broken:
+        (root / "train" / "red" / "broken.jpg").write_bytes(b"not an image")
+        (root / "val" / "red" / "broken.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    return make_labelled(tmp_path_factory.mktemp("labelled") / "shapes", broken=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, labelled):
+    """A 2-step tiny pretrain on the training images, through the CLI."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    r = invoke("pretrain", labelled / "train", "--out", out, "--steps", "2", "--previews", "0", *TINY)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, labelled, pretrained):
+    """Two epochs of fine-tuning with --baseline and --json; returns (run folder, CLI result)."""
+    out = tmp_path_factory.mktemp("ft") / "run"
+    r = invoke("finetune", labelled, "--weights", pretrained, "--out", out, "--epochs", "2", "--baseline", "--json",
+               *FAST)
+    assert r.exit_code == 0, r.output
+    return out, r
+
+
+def test_finetune_end_to_end(finetuned, labelled):
+    out, r = finetuned
+    result = json.loads(r.stdout)
+    assert result["classes"] == list(CLASSES)
+    for name in ("finetuned", "baseline"):
+        assert set(result[name]) == {"top1", "top5", "best_epoch"}
+        assert 0 <= result[name]["top1"] <= result[name]["top5"] == 1.0  # 3 classes: top-5 holds every class
+        assert result[name]["best_epoch"] in (1, 2)
+    for folder in (out, out / "baseline"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["classes"] == list(CLASSES) and config["classifier"] == {"num_classes": 3, "pool": "mean"}
+        assert config["finetune"]["mixup"] == 0.8 and config["finetune"]["layer_decay"] == 0.75
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        val = [row for row in rows if "val_top1" in row]
+        assert [row["epoch"] for row in val] == [1, 2] and all("val_top5" in row and "val_loss" in row for row in val)
+        assert any("loss" in row and "lr" in row and "images_per_sec" in row for row in rows)
+        per_class = json.loads((folder / "per_class.json").read_text())
+        assert [c["class"] for c in per_class["classes"]] == list(CLASSES)
+        assert [c["images"] for c in per_class["classes"]] == [3, 3, 3]  # the broken val image left out
+    assert json.loads((out / "baseline" / "config.json").read_text())["finetune"]["scratch"] is True
+    # the closing table, the per-class table and the skipped files on stderr
+    assert "finetuned" in r.stderr and "scratch" in r.stderr and "best epoch" in r.stderr
+    assert "skipped validation image" in r.stderr and "broken.png" in r.stderr
+    assert "skipped" in r.stderr and "broken.jpg" in r.stderr
+    assert "1 unreadable training file(s) skipped" in r.stderr
+    # the pretrained and the scratch run share data order and init seed but not weights
+    a, b = load_file(out / "model.safetensors"), load_file(out / "baseline" / "model.safetensors")
+    assert a.keys() == b.keys() and "head.weight" in a and "fc_norm.weight" in a
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
+
+
+def test_predict_through_a_pipe_matches_validation(finetuned, labelled):
+    out, r = finetuned
+    best_top1 = json.loads(r.stdout)["finetuned"]["top1"]
+    paths = sorted(str(p) for p in (labelled / "val").rglob("*") if p.is_file())
+    # paths on stdin, as `find ... | maecli predict -` gives them
+    proc = invoke("predict", "-", "-w", out, "--workers", "0", "--top-k", "2", input="\n".join(paths) + "\n")
+    assert proc.exit_code == 0, proc.output
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    readable = [p for p in paths if not p.endswith("broken.png")]
+    assert [line["path"] for line in lines] == readable  # input order, the broken one left out
+    for line in lines:
+        assert line["class"] in CLASSES and len(line["top_k"]) == 2
+        assert line["top_k"][0] == {"class": line["class"], "probability": line["probability"]}
+        assert line["top_k"][0]["probability"] >= line["top_k"][1]["probability"]
+    # predict reads images as validation does: the same weights give the same accuracy
+    correct = sum(line["class"] == os.path.basename(os.path.dirname(line["path"])) for line in lines)
+    assert correct / len(lines) == pytest.approx(best_top1)
+    assert "skipped" in proc.stderr and "1 unreadable file(s) skipped" in proc.stderr
+
+    csv = invoke("predict", labelled / "val" / "red", "-w", out, "--format", "csv", "--workers", "0", "--strict")
+    assert csv.exit_code == 1 and "broken.png" in csv.stderr and "--strict" in csv.stderr
+    csv = invoke("predict", labelled / "val" / "blue", "-w", out, "--format", "csv", "--workers", "0")
+    assert csv.exit_code == 0, csv.output
+    header, *rows = csv.stdout.splitlines()
+    assert header == "path,class,probability,class_2,probability_2,class_3,probability_3" and len(rows) == 3
+
+
+def test_export_to_timm_gives_the_same_logits(finetuned, tmp_path):
+    import timm  # noqa: F401  (the printed snippet imports it too)
+
+    from maecli.classifier import load_classifier
+
+    out, _ = finetuned
+    target = tmp_path / "classifier.safetensors"
+    r = invoke("export", out, target, "--format", "timm")
+    assert r.exit_code == 0, r.output
+    snippet = "\n".join(line for line in (r.stdout + "\n" + r.stderr).splitlines()
+                        if line.startswith(("import ", "model = ", "model.load_state_dict", "classes = ")))
+    assert "num_classes=3" in snippet and "global_pool='avg'" in snippet
+    scope = {}
+    exec(snippet, scope)  # strict load: every tensor has its place in timm's model
+    ours, classes = load_classifier(out)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(scope["model"].eval()(x), ours(x), atol=1e-5)
+    assert scope["classes"] == classes == list(CLASSES)
+
+
+def test_a_finetuned_run_still_loads_as_an_encoder(finetuned):
+    import maecli
+
+    out, _ = finetuned
+    with pytest.warns(UserWarning, match="fc_norm"):
+        model = maecli.load(out)
+    assert not model.has_decoder
+    vectors = maecli.embed(model, torch.rand(2, 3, 32, 32))
+    assert vectors.shape == (2, 32) and torch.isfinite(vectors).all()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_weights):
+    """A 3-epoch run (9 steps) with a checkpoint every 2 steps and at each epoch end: (data, run folder)."""
+    root = tmp_path_factory.mktemp("resume")
+    data = make_labelled(root / "data")
+    r = invoke("finetune", data, "--out", root / "a", "--weights", tiny_weights, "--epochs", "3", "--save-every", "2",
+               "--keep", "10", *FAST)
+    assert r.exit_code == 0, r.output
+    return data, root / "a"
+
+
+@pytest.mark.parametrize("resume_from", [4, 6])  # mid-epoch; an epoch end, whose validation ran after the save
+def test_resume_after_a_kill_is_exact(tmp_path, uninterrupted, resume_from):
+    data, a = uninterrupted
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    # b "died" just after its checkpoint at `resume_from`: later checkpoints never happened; its later metrics rows
+    # and best weights stay behind, as a kill leaves them
+    for ckpt in (b / "checkpoints").iterdir():
+        if int(ckpt.name[5:]) > resume_from:
+            shutil.rmtree(ckpt)
+    r = invoke("finetune", data, "--out", b, "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"from step {resume_from}" in r.stderr
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "per_class.json").read_text() == (b / "per_class.json").read_text()
+    last_a, last_b = (load_file(run / "checkpoints" / "step-00000009" / "model.safetensors") for run in (a, b))
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+
+    def rows(run):
+        keep = ("step", "epoch", "loss", "lr", "val_top1", "val_top5", "val_loss")
+        return [{k: v for k, v in json.loads(line).items() if k in keep}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(a) == rows(b)  # no validation row lost or repeated
+
+
+def test_fraction_and_per_class_take_a_seeded_stratified_subset():
+    from maecli.errors import DataError
+    from maecli.finetune import subset
+    from maecli.labelled import Split
+
+    sizes = {"a": 10, "b": 20, "c": 4}
+    paths = [f"{c}/{i:02d}.png" for c, n in sizes.items() for i in range(n)]
+    split = Split(paths, [y for y, n in enumerate(sizes.values()) for _ in range(n)])
+    half = subset(split, list(sizes), 0.5, None, seed=0)
+    assert [half.labels.count(y) for y in range(3)] == [5, 10, 2]
+    assert all(p.startswith("abc"[y]) for p, y in zip(half.paths, half.labels)) and half.paths == sorted(half.paths)
+    assert subset(split, list(sizes), 0.5, None, seed=0) == half  # seeded
+    assert subset(split, list(sizes), 0.5, None, seed=1) != half
+    few = subset(split, list(sizes), None, 6, seed=0)
+    assert [few.labels.count(y) for y in range(3)] == [6, 6, 4]
+    with pytest.raises(DataError, match="leaves class c"):
+        subset(split, list(sizes), 0.1, None, seed=0)
+
+
+def one_class(root):
+    make_labelled(root)
+    for split in ("train", "val"):
+        for name in CLASSES[1:]:
+            shutil.rmtree(root / split / name)
+
+
+def empty_class(root):
+    make_labelled(root)
+    for p in (root / "train" / "green").iterdir():
+        p.unlink()
+
+
+def unknown_val_class(root):
+    make_labelled(root)
+    shutil.copytree(root / "val" / "red", root / "val" / "purple")
+
+
+@pytest.mark.parametrize("layout, extra, message", [
+    (one_class, [], "class folder"),
+    (empty_class, [], "no images"),
+    (unknown_val_class, [], "only in val: purple"),
+    (make_labelled, ["--fraction", "0.01"], "leaves class blue"),
+])
+def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_weights, layout, extra, message):
+    layout(tmp_path / "data")
+    out = tmp_path / "run"
+    r = invoke("finetune", tmp_path / "data", "--weights", tiny_weights, "--out", out, *extra, *FAST)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists()
+
+
+def test_bad_weights_are_one_line(tmp_path, tiny_weights):
+    data = make_labelled(tmp_path / "data")
+    not_vit = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(8, 3, 3, 3), "fc.weight": torch.zeros(10, 8)}, str(not_vit))
+    out = tmp_path / "run"
+    r = invoke("finetune", data, "--weights", not_vit, "--out", out, *FAST)
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.output
+    assert not out.exists()
+    # predict needs a classifier: an MAE's weights are refused in one line
+    r = invoke("predict", data / "val", "-w", tiny_weights, "--workers", "0")
+    assert r.exit_code == 1 and "holds no classifier" in r.stderr and r.stderr.count("\n") == 1, r.output
+    assert r.stdout == ""
+
+
+def test_pillow_13_posterize_at_zero_bits_keeps_the_image():
+    """RandAugment `inc1` asks for 0 bits at magnitude 10; Pillow 13 raises there, our floor keeps 1 bit."""
+    from maecli.finetune import FinetuneArgs, train_transform
+
+    transform = train_transform(FinetuneArgs(data="", weights=""), 32, 3)
+    ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
+    posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
+    posterize.magnitude, posterize.magnitude_std, posterize.prob = 10, 0, 1.0
+    img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
+    out = np.asarray(posterize(img))
+    assert set(np.unique(out)) <= {0, 128}  # one bit kept
