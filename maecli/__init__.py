@@ -11,6 +11,10 @@ _LAZY = {
     "pretrain": ("maecli.train", "pretrain"),
     "TrainArgs": ("maecli.train", "TrainArgs"),
     "embed": ("maecli.embedding", "embed"),
+    "finetune": ("maecli.finetune", "finetune"),
+    "FinetuneArgs": ("maecli.finetune", "FinetuneArgs"),
+    "load_classifier": ("maecli.classifier", "load_classifier"),
+    "predict": ("maecli.predict", "predict"),
 }
 
 __all__ = list(_LAZY) + ["__version__"]

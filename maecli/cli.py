@@ -625,7 +625,8 @@ def finetune(
     the best epoch's accuracy per class. With --baseline the same recipe from random init runs next, into
     RUN/baseline, and the closing table shows both.
 
-    --resume continues an interrupted run exactly. Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
+    --resume continues an interrupted run (and its baseline) exactly. Ctrl-C or SIGTERM saves a checkpoint and
+    exits with 130 or 143.
     """
     if resume and out is None:
         fail("--resume needs --out RUN_FOLDER", 2)
@@ -654,8 +655,9 @@ def finetune(
 
     host.tune_for_cpu(default_device())
     args = FinetuneArgs(
-        data=str(data), weights=str(weights) if weights else "", out=str(out) if out else None, val=str(val) if val else None,
-        val_split=val_split, fraction=fraction, per_class=per_class, img_size=img_size, pool=pool.value,
+        data=str(data), weights=str(weights) if weights else "", out=str(out) if out else None,
+        val=str(val) if val else None, val_split=val_split, fraction=fraction, per_class=per_class, img_size=img_size,
+        pool=pool.value,
         epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
         accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay, layer_decay=layer_decay,
         drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, reprob=reprob, aa=aa,
