@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write, fsync_dir, write_json
+from .files import fsync_dir, open_output, write_json
 from .weights import WEIGHTS_NAME, save_weights
 
 FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
@@ -83,7 +83,8 @@ def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_ep
     tmp.mkdir()
     try:
         save_weights(model, tmp / WEIGHTS_NAME)
-        atomic_write(tmp / "optimizer.pt", lambda path: torch.save(optimizer.state_dict(), path))
+        with open_output(tmp / "optimizer.pt") as f:  # a file object: torch.save hides a path's write errors
+            torch.save(optimizer.state_dict(), f)
         write_json(tmp / "state.json", {**asdict(state), "epoch": state.step / steps_per_epoch})
         fsync_dir(tmp)
     except BaseException:

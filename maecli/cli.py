@@ -78,7 +78,20 @@ def reported():
     except UsageError as e:
         fail(str(e), 2)
     except (UserError, FileNotFoundError, PermissionError) as e:
+        if getattr(e, "filename", None) == STDOUT:
+            drop_stdout()
         fail(str(e))
+
+
+STDOUT = "standard output"  # the name write errors on stdout go by (files.guarded)
+
+
+def drop_stdout():
+    """Point stdout at /dev/null: what is still buffered for a stdout that failed (a full disk, a closed pipe)
+    would fail again when Python flushes it at exit, with a second message and exit status 120."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def quiet_libraries():
@@ -232,7 +245,8 @@ def export(
         fail(f"{out} is a folder; --format timm writes one .safetensors file", 2)
     if format is ExportFormat.hf and out.exists() and not out.is_dir():
         fail(f"{out} is a file; --format hf writes a folder", 2)
-    taken = out.exists() and (not out.is_dir() or any((out / n).exists() for n in ("config.json", "model.safetensors")))
+    # a device or a FIFO (/dev/null) holds nothing to lose: only a regular file or a model folder is taken
+    taken = out.is_file() or (out.is_dir() and any((out / n).exists() for n in ("config.json", "model.safetensors")))
     if taken and not overwrite:
         fail(f"{out} already holds weights; pass --overwrite to replace them")
     if not run.exists():
@@ -276,8 +290,11 @@ def reconstruct(
         fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
     if out == "-" and as_json:
         fail("--out - and --json both write to stdout; pick one", 2)
-    if out != "-" and not Path(out).parent.is_dir():
-        fail(f"cannot write {out}: folder {Path(out).parent} does not exist")
+    if out != "-":
+        from .files import output_target
+
+        with reported():
+            output_target(out)  # a folder or a socket as --out: say so before the work
     quiet_libraries()
     import json
 
@@ -303,14 +320,18 @@ def reconstruct(
         if as_json:
             typer.echo(json.dumps(r))
     if out == "-":
-        stdout = typer.get_binary_stream("stdout")
-        stdout.write(data)
-        stdout.flush()
+        from .files import guarded
+
+        try:
+            with reported():
+                stdout = guarded(typer.get_binary_stream("stdout"), STDOUT)
+                stdout.write(data)
+                stdout.flush()
+        except BrokenPipeError:
+            stdout_closed_early()
         return
-    try:
+    with reported():
         write_png(data, out)
-    except OSError as e:
-        fail(f"cannot write {out}: {e.strerror or e}")
     console.print(f"wrote {out} ({len(rec.names)} rows x 4 columns, {rec.original.shape[-1] * zoom} px tiles)")
 
 
@@ -325,8 +346,7 @@ def stdout_closed_early():
 
     Pointing stdout at /dev/null keeps Python from failing again when it flushes stdout at exit.
     """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    drop_stdout()
     raise typer.Exit(0)
 
 
@@ -338,7 +358,8 @@ def embed(
     weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.jsonl, "--format", "-f",
                                      help="jsonl: {\"path\", \"embedding\"} per line; csv: path,e0,e1,...; "
-                                          "npy: float32 array in -o FILE, paths in FILE.paths.txt."),
+                                          "npy: float32 array in -o FILE, paths in FILE.paths.jsonl (one "
+                                          "JSON string per line: line i is row i)."),
     pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens; cls: the cls token."),
     normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit length."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5,
@@ -359,30 +380,25 @@ def embed(
     Unreadable images are skipped with a warning and counted (exit 0), unless --strict.
     """
     to_file = output is not None and str(output) != "-"
-    if fmt is OutputFormat.npy:
-        if not to_file:
-            fail("npy is a binary format: write it to a file with -o FILE (the paths go to FILE.paths.txt)", 2)
-        if output.exists() and not output.is_file():
-            fail(f"refusing to write npy to {output}: not a regular file (a terminal or a device?)", 2)
+    if fmt is OutputFormat.npy and not to_file:
+        fail("npy is a binary format: write it to a file with -o FILE (the paths go to FILE.paths.jsonl)", 2)
     for item in inputs:
         if item != "-" and not Path(item).exists():
             fail(f"{item} does not exist")
     quiet_libraries()
     from .console import console
     from .embedding import write_embeddings
+    from .files import guarded
 
     out = None
+    if not to_file:
+        sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
+        out = guarded(sys.stdout, STDOUT)
     try:
         with reported():
             model = load_model(weights)
-            if fmt is not OutputFormat.npy:
-                if to_file:
-                    out = open(output, "w", encoding="utf-8", errors="surrogateescape", newline="")
-                else:
-                    sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
-                    out = sys.stdout
             summary = write_embeddings(
-                model, inputs, fmt=fmt.value, out=out, out_path=output if fmt is OutputFormat.npy else None,
+                model, inputs, fmt=fmt.value, out=out, out_path=output if to_file else None,
                 pool=pool.value, normalize=normalize, batch_size=batch_size, workers=workers_or_default(workers),
                 precision=precision.value, strict=strict, console=console,
             )
@@ -390,9 +406,6 @@ def embed(
         stdout_closed_early()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    finally:
-        if out is not None and out is not sys.stdout:
-            out.close()
     n, seconds = summary["embedded"], summary["seconds"]
     console.print(
         f"embedded {n} image{'s' if n != 1 else ''} ({summary['dim']}-d, {pool.value} pool) in {seconds:.1f}s, "
@@ -467,7 +480,13 @@ def probe(
 
 
 def main():
-    app()
+    try:
+        app()
+    except OSError as e:  # a write to stdout or stderr that failed outside any command's own handling
+        drop_stdout()
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}\n")
+        sys.exit(1)
 
 
 # --- commands added by other issues below ---

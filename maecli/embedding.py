@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ from PIL import Image
 
 from . import data as D
 from .console import Progress
+from .files import open_output
 from .runtime import autocast, resolve_precision
 
 POOLS = ("mean", "cls")
@@ -101,10 +103,21 @@ class Found(str):
     error."""
 
 
+def stdin_paths(stdin) -> Iterator[str]:
+    """Newline-separated paths from `stdin`, read as bytes where it has them and decoded as `os.fsdecode` does: a
+    name that is not valid in the locale's encoding passes through (surrogate-escaped) instead of failing."""
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, notebooks): already decoded
+        yield from (line.rstrip("\r\n") for line in stdin)
+        return
+    for line in raw:
+        yield os.fsdecode(line.rstrip(b"\r\n"))
+
+
 def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> Iterator[str]:
     """Files as given, folders searched as pretrain does, `-` as newline-separated paths (files or folders)."""
     for item in inputs:
-        lines = (line.rstrip("\r\n") for line in stdin) if item == "-" else [item]
+        lines = stdin_paths(stdin) if item == "-" else [item]
         for line in lines:
             if not line:
                 continue
@@ -127,7 +140,7 @@ class JsonlWriter:
             numbers = ", ".join(f"{x:.9g}" for x in v.tolist())
             self.out.write(f'{{"path": {json.dumps(path)}, "embedding": [{numbers}]}}\n')
 
-    def close(self, ok: bool):
+    def finish(self):
         pass
 
 
@@ -141,24 +154,29 @@ class CsvWriter:
     def write(self, paths: list[str], vectors: np.ndarray):
         self.rows.writerows([path, *(f"{x:.9g}" for x in v.tolist())] for path, v in zip(paths, vectors))
 
-    def close(self, ok: bool):
+    def finish(self):
         pass
 
 
-class NpyWriter:
-    """A float32 (N, D) .npy plus FILE.paths.txt, streamed to temporary files and renamed at the end.
+def paths_file(path: str | os.PathLike) -> Path:
+    """Where `embed --format npy -o FILE` writes the paths: FILE.paths.jsonl."""
+    return Path(path).with_name(Path(path).name + ".paths.jsonl")
 
+
+class NpyWriter:
+    """A float32 (N, D) .npy plus FILE.paths.jsonl, both streamed and put in place only once complete.
+
+    The paths file holds one JSON string per line, so line i is row i whatever a name holds (newlines, tabs;
+    bytes that are not UTF-8 are written as os.fsdecode escapes them, which os.fsencode turns back).
     The row count is unknown until the last image, so the header is written first for a huge count and
     rewritten at the end; numpy pads every such header to the same 128 bytes.
     """
 
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim, self.n = Path(path), dim, 0
-        self.paths_path = self.path.with_name(self.path.name + ".paths.txt")
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self.paths_tmp = self.paths_path.with_name(f".{self.paths_path.name}.{os.getpid()}.tmp")
-        self.array = open(self.tmp, "wb")
-        self.names = open(self.paths_tmp, "w", encoding="utf-8", errors="surrogateescape")
+    def __init__(self, path: Path, dim: int, files: contextlib.ExitStack):
+        self.dim, self.n = dim, 0
+        # both opened before any image is read, so an output that cannot be written fails at once
+        self.array = files.enter_context(open_output(path, "wb", seekable=True))
+        self.names = files.enter_context(open_output(paths_file(path), "w", encoding="utf-8", newline="\n"))
         self.header_len = self._header(10**15)
 
     def _header(self, n: int) -> int:
@@ -169,24 +187,15 @@ class NpyWriter:
 
     def write(self, paths: list[str], vectors: np.ndarray):
         self.array.write(np.ascontiguousarray(vectors, dtype="<f4").tobytes())
-        self.names.writelines(p + "\n" for p in paths)
+        self.names.writelines(json.dumps(p) + "\n" for p in paths)
         self.n += len(paths)
 
-    def close(self, ok: bool):
-        if ok:
-            end = self.array.tell()
-            self.array.seek(0)
-            if self._header(self.n) != self.header_len:
-                raise RuntimeError("npy header changed size")  # cannot happen: numpy pads to 64 bytes
-            self.array.seek(end)
-        self.array.close()
-        self.names.close()
-        if ok:
-            os.replace(self.tmp, self.path)
-            os.replace(self.paths_tmp, self.paths_path)
-        else:
-            for tmp in (self.tmp, self.paths_tmp):
-                tmp.unlink(missing_ok=True)
+    def finish(self):
+        end = self.array.tell()
+        self.array.seek(0)
+        if self._header(self.n) != self.header_len:
+            raise RuntimeError("npy header changed size")  # cannot happen: numpy pads to 64 bytes
+        self.array.seek(end)
 
 
 def write_embeddings(
@@ -207,9 +216,9 @@ def write_embeddings(
 ) -> dict:
     """Embed every input and write each batch as it comes; returns {"embedded", "skipped", "seconds", "dim"}.
 
-    `out` is the text stream for jsonl/csv; npy goes to `out_path`. Warnings and progress go to `console`
-    (stderr). Raises DataError for a missing file, for no images at all among explicit inputs, and for an
-    unreadable file when `strict`.
+    `out` is a text stream for jsonl/csv (stdout); `out_path` a file for any format, which appears only once
+    complete (see files.open_output). Warnings and progress go to `console` (stderr). Raises DataError for a
+    missing file, for no images at all among explicit inputs, and for an unreadable file when `strict`.
     """
     skipped = 0
 
@@ -236,18 +245,23 @@ def write_embeddings(
         if not sources:
             raise D.DataError(f"no image files found in {', '.join(inputs)}")
     dim = model.cfg.embed_dim
-    writer = NpyWriter(out_path, dim) if fmt == "npy" else (CsvWriter if fmt == "csv" else JsonlWriter)(out, dim)
-    embedded, ok, t0 = 0, False, time.time()
-    try:
-        with Progress("embed", total, enabled=console is not None) as bar:
-            for paths, vectors in stream(model, sources, pool=pool, normalize=normalize, batch_size=batch_size,
-                                         workers=workers, precision=precision, on_error=on_error):
+    embedded, t0 = 0, time.time()
+    with contextlib.ExitStack() as files:  # an error on the way leaves no output file behind
+        if fmt == "npy":
+            writer = NpyWriter(out_path, dim, files)
+        else:
+            if out_path is not None:
+                out = files.enter_context(open_output(out_path, "w", encoding="utf-8", errors="surrogateescape",
+                                                      newline=""))
+            writer = (CsvWriter if fmt == "csv" else JsonlWriter)(out, dim)
+        with Progress("embed", total, enabled=console is not None) as bar, contextlib.closing(
+                stream(model, sources, pool=pool, normalize=normalize, batch_size=batch_size, workers=workers,
+                       precision=precision, on_error=on_error)) as batches:
+            for paths, vectors in batches:
                 writer.write(paths, vectors.numpy())
-                if out is not None:
+                if fmt != "npy":
                     out.flush()  # each batch reaches the next tool now, not when a buffer fills
                 embedded += len(paths)
                 bar.advance(len(paths))
-        ok = True
-    finally:
-        writer.close(ok)
+        writer.finish()
     return {"embedded": embedded, "skipped": skipped, "seconds": time.time() - t0, "dim": dim}

@@ -26,3 +26,11 @@ class TrainError(UserError, RuntimeError):
 
 class UsageError(UserError):
     """Settings that cannot work together (found once the model's shape is known): a bad command line, exit 2."""
+
+
+class OutputError(UserError, OSError):
+    """An output that cannot be written (a full disk, no permission, a folder in the way), named by the path the
+    user gave: OutputError(errno or None, why, path). An OSError too, so code that handles write errors sees it."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror}"

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import open_output
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -212,27 +212,9 @@ def figure_panels(runs: list[str | os.PathLike]) -> list[str]:
 
 
 def save_png(fig, out: Path) -> None:
-    """Write the figure as PNG atomically: a temporary file beside `out`, fsynced, then renamed over it."""
-    # not mkstemp: its files are private (0600); this one gets the permissions the user's umask gives
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename durable; some file systems refuse to fsync a folder, which is fine
-        fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """Write the figure as PNG through files.open_output: atomically for a file, directly into a device or FIFO."""
+    with open_output(out) as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike,
@@ -247,12 +229,7 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike,
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for the picture, e.g. {out / CURVES_NAME}")
     curves = load_curves(runs, warn)
-    fig = make_figure(curves)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_png(fig, out)
-    except OSError as e:
-        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+    save_png(make_figure(curves), out)  # an OutputError names `out` and why
     return out
 
 

@@ -120,7 +120,11 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # a full disk: the write that failed has said so already
+                pass
+            self.file = None
 
 
 def saved_settings(run: Path, section: str = "train") -> dict:

@@ -102,8 +102,9 @@ def test_formats_agree(tmp_path, photo_dir, tiny_weights):
     array = np.load(target)
     assert array.dtype == np.float32 and array.shape == (8, 32)
     np.testing.assert_array_equal(array, vectors)
-    assert (target.parent / "emb.npy.paths.txt").read_text().splitlines() == names
-    assert sorted(p.name for p in target.parent.iterdir()) == ["emb.npy", "emb.npy.paths.txt"]  # no temp files
+    paths = [json.loads(line) for line in (target.parent / "emb.npy.paths.jsonl").read_text().splitlines()]
+    assert paths == names
+    assert sorted(p.name for p in target.parent.iterdir()) == ["emb.npy", "emb.npy.paths.jsonl"]  # no temp files
 
 
 def test_npy_needs_a_file(tiny_weights, photo_dir):
