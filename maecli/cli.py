@@ -38,6 +38,14 @@ class Pool(str, Enum):
     cls = "cls"
 
 
+# --log-with's choices (trackers.TRACKERS, plus all and none), shared by the training commands
+Tracker = Enum("Tracker", {name: name for name in ("tensorboard", "trackio", "mlflow", "wandb", "all", "none")},
+               type=str)
+LOG_WITH_HELP = ("Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
+                 "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
+                 'pip install "maecli[tensorboard]".')
+
+
 TRAIN_PRECISION_HELP = ("auto (default): bf16 where it is faster than fp32 (GPUs with bf16, CPUs with AMX or AMD's "
                         "AVX512-BF16), else fp32; no: fp32; bf16; fp16.")
 INFERENCE_PRECISION_HELP = ("no (default): fp32, so an image's result does not depend on its batch; auto: bf16 where "
@@ -168,6 +176,7 @@ def pretrain(
                                                                     "each epoch end to previews/ (0: none)."),
     probe: Path | None = typer.Option(None, "--probe", help="Labelled folder (as for `maecli probe`): run the kNN "
                                                                "probe at each epoch end, log knn_top1 to metrics.jsonl."),
+    log_with: list[Tracker] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
 
@@ -202,7 +211,7 @@ def pretrain(
         log_every=log_every, resume=resume, overwrite=overwrite, norm_pix_loss=norm_pix_loss,
         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads, embed_dim=embed_dim,
         depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None, previews=previews,
-        probe=str(probe) if probe else None,
+        probe=str(probe) if probe else None, log_with=tuple(t.value for t in log_with),
     )
     # Flags given explicitly matter on --resume: those a run may change override its saved settings.
     # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)

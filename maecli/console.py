@@ -7,7 +7,10 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", markup=True)
+    from rich.markup import escape
+
+    # escaped: messages carry values, and "[plot]" in a pip command or a path is text, not markup
+    console.print(f"[yellow]warning:[/] {escape(message)}", markup=True)
 
 
 class Progress:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL.Image
 import torch
 
 from .checkpoint import NonFiniteError, TrainState, checkpoint_dirs, save_checkpoint
@@ -22,11 +23,19 @@ from .data import shutdown_workers
 from .errors import TrainError
 from .rundir import MetricsLog
 from .runtime import resolve_precision
+from .trackers import Curves, Tracking, logs_dir, place_trackio_store
+from .trackers import resolve as resolve_trackers
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, log_with=(), run: Path | None = None):
     """One Accelerator for this process, in the resolved precision; several launched processes on a machine
-    without a GPU become one gloo group (Accelerate would otherwise run each alone, all writing one folder)."""
+    without a GPU become one gloo group (Accelerate would otherwise run each alone, all writing one folder).
+
+    `log_with` names trackers (`--log-with`: tensorboard, trackio, mlflow, wandb, all, none) that log into
+    `run`/logs; one not installed is a UserError naming its pip command, raised here, before any training."""
+    trackers = resolve_trackers(log_with)
+    if "trackio" in trackers:
+        place_trackio_store(run)  # before Accelerate imports trackio
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -35,7 +44,8 @@ def make_accelerator(precision: str):
     AcceleratorState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(mixed_precision=resolve_precision(precision),
-                              cpu=launched > 1 and not torch.cuda.is_available())
+                              cpu=launched > 1 and not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=str(logs_dir(run)) if trackers else None)
     if accelerator.num_processes != launched:
         raise TrainError(f"started as {launched} processes, but Accelerate runs {accelerator.num_processes}; "
                          f"check the launcher's settings")
@@ -95,6 +105,7 @@ class LoopSettings:
     keep: int = 2  # checkpoints kept
     clip_grad: float | None = None
     label: str = "train"  # the progress bar's label
+    curves: bool = True  # redraw RUN/curves.png at epoch ends
 
 
 class Trainer:
@@ -102,14 +113,16 @@ class Trainer:
 
     loss_fn(model, batch, micro) -> loss for one micro-batch (`micro` counts micro-batches from the start of the
     run, to seed anything random). on_epoch_end(epoch, step, model) runs on the main process after the epoch's
-    checkpoint and returns extra metrics to log, or None. write_weights(model), if given, writes the hand-over
-    weights at each epoch end and on a stop.
+    checkpoint and returns extra metrics to log, or None; values that are PIL images in it (the preview grid) go to
+    the trackers as pictures, not to metrics.jsonl. write_weights(model), if given, writes the hand-over weights at
+    each epoch end and on a stop. hparams (the run's config, nested dicts) go to the trackers as hyper-parameters.
     """
 
     def __init__(self, accelerator, model, optimizer, schedule, run: Path, state: TrainState, *, loss_fn: Callable,
-                 settings: LoopSettings, on_epoch_end: Callable | None = None, write_weights: Callable | None = None):
+                 settings: LoopSettings, on_epoch_end: Callable | None = None, write_weights: Callable | None = None,
+                 hparams: dict | None = None):
         self.acc, self.schedule, self.run, self.state = accelerator, schedule, Path(run), state
-        self.loss_fn, self.settings = loss_fn, settings
+        self.loss_fn, self.settings, self.hparams = loss_fn, settings, hparams
         self.on_epoch_end, self.write_weights = on_epoch_end, write_weights
         self.main, self.world, self.device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -128,6 +141,8 @@ class Trainer:
         """Train to the end or to a signal; returns {"steps", "images_seen", "seconds", "skipped", "signal"}."""
         st, sched = self.state, self.schedule
         self.metrics = MetricsLog(self.run, enabled=self.main)
+        self.tracking = Tracking(self.acc if self.main else None, self.run, self.hparams, st.step)
+        self.curves = Curves(self.run, enabled=self.main and self.settings.curves)
         self.t0 = time.time() - st.seconds
         self.t_log, self.images_at_log = time.time(), st.images_seen
         exit_signal = None
@@ -147,9 +162,13 @@ class Trainer:
                     if epoch_end or stop_now or (self.settings.save_every and st.step % self.settings.save_every == 0):
                         self.checkpoint(hand_over=epoch_end or stop_now)
                     if epoch_end and self.main and self.on_epoch_end is not None:
-                        row = self.on_epoch_end(epoch + 1, st.step, self.raw_model)
-                        if row:
-                            self.metrics.write({"step": st.step, "epoch": epoch + 1, **row})
+                        row = self.on_epoch_end(epoch + 1, st.step, self.raw_model) or {}
+                        images = {k: v for k, v in row.items() if isinstance(v, PIL.Image.Image)}
+                        row = {k: v for k, v in row.items() if k not in images}
+                        if row or images:
+                            self.record({"step": st.step, "epoch": epoch + 1, **row}, images, write=bool(row))
+                    if epoch_end:
+                        self.curves.update(final=st.step == sched.total_steps)
                     if stop_now:
                         exit_signal = stop.signum or signal.SIGTERM
                         break
@@ -161,6 +180,7 @@ class Trainer:
                 raise TrainError(f"cannot write to {self.run}: {e.strerror or e}{self.newest_checkpoint('; ')}") from None
             finally:
                 self.metrics.close()
+                self.tracking.finish()
                 shutdown_workers(it)  # workers ignore SIGINT and SIGTERM: stop them here
         st.seconds = time.time() - self.t0
         return {"steps": st.step, "images_seen": st.images_seen, "seconds": round(st.seconds, 1),
@@ -207,11 +227,18 @@ class Trainer:
         self.t_log, self.images_at_log = now, st.images_seen
         self.loss_sum.zero_()
         st.loss_count = 0
-        self.metrics.write({"step": st.step, "epoch": round(st.step / self.schedule.steps_per_epoch, 4),
-                            "loss": loss, "lr": lr, "images_per_sec": round(ips, 2), "images_seen": st.images_seen,
-                            "time": round(now - self.t0, 2)})
+        self.record({"step": st.step, "epoch": round(st.step / self.schedule.steps_per_epoch, 4),
+                     "loss": loss, "lr": lr, "images_per_sec": round(ips, 2), "images_seen": st.images_seen,
+                     "time": round(now - self.t0, 2)})
         progress.update(st.step, f"epoch {epoch + 1}/{self.schedule.epochs} loss {loss:.4f} lr {lr:.2e} "
                                  f"{ips:.1f} img/s", line=True)
+
+    def record(self, row: dict, images: dict | None = None, write: bool = True) -> None:
+        """One metrics row to metrics.jsonl and the trackers (main process only), pictures to the trackers."""
+        if write:
+            self.metrics.write(row)
+        if self.main:
+            self.tracking.log(row if write else {"step": row["step"]}, images)
 
     def checkpoint(self, hand_over: bool) -> None:
         """Save a checkpoint (and with `hand_over`, the hand-over weights); every rank takes part."""

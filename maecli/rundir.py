@@ -7,6 +7,8 @@ RUN/
   metrics.jsonl      one JSON object per logged row
   checkpoints/       resumable state (checkpoint.py)
   previews/          per-epoch pictures
+  curves.png         the metrics drawn, redrawn at epoch ends (trackers.Curves)
+  logs/              the trackers' stores, with --log-with (trackers.py)
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from .files import atomic_write
 from .weights import CONFIG_NAME, WEIGHTS_NAME
 
 METRICS_NAME = "metrics.jsonl"
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoints", "previews")
+RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoints", "previews", "curves.png", "logs")
 LOCK_NAME = ".lock"
 
 

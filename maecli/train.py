@@ -61,11 +61,12 @@ class TrainArgs:
     init_from: str | None = None
     previews: int = 4
     probe: str | None = None
+    log_with: tuple[str, ...] = ()  # trackers (trackers.TRACKERS, "all", "none"), logging into RUN/logs
 
 
 # What a resumed run may change: none of these alter the model or the steps already taken.
 RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "previews",
-                     "probe")
+                     "probe", "log_with")
 
 
 def build_config(args: TrainArgs) -> MAEConfig:
@@ -102,7 +103,7 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     if args.resume:
         args = resumed_args(args, set(given), RESUME_MAY_CHANGE)
     cfg = build_config(args)
-    acc = make_accelerator(args.precision)
+    acc = make_accelerator(args.precision, args.log_with, out)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     lock = prepare(out, args.resume, args.overwrite) if main else None
     try:
@@ -142,7 +143,10 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         hooks = EpochEnd(args, paths, out)
         trainer = Trainer(acc, model, optimizer, schedule, out, state, loss_fn=mae_loss(args.seed, rank, args.mask, cfg.num_patches),
                           settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad, "pretrain"),
-                          on_epoch_end=hooks, write_weights=lambda m: save_weights(m, out / WEIGHTS_NAME))
+                          on_epoch_end=hooks, write_weights=lambda m: save_weights(m, out / WEIGHTS_NAME),
+                          hparams={"model": cfg.to_dict(), "train": asdict(args),
+                                   "run": {"images": len(paths), "processes": world, "effective_batch": eff_batch,
+                                           "peak_lr": peak_lr, "total_steps": schedule.total_steps}})
         result = trainer.fit(loader)
     finally:
         if lock is not None:
@@ -241,30 +245,36 @@ def restore(args: TrainArgs, out: Path, model, optimizer, schedule: Schedule, im
 
 
 class EpochEnd:
-    """Per-epoch extras on the main process: the reconstruction preview and the kNN probe. A failure here is a
-    warning, never the end of a long run."""
+    """Per-epoch extras on the main process: the reconstruction preview (also returned as a picture for the
+    trackers) and the kNN probe. A failure here is a warning, never the end of a long run."""
 
     def __init__(self, args: TrainArgs, paths: list[Path], out: Path):
         self.args, self.paths, self.out = args, paths, out
         self.preview = None
 
     def __call__(self, epoch: int, step: int, model) -> dict | None:
+        row = {}
         if self.args.previews:
+            from PIL import Image
+
             from .reconstruct import save_preview
 
             try:
                 path = save_preview(model, self.paths, self.out, epoch, self.args.previews, self.args.seed)
-                self.preview = str(path) if path else self.preview
+                if path:
+                    self.preview = str(path)
+                    with Image.open(path) as picture:
+                        row["preview"] = picture.convert("RGB")
             except (OSError, DataError) as e:
                 warn(f"no preview for epoch {epoch}: {e}")
         if self.args.probe:
             from .probe import probe_during_training
 
             try:
-                return probe_during_training(model, self.args.probe, epoch)
+                row.update(probe_during_training(model, self.args.probe, epoch) or {})
             except (OSError, DataError) as e:
                 warn(f"no probe for epoch {epoch}: {e}")
-        return None
+        return row or None
 
 
 def report(summary: dict, args: TrainArgs) -> None:
