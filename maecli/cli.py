@@ -143,6 +143,9 @@ def pretrain(
     epochs: int = typer.Option(100, "--epochs", min=1, max=10**7, help="Passes over the folder."),
     steps: int | None = typer.Option(None, "--steps", min=1, max=10**9,
                                         help="Stop after this many optimizer steps (wins over --epochs)."),
+    repeat: int = typer.Option(1, "--repeat", min=1, max=10**6,
+                               help="Passes over the folder per epoch, each with fresh crops: for folders of a few "
+                                    "dozen images, so that an epoch (and its checkpoint and preview) is not a step."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
     blr: float = typer.Option(1.5e-4, "--blr", min=0.0, callback=finite,
                               help="Base learning rate: lr = blr x effective batch / 256."),
@@ -205,7 +208,7 @@ def pretrain(
     host.tune_for_cpu(default_device())
     args = TrainArgs(
         data=str(data), out=str(out) if out else None, model=model.value, img_size=img_size, patch_size=patch_size,
-        in_chans=in_chans, mask=mask, epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr,
+        in_chans=in_chans, mask=mask, epochs=epochs, steps=steps, repeat=repeat, batch_size=batch_size, blr=blr, lr=lr,
         warmup_epochs=warmup_epochs, accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay,
         precision=precision.value, workers=workers, seed=seed, save_every=save_every, keep=keep,
         log_every=log_every, resume=resume, overwrite=overwrite, norm_pix_loss=norm_pix_loss,

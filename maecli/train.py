@@ -36,6 +36,7 @@ class TrainArgs:
     mask: float = 0.75
     epochs: int = 100
     steps: int | None = None
+    repeat: int = 1
     batch_size: int = 64
     blr: float = 1.5e-4
     lr: float | None = None
@@ -110,10 +111,11 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         acc.wait_for_everyone()
         paths = find_training_images(args, cfg)
         model = initial_model(args, cfg, out)
-        batch = min(args.batch_size, math.ceil(len(paths) / world))  # a batch never holds an image twice
+        per_epoch = len(paths) * args.repeat  # a small folder repeated: each pass with fresh crops
+        batch = min(args.batch_size, math.ceil(per_epoch / world))  # a batch is never padded with repeats
         eff_batch = batch * args.accum_iter * world
         peak_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-        sampler = D.EpochBatches(len(paths), batch, args.seed, epochs=1, rank=rank, world=world)
+        sampler = D.EpochBatches(per_epoch, batch, args.seed, epochs=1, rank=rank, world=world)
         schedule = Schedule.plan(sampler.micro_per_epoch(), args.accum_iter, peak_lr, epochs=args.epochs,
                                  steps=args.steps, warmup_epochs=args.warmup_epochs)
         optimizer = make_optimizer(no_weight_decay_groups(model, args.weight_decay), peak_lr, acc.device,
@@ -131,10 +133,11 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             prefetch_factor=4 if workers > 0 else None)
         if main:
             write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False})
-            console.print(f"maecli pretrain: {len(paths)} images in {args.data}; {args.model} at {cfg.img_size}px, "
+            times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
+            console.print(f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
                           f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
                           f"{acc.mixed_precision}, {workers} loader workers")
-            capped = f", capped at the {batch} images per process" if batch < args.batch_size else ""
+            capped = f", capped at the {batch} images an epoch gives each process" if batch < args.batch_size else ""
             console.print(f"effective batch {eff_batch} ({args.batch_size}{capped} x {args.accum_iter} accum x "
                           f"{world} processes), lr {peak_lr:.3g}"
                           + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")

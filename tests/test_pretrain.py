@@ -170,3 +170,15 @@ def test_epoch_batches_are_disjoint_across_ranks_and_resumable():
     tail = [list(b) for b in EpochBatches(10, 3, seed=1, epochs=2, start_epoch=1, start_micro=2)]
     assert tail == full[4 + 2:]
     assert len(EpochBatches(10, 3, seed=1, epochs=2)) == 8
+
+
+def test_repeat_makes_an_epoch_several_passes(tmp_path, photo_dir):
+    """--repeat 3 on 8 images: an epoch is 24 crops (6 steps of 4), with one checkpoint and one preview at its end."""
+    out = tmp_path / "run"
+    r = invoke("pretrain", photo_dir, "--out", out, "--epochs", "1", "--repeat", "3", "--previews", "1", *TINY)
+    assert r.exit_code == 0, r.output
+    assert "8 images (x3 an epoch)" in r.stderr and "6 steps (6/epoch, 1 epochs)" in r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 6 and rows[-1]["images_seen"] == 24
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006"]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["epoch-0001.png"]
