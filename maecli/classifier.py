@@ -124,20 +124,3 @@ def load_classifier(path: str | os.PathLike) -> tuple[Classifier, list[str]]:
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return model.eval(), classes
 
-
-def export_timm_classifier(source, out: Path) -> str:
-    """The classifier as a timm state dict in one safetensors file; returns Python that loads it strictly."""
-    from .export import timm_create_call
-
-    model, classes = load_classifier(source)
-    save_classifier(model, classes, out)
-    lines = [
-        "import timm, safetensors.torch",
-        f"model = {timm_create_call(model.cfg, num_classes=len(classes), global_pool=POOLS[model.pooling])}",
-        f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))",
-        f"classes = {classes!r}",
-    ]
-    if model.cfg.norm_eps != 1e-6:
-        lines.append(f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} "
-                     f"(a negligible difference)")
-    return "\n".join(lines)

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .classifier import POOLS as CLASSIFIER_POOLS
+from .classifier import classifier_info, load_classifier, save_classifier
 from .files import atomic_write, write_json
 from .formats import hf_config, to_hf
 from .model import MAE, MAEConfig
@@ -79,8 +81,6 @@ def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
     Returns Python that loads the result.
     """
     if fmt == "timm":
-        from .classifier import classifier_info, export_timm_classifier
-
         if classifier_info(source) is not None:  # a fine-tuned run: the whole classifier, head included
             return export_timm_classifier(source, out)
     model = load(source, model_hint=model_hint)
@@ -89,3 +89,19 @@ def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
     if fmt == "hf":
         return export_hf(model, out, mask_ratio=trained_mask_ratio(source))
     raise ValueError(f"unknown export format {fmt!r}; choose timm or hf")
+
+
+def export_timm_classifier(source, out: Path) -> str:
+    """The classifier as a timm state dict in one safetensors file; returns Python that loads it strictly."""
+    model, classes = load_classifier(source)
+    save_classifier(model, classes, out)
+    lines = [
+        "import timm, safetensors.torch",
+        f"model = {timm_create_call(model.cfg, num_classes=len(classes), global_pool=CLASSIFIER_POOLS[model.pooling])}",
+        f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))",
+        f"classes = {classes!r}",
+    ]
+    if model.cfg.norm_eps != 1e-6:
+        lines.append(f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} "
+                     f"(a negligible difference)")
+    return "\n".join(lines)
