@@ -123,6 +123,9 @@ class _Guarded:
     def flush(self):
         return self._call("flush")
 
+    def seek(self, *args):  # a buffered file writes what it holds before it moves
+        return self._call("seek", *args)
+
     def __getattr__(self, name):
         return getattr(self._f, name)
 

@@ -220,12 +220,23 @@ def hf_settings(hf_config: dict, source: str) -> dict:
         size = hf_config.get(key)
         if isinstance(size, (list, tuple)) and len(set(size)) != 1:
             raise WeightsError(f"{source}: {key} {size} is not square; maecli needs square images and patches")
-    return dict(
+    settings = dict(
         num_heads=hf_config.get("num_attention_heads"),
         decoder_heads=hf_config.get("decoder_num_attention_heads"),
         norm_eps=hf_config.get("layer_norm_eps", 1e-12),
-        norm_pix_loss=bool(hf_config.get("norm_pix_loss", False)),
+        norm_pix_loss=hf_config.get("norm_pix_loss", False),
     )
+    # a value of the wrong kind would quietly become another model (eps "1e-6" as text, heads 0, loss "yes")
+    for key, name in (("num_heads", "num_attention_heads"), ("decoder_heads", "decoder_num_attention_heads")):
+        heads = settings[key]
+        if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+            raise WeightsError(f"{source}: config {name} is {heads!r}, expected a positive whole number")
+    eps = settings["norm_eps"]
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
+        raise WeightsError(f"{source}: config layer_norm_eps is {eps!r}, expected a small positive number")
+    if not isinstance(settings["norm_pix_loss"], bool):
+        raise WeightsError(f"{source}: config norm_pix_loss is {settings['norm_pix_loss']!r}, expected true or false")
+    return settings
 
 
 def to_hf(state: dict[str, torch.Tensor], encoder_only: bool) -> dict[str, torch.Tensor]:

@@ -90,6 +90,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     import argparse
     import pickle
 
+    _check_records(path)
     try:
         # The release's training checkpoints carry their argparse settings; a Namespace only holds values.
         allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
@@ -122,6 +123,23 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in state):  # saved from inside a DistributedDataParallel wrapper
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def _check_records(path: Path) -> None:
+    """Refuse a torch.save zip whose records claim far more bytes than the file holds, before reading any: torch
+    would inflate them in memory first (a few MB can claim GBs). torch.save stores records uncompressed."""
+    import zipfile
+
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a bare pickle), or a broken one: torch.load says what is wrong
+    if claimed > 8 * size + (1 << 20):
+        raise WeightsError(f"refused {path}: its records claim {claimed / 2**20:.0f} MiB uncompressed, "
+                           f"{claimed / max(size, 1):.0f} times the file's {size / 2**20:.1f} MiB (a zip bomb?); "
+                           f"torch.save files are stored uncompressed")
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -169,14 +187,33 @@ def resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
     return weights, cfg if cfg.exists() else None
 
 
-def read_config(path: Path | None) -> dict:
+def read_config(path: Path | None, strict: bool = False) -> dict:
+    """The config.json beside weights as a dict; {} where there is none. A file that is not a JSON object is {}
+    too, or with `strict` a WeightsError: what it would have said (heads, eps, the loss target) must not be
+    silently replaced by defaults."""
     if path is None:
         return {}
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
+        if strict:
+            raise WeightsError(f"{path} is not readable JSON ({e}); fix it, or remove it if the weights file says "
+                               f"all (a maecli model.safetensors does)") from None
         return {}
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        if strict:
+            raise WeightsError(f"{path} holds a JSON {type(config).__name__}, not an object of settings")
+        return {}
+    return config
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf (a run that diverged): they would load and compute NaN without a word.
+    Names the first such tensor, in the file's own names."""
+    for name, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise WeightsError(f"{source}: tensor {name} holds NaN or inf; these weights cannot be used (from a run "
+                               f"that diverged? its earlier checkpoints may be fine)")
 
 
 def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str) -> MAE:
@@ -197,6 +234,9 @@ def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str
             raise WeightsError(
                 f"{source}: tensor {k} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
             )
+        if expected[k].is_floating_point() and not v.is_floating_point():
+            raise WeightsError(f"{source}: tensor {k} holds {str(v.dtype).removeprefix('torch.')} values; weights "
+                               f"must be floating point (float32, float16 or bfloat16)")
     model.load_state_dict(_owned(state), strict=True, assign=True)
     return model.eval()
 
@@ -232,8 +272,9 @@ def load(
     """
     weights, config_path = resolve(path)
     state, meta = read_tensors(weights)
-    config = read_config(config_path)
     source = str(weights)
+    check_finite(state, source)
+    config = read_config(config_path, strict=True)
     cfg_dict = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg_dict is None and "maecli_config" in meta:
         try:
@@ -248,7 +289,10 @@ def load(
         if "head.weight" in state:  # a `maecli finetune` classifier: its encoder, as for a timm classifier
             state = formats.clean_original(state, source)
     elif formats.is_hf_layout(state):
-        hf = formats.hf_settings(config if config.get("model_type") in ("vit_mae", "vit") else {}, source)
+        if config.get("model_type", "vit_mae") not in ("vit_mae", "vit"):
+            raise WeightsError(f"{config_path} is a {config['model_type']!r} config, not a ViTMAE or ViT one; the "
+                               f"weights beside it cannot be read with it")
+        hf = formats.hf_settings(config, source)
         state = formats.from_hf(state, source)
         heads = hf.pop("num_heads") or num_heads
         cfg = formats.infer_config(state, source, num_heads=heads, model_hint=model_hint, **hf)
