@@ -21,7 +21,6 @@ def measure(name: str, prec: str, rounds: int) -> dict:
     model, cfg, batch = H.tiny_or_base(name)
     imgs, noise = H.inputs(cfg, batch)
     flop_ratio = H.step_flops(model, imgs, noise, full=True) / H.step_flops(model, imgs, noise)
-    model.set_fused_attention(prec != "bf16")  # as the trainer picks it on a CPU
 
     def backward_of(loss_fn):
         def run():
@@ -41,7 +40,7 @@ def measure(name: str, prec: str, rounds: int) -> dict:
                                                                  mask)),
     }
     part_flops = {k: H.counted_flops(fn) for k, fn in parts.items()}
-    model.set_fused_attention(prec != "bf16")  # step_flops and counted_flops ran the plain path
+    model.set_fused_attention(prec != "bf16")  # as the trainer picks it on a CPU; FLOPs were counted on the plain path
     t = H.interleaved({"masked": backward_of(lambda: model(imgs, 0.75, noise)[0]),
                        "full": backward_of(lambda: H.full_sequence_loss(model, imgs, noise)), **parts}, rounds)
     speedups = H.speedups(t, "masked", "full")

@@ -89,7 +89,9 @@ def main(argv=None):
     ap = H.options(__doc__)
     ap.add_argument("--baseline", required=False, help="the other checkout (its repository root)")
     ap.add_argument("--child-step", default=None, metavar="CHECKOUT", help=argparse.SUPPRESS)
-    ap.add_argument("--precisions", default="fp32,bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--precisions", default="fp32,bf16", help="precisions of the step measurement [default: both]")
+    ap.add_argument("--only", default="step,pretrain,embed,help", help="comma-separated measurements "
+                    "[default: step,pretrain,embed,help]")
     opts = ap.parse_args(argv)
     if opts.child_step:
         return child_step(opts.child_step, opts.precisions.split(","))
@@ -101,8 +103,9 @@ def main(argv=None):
     H.console.print(f"new: {trees['new']}\nold: {trees['old']}")
     rounds = opts.rounds or (3 if opts.quick else 5)
     steps, log_every, n_embed = 9, 3, 128
-    cifar = H.data_dir("cifar10-10k/train", "versus: pretrain")
-    flowers = H.data_dir("flowers-160/val", "versus: embed")
+    only = opts.only.split(",")
+    cifar = H.data_dir("cifar10-10k/train", "versus: pretrain") if "pretrain" in only else None
+    flowers = H.data_dir("flowers-160/val", "versus: embed") if "embed" in only else None
     rates: dict[tuple[str, str], list[float]] = {}
 
     def record(what, tree, value):
@@ -110,8 +113,9 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        precisions = opts.precisions.split(",")
         measurements = {"step": lambda tree: [record(f"step {p}", tree, v)
-                                              for p, v in step_rates(trees[tree], ["fp32", "bf16"]).items()]}
+                                              for p, v in step_rates(trees[tree], precisions).items()]}
         if cifar:
             def pretrain(tree):
                 run = tmp / f"run-{tree}"
@@ -130,6 +134,7 @@ def main(argv=None):
             measurements["embed"] = embed
         measurements["help"] = lambda tree: record("--help s", tree, H.run_cli(["--help"], trees[tree]).seconds)
 
+        measurements = {k: v for k, v in measurements.items() if k in only}
         for r in range(rounds):
             for fn in measurements.values():
                 for tree in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
