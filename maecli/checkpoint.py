@@ -37,6 +37,7 @@ class TrainState:
     loss_count: int = 0  # last logged row, so the next metrics row is exact after a resume too
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable files: path -> why
     extra: dict = field(default_factory=dict)  # a training command's own values (e.g. the best epoch so far)
+    data: dict = field(default_factory=dict)  # the training files' fingerprint (rundir.DataList): resume checks it
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainState:

@@ -59,6 +59,23 @@ WORKERS_HELP = "Image decoding processes [default: chosen for this machine]."
 def _root():
     """Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result."""
     host.configure_openmp()  # before any command imports torch: libgomp reads it once
+    exit_on_sigterm()
+
+
+def exit_on_sigterm():
+    """SIGTERM ends any command with exit status 143 the way an error does: `finally` blocks run, so temporary
+    files go and loader workers stop. (Killed by the signal, a process leaves both behind.) Training loops catch
+    it themselves for a clean checkpoint, and put this back when they end: teardown exits 143 too."""
+    import signal
+
+    def terminated(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a repeated SIGTERM does not cut the clean-up short
+        with contextlib.suppress(OSError):
+            sys.stderr.write("terminated (SIGTERM)\n")
+        raise SystemExit(143)
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding application): leave it alone
+        signal.signal(signal.SIGTERM, terminated)
 
 
 def finite(value: float | None) -> float | None:
@@ -163,6 +180,9 @@ def pretrain(
     log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change",
+                                           help="With --resume: go on although the data folder's files differ "
+                                                "from the run's (added, removed, resized), with a warning."),
     norm_pix_loss: bool = typer.Option(True, "--norm-pix-loss/--no-norm-pix-loss",
                                        help="Predict per-patch normalized pixels (the paper's better setting)."),
     decoder_dim: int | None = typer.Option(None, "--decoder-dim", min=4, max=8192,
@@ -215,6 +235,7 @@ def pretrain(
         decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads, embed_dim=embed_dim,
         depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None, previews=previews,
         probe=str(probe) if probe else None, log_with=tuple(t.value for t in log_with),
+        allow_data_change=allow_data_change,
     )
     # Flags given explicitly matter on --resume: those a run may change override its saved settings.
     # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)
@@ -492,6 +513,7 @@ def probe(
 
 
 def main():
+    exit_on_sigterm()
     try:
         app()
     except OSError as e:  # a write to stdout or stderr that failed outside any command's own handling
@@ -499,6 +521,18 @@ def main():
         with contextlib.suppress(OSError):
             sys.stderr.write(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}\n")
         sys.exit(1)
+    finally:
+        # The command is over; what is left is the interpreter's own exit (atexit hooks, library finalizers), where
+        # an exception would only print a traceback: a SIGTERM now ends the process at once, with 143.
+        import signal
+
+        def now(signum, frame):
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            os._exit(143)
+
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, now)
 
 
 # --- commands added by other issues below ---

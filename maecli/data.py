@@ -187,6 +187,10 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.transform = train_transform(img_size, in_chans)
         self.min_side = 2 * img_size  # a crop at scale 0.2 still gets full resolution
+        # Files found unusable in this process, never read again: every slot that wraps past a run of bad files
+        # would otherwise decode each of them anew (a folder of junk is then read once per image, not once).
+        # Each failure was reported the first time; a substitute is the same whether a bad file is read or known.
+        self.unusable: set[int] = set()
 
     def __len__(self):
         return len(self.paths)
@@ -210,8 +214,9 @@ class PretrainDataset(torch.utils.data.Dataset):
                         x = self.transform(img)
                         break
                     except Exception as e:  # a file that decodes but cannot be cropped: skip it too
-                        path = self.paths[(index + attempt) % len(self.paths)]
-                        failed.append((str(path), describe_error(e, path)))
+                        bad = (index + attempt) % len(self.paths)
+                        self.unusable.add(bad)
+                        failed.append((str(self.paths[bad]), describe_error(e, self.paths[bad])))
                         img, attempt, failed = self._load(index, attempt + 1, failed)
                 out.append((x, failed))
         return out
@@ -219,10 +224,14 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _load(self, index: int, first: int, failed: list) -> tuple[torch.Tensor, int, list]:
         """The first file from slot `index` on (trying the next ones) that decodes: (pixels, attempt, failures)."""
         for attempt in range(first, len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
+            i = (index + attempt) % len(self.paths)
+            if i in self.unusable:
+                continue
+            path = self.paths[i]
             try:
                 return decode(path, self.in_chans, self.min_side), attempt, failed
             except Exception as e:  # any failure to decode means "skip this file"
+                self.unusable.add(i)
                 failed.append((str(path), describe_error(e, path)))
         raise DataError("no readable image left in the data folder")
 
@@ -372,10 +381,21 @@ def _collate_eval(items):
     return positions, torch.stack(xs) if xs else None, failed
 
 
-def _numbered_batches(sources: Iterable, batch_size: int, pending: dict) -> Iterator[list]:
-    """Numbered sources in lists of batch_size, pulled lazily; each in-flight one is kept in `pending`."""
+def _numbered_batches(sources: Iterable, batch_size: int, pending: dict, failure: list) -> Iterator[list]:
+    """Numbered sources in lists of batch_size, pulled lazily; each in-flight one is kept in `pending`.
+
+    An error while pulling sources (stdin that cannot be read, a folder that vanished) ends the batches here and
+    waits in `failure`: raised inside the DataLoader's machinery, it could leave its workers running.
+    """
     numbered = enumerate(sources)
-    while batch := list(itertools.islice(numbered, batch_size)):
+    while not failure:
+        batch = []
+        try:
+            batch.extend(itertools.islice(numbered, batch_size))  # one by one: a failure keeps those before it
+        except Exception as e:  # raised by eval_batches once the batches before it are through
+            failure.append(e)
+        if not batch:
+            return
         pending.update(batch)
         yield batch
 
@@ -393,13 +413,15 @@ def eval_batches(sources: Iterable, img_size: int, in_chans: int, *, batch_size:
     and is left out; without on_error it raises DataError. Loader workers are shut down however the loop ends.
     """
     pending: dict[int, object] = {}
+    failure: list[Exception] = []
     loader = torch.utils.data.DataLoader(
-        EvalImages(img_size, in_chans), batch_sampler=_numbered_batches(sources, batch_size, pending),
+        EvalImages(img_size, in_chans), batch_sampler=_numbered_batches(sources, batch_size, pending, failure),
         num_workers=workers, collate_fn=_collate_eval, worker_init_fn=worker_init, pin_memory=pin_memory,
         prefetch_factor=2 if workers > 0 else None,
     )
-    it = iter(loader)
+    it = None
     try:
+        it = iter(loader)
         for positions, x, failed in it:
             for position, (missing, why) in failed:
                 source = pending.pop(position)
@@ -408,6 +430,8 @@ def eval_batches(sources: Iterable, img_size: int, in_chans: int, *, batch_size:
                 on_error(source, why, missing)
             if x is not None:
                 yield [pending.pop(p) for p in positions], x
+        if failure:
+            raise failure[0]
     finally:
         shutdown_workers(it)
 

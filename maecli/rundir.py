@@ -165,3 +165,78 @@ def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: st
     if "epochs" in given and "steps" not in given and merged.get("epochs") != saved.get("epochs"):
         merged["steps"] = None  # a new epoch count replaces the step count the run was started with
     return type(args)(**merged)
+
+
+class DataList:
+    """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
+    fingerprint, so `--resume` can tell whether it goes on with the data the run was trained on; the list itself
+    is kept once per distinct fingerprint in RUN/checkpoints/files-<sha256>.json.gz, to say what changed."""
+
+    def __init__(self, files: list[tuple[str, int]]):
+        self.files = files
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, paths: list[Path]) -> DataList:
+        root = Path(root)
+        base = root if root.is_dir() else root.parent
+        files = []
+        for p in paths:
+            try:
+                size = os.stat(p).st_size
+            except OSError:  # vanished or unreadable since it was found: the loader skips it
+                size = -1
+            files.append((Path(p).relative_to(base).as_posix(), size))
+        return cls(files)
+
+    def fingerprint(self) -> dict:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, size in self.files:
+            digest.update(os.fsencode(name) + b"\0" + str(size).encode() + b"\n")
+        return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files),
+                "sha256": digest.hexdigest()}
+
+    @staticmethod
+    def _path(run: Path, sha256: str) -> Path:
+        return Path(run) / "checkpoints" / f"files-{sha256[:16]}.json.gz"
+
+    def save(self, run: Path) -> None:
+        import gzip
+
+        path = self._path(run, self.fingerprint()["sha256"])
+        if not path.exists():
+            data = gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
+            path.parent.mkdir(exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    @classmethod
+    def saved(cls, run: Path, sha256: str) -> DataList | None:
+        import gzip
+
+        try:
+            files = json.loads(gzip.decompress(cls._path(run, sha256).read_bytes()).decode("utf-8", "surrogateescape"))
+            return cls([(str(name), int(size)) for name, size in files])
+        except (OSError, ValueError, TypeError, EOFError):
+            return None
+
+    def changes_since(self, before: dict, run: Path) -> str | None:
+        """None when this list has the fingerprint `before` (a checkpoint's); else what changed, in words."""
+        now = self.fingerprint()
+        if not before or before.get("sha256") == now["sha256"]:
+            return None  # the same files (or a checkpoint from before fingerprints were kept)
+        old = DataList.saved(run, before["sha256"])
+        if old is None:
+            return (f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
+                    f"then, {now['files']} files of {now['bytes']} bytes now")
+        then, current = dict(old.files), dict(self.files)
+        added = [n for n in current if n not in then]
+        removed = [n for n in then if n not in current]
+        changed = [n for n in current if n in then and current[n] != then[n]]
+        parts = []
+        for label, names in (("added", added), ("removed", removed), ("changed in size", changed)):
+            if names:
+                parts.append(f"{len(names)} {'file' if len(names) == 1 else 'files'} {label} (e.g. {names[0]!r})")
+        if not parts:  # the same names and sizes in another order cannot happen (both lists are sorted)
+            parts.append("the file order differs")
+        return "the data differs from the run's: " + ", ".join(parts)

@@ -19,7 +19,7 @@ from .console import console, warn
 from .errors import DataError, TrainError, UsageError
 from .loop import LoopSettings, Trainer, make_accelerator, make_optimizer
 from .model import MAE, MAEConfig, no_weight_decay_groups, num_visible
-from .rundir import default_out, prepare, resumed_args, trim_metrics
+from .rundir import DataList, default_out, prepare, resumed_args, trim_metrics
 from .runtime import default_workers, fused_attention_pays
 from .schedule import Schedule
 from .weights import WEIGHTS_NAME, save_weights, write_config
@@ -63,11 +63,12 @@ class TrainArgs:
     previews: int = 4
     probe: str | None = None
     log_with: tuple[str, ...] = ()  # trackers (trackers.TRACKERS, "all", "none"), logging into RUN/logs
+    allow_data_change: bool = False  # --resume on a changed file list: warn instead of refusing
 
 
 # What a resumed run may change: none of these alter the model or the steps already taken.
 RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "previews",
-                     "probe", "log_with")
+                     "probe", "log_with", "allow_data_change")
 
 
 def build_config(args: TrainArgs) -> MAEConfig:
@@ -110,6 +111,7 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     try:
         acc.wait_for_everyone()
         paths = find_training_images(args, cfg)
+        files = DataList.of(args.data, paths)
         model = initial_model(args, cfg, out)
         per_epoch = len(paths) * args.repeat  # a small folder repeated: each pass with fresh crops
         batch = min(args.batch_size, math.ceil(per_epoch / world))  # a batch is never padded with repeats
@@ -120,8 +122,10 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
                                  steps=args.steps, warmup_epochs=args.warmup_epochs)
         optimizer = make_optimizer(no_weight_decay_groups(model, args.weight_decay), peak_lr, acc.device,
                                    betas=(0.9, 0.95))
-        state = restore(args, out, model, optimizer, schedule, len(paths), world) if args.resume else TrainState()
+        state = (restore(args, out, model, optimizer, schedule, len(paths), world, files=files) if args.resume
+                 else TrainState())
         state.total_steps, state.images, state.processes = schedule.total_steps, len(paths), world
+        state.data = files.fingerprint()
         model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
         workers = default_workers() if args.workers is None else args.workers
         sampler = replace(sampler, epochs=schedule.epochs, start_epoch=schedule.epoch_of(state.step),
@@ -132,7 +136,8 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
         if main:
-            write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False})
+            write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False})
+            files.save(out)
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
             console.print(f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
                           f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
@@ -206,9 +211,13 @@ def initial_model(args: TrainArgs, cfg: MAEConfig, out: Path) -> MAE:
     return model
 
 
-def restore(args: TrainArgs, out: Path, model, optimizer, schedule: Schedule, images: int, world: int) -> TrainState:
+def restore(args, out: Path, model, optimizer, schedule: Schedule, images: int, world: int, *,
+            files: DataList | None = None) -> TrainState:
     """Load the newest usable checkpoint into `model` and `optimizer` (every rank loads the one the main process
-    chose) and return its TrainState; a fresh state when there is none."""
+    chose) and return its TrainState; a fresh state when there is none.
+
+    With `files`, a checkpoint saved on other data is refused (TrainError saying what changed), unless
+    `args.allow_data_change`, which warns instead."""
     from accelerate.state import PartialState
 
     main = PartialState().is_main_process
@@ -232,6 +241,12 @@ def restore(args: TrainArgs, out: Path, model, optimizer, schedule: Schedule, im
             trim_metrics(out, 0)
         return TrainState()
     ckpt, (weights, optim_state, state) = found
+    change = files.changes_since(state.data, out) if files is not None else None
+    if change and not getattr(args, "allow_data_change", False):
+        raise TrainError(f"cannot resume {out}: {change}; restore the files to continue the same run, or pass "
+                         f"--allow-data-change to go on with these")
+    if change:
+        warn(f"{change}; going on with these (--allow-data-change): the run is no longer the one it started as")
     model.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(optim_state)
     if state.step > schedule.total_steps:

@@ -172,7 +172,7 @@ def test_a_full_disk_is_one_line_everywhere(tmp_path, tiny_weights, photo_dir):
         err = r.stderr.decode()
         assert r.returncode == 1 and err.count("error: ") == 1 and "Traceback" not in err, (args, err)
         assert f"cannot write {args[-3] if args[0] == 'export' else args[-1]}: File too large" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "run"]  # no output left looking complete, no temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "run"]  # nothing left looking complete
 
     # stdout on a full device: one line, exit 1, no "Exception ignored" at exit
     with open("/dev/full", "wb") as full:
@@ -246,3 +246,210 @@ def test_a_pth_whose_records_inflate_is_refused_before_reading(tmp_path):
     t0 = time.time()
     line = one_line_error(invoke("embed", PHOTO, "-w", bomb), 1, "refused", "zip bomb")
     assert time.time() - t0 < 5 and "256 MiB" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# 13: every numeric flag of every command is range-checked at the boundary (exit 2)
+
+
+def numeric_flags():
+    """(command, its required arguments, flag, int or float) for every number option of every command, found by
+    looking at the CLI itself: a command added later is checked too."""
+    import enum
+    import typing
+
+    import typer
+
+    from maecli.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        required = [name]
+        for p in command.params:
+            annotation = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+            if p.required or p.opts[0] == "--weights":  # finetune needs --weights unless it resumes
+                kinds = typing.get_args(annotation) or (annotation,)
+                choice = next((k for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)), None)
+                value = next(iter(choice)).value if choice else "x"
+                required += [value] if not p.opts[0].startswith("-") else [p.opts[0], value]
+        for p in command.params:
+            annotation = getattr(getattr(p, "type_descriptor", None), "annotation", None)
+            kinds = set(typing.get_args(annotation) or (annotation,)) & {int, float}
+            if kinds and p.opts[0].startswith("--") and not getattr(p, "is_flag", False):
+                yield name, required, p, kinds.pop()
+
+
+FLAGS = list(numeric_flags())
+
+
+def test_the_flag_sweep_finds_the_flags():
+    found = {(name, p.opts[0]) for name, _, p, _ in FLAGS}
+    assert {("pretrain", "--seed"), ("pretrain", "--warmup-epochs"), ("probe", "--val-split"),
+            ("reconstruct", "--zoom"), ("serve", "--port"), ("embed", "--batch-size")} <= found
+
+
+@pytest.mark.parametrize("name, required, param, kind", FLAGS, ids=[f"{n} {p.opts[0]}" for n, _, p, _ in FLAGS])
+def test_every_numeric_flag_is_range_checked(name, required, param, kind):
+    flag = param.opts[0]
+    if kind is int:
+        assert param.min is not None and param.max is not None, f"{name} {flag} has no range"
+        values = ["99999999999999999999", "-99999999999999999999"]
+    else:
+        values = ["nan", "inf", "-inf", "1e999", "-1"]
+    for value in values:
+        r = invoke(*required, flag, value)
+        assert r.exit_code == 2, (name, flag, value, r.output)
+        assert flag in r.stderr and "Traceback" not in r.output, (name, flag, value, r.stderr)
+
+
+def test_settings_that_cannot_work_together_are_a_bad_command_line(photo_dir, tmp_path):
+    for extra in (["--img-size", "30", "--patch-size", "8"], ["--decoder-dim", "30", "--decoder-heads", "4"],
+                  ["--mask", "0.999"]):
+        args = [*TINY]
+        for flag, value in zip(extra[::2], extra[1::2]):
+            if flag in args:
+                args[args.index(flag) + 1] = value
+            else:
+                args += [flag, value]
+        one_line_error(invoke("pretrain", photo_dir, "--out", tmp_path / "run", *args), 2)
+        assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4: resume on different data
+
+
+def test_resume_refuses_changed_data_unless_allowed(tmp_path, photo_dir):
+    out = tmp_path / "run"
+    args = ["--steps", "4", "--save-every", "2", "--previews", "0", *TINY]
+    assert invoke("pretrain", photo_dir, "--out", out, *args).exit_code == 0
+    moved = tmp_path / "same-files-elsewhere"
+    import shutil
+
+    shutil.copytree(photo_dir, moved)
+    r = invoke("pretrain", moved, "--out", out, "--resume", "--steps", "6")  # the same files, moved: fine
+    assert r.exit_code == 0, r.output
+
+    first = sorted(p for p in moved.rglob("*") if p.is_file())[0]
+    first.rename(first.with_name("renamed" + first.suffix))
+    line = one_line_error(invoke("pretrain", moved, "--out", out, "--resume", "--steps", "8"), 1,
+                          "1 file added", "'a/renamed", "1 file removed", "--allow-data-change")
+    assert "cannot resume" in line
+
+    other = tmp_path / "other"
+    shutil.copytree(photo_dir, other)
+    for p in sorted(p for p in other.rglob("*") if p.is_file())[:3]:
+        p.write_bytes(p.read_bytes() + b"\0" * 10)  # same names and count, other contents
+    one_line_error(invoke("pretrain", other, "--out", out, "--resume", "--steps", "8"), 1,
+                   "3 files changed in size")
+
+    r = invoke("pretrain", other, "--out", out, "--resume", "--steps", "8", "--allow-data-change")
+    assert r.exit_code == 0 and "warning: the data differs" in r.stderr, r.output
+    state = json.loads((out / "checkpoints" / "step-00000008" / "state.json").read_text())
+    assert state["data"]["files"] == 8 and len(state["data"]["sha256"]) == 64
+    saved = json.loads((out / "config.json").read_text())["train"]
+    assert saved["allow_data_change"] is False  # an allowance for one resume, not for every later one
+    r = invoke("pretrain", photo_dir, "--out", out, "--resume", "--steps", "10")  # back on the first data
+    assert r.exit_code == 1 and "3 files changed in size" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# 12: stdin bytes, and loader workers that stop whatever ends the command
+
+
+def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \x01.jpg"  # Latin-1, not UTF-8, and a control character
+    with open(odd, "wb") as f:
+        f.write(PHOTO.read_bytes())
+    stdin = odd + b"\n" + str(PHOTO).encode() + b"\n"
+    r = subprocess.run([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+                       input=stdin, capture_output=True, env=env(PYTHONIOENCODING="utf-8"), timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    paths = [os.fsencode(json.loads(line)["path"]) for line in r.stdout.decode().splitlines()]
+    assert paths == [odd, str(PHOTO).encode()]
+
+    r = subprocess.run([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+                       input=stdin + b"/no/such.jpg\n", capture_output=True, env=env(PYTHONIOENCODING="utf-8"),
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()
+
+
+def test_loader_workers_stop_when_the_sources_fail():
+    import multiprocessing
+
+    from maecli.data import eval_batches
+
+    def sources():
+        yield from [PHOTO] * 5
+        raise ValueError("the list of inputs broke")
+
+    seen = []
+    with pytest.raises(ValueError, match="broke"):
+        for items, _ in eval_batches(sources(), 32, 3, batch_size=2, workers=2):
+            seen += items
+    assert seen == [PHOTO] * 5  # everything before the failure came through, in order
+    deadline = time.time() + 30
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+# ----------------------------------------------------------------------------------------------
+# 16: SIGTERM at any moment, teardown included, is exit 143 with temporaries gone
+
+
+def test_sigterm_in_teardown_exits_143(tmp_path, photo_dir):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", str(photo_dir), "--out", str(out),
+                             "--steps", "200", "--log-every", "1", "--previews", "0", *TINY], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 200
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    while proc.poll() is None:  # SIGTERM again and again: in the loop, while saving, while tearing down
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and not list(out.rglob("*.tmp"))
+
+
+def test_sigterm_removes_a_half_written_output(tmp_path, tiny_weights):
+    target = tmp_path / "emb.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "-o",
+                             str(target), "--workers", "0"], env=env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc.stdin.write(f"{PHOTO}\n".encode())
+    proc.stdin.flush()  # then nothing more: it waits for the next path with its output half written
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".emb.jsonl.*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert "terminated (SIGTERM)" in proc.stderr.read().decode()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 17: a folder of junk is read once per process, not once per image
+
+
+def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
+    from maecli import data
+
+    paths = []
+    for i in range(300):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"")
+        paths.append(tmp_path / f"{i:03d}.jpg")
+    paths.append(PHOTO)
+    reads = []
+    decode = data.decode
+    monkeypatch.setattr(data, "decode", lambda path, *a, **k: (reads.append(path), decode(path, *a, **k))[1])
+    dataset = data.PretrainDataset(paths, 32, 3, seed=0)
+    items = dataset.__getitems__([(0, i) for i in range(len(paths))])
+    assert all(x.shape == (3, 32, 32) for x, _ in items)
+    assert len(reads) <= 2 * len(paths)  # each bad file once, the good one per slot (was 300 x 301 / 2 reads)
+    failed = [f for _, fs in items for f in fs]
+    assert len(failed) == 300 and len({path for path, _ in failed}) == 300  # each reported once
