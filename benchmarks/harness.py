@@ -31,7 +31,7 @@ DATA = ROOT.parent / "shared" / "data"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-console = Console(highlight=False, width=max(120, Console().width))
+console = Console(highlight=False, width=max(180, Console().width))  # tables whole when piped to a file
 
 # name: (MAEConfig fields, batch size). tiny: ViT-Tiny width at 64 px in 8 px patches with the 128 x 4 decoder
 # (vit-tiny's defaults at 64 px); base: ViT-B/16 at 224 with the paper's 512 x 8 decoder.
