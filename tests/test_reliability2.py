@@ -7,6 +7,7 @@ the exit status of the README's table, nothing the user made replaced or left ha
 import errno
 import json
 import os
+import re
 import resource
 import signal
 import stat
@@ -453,3 +454,62 @@ def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
     assert len(reads) <= 2 * len(paths)  # each bad file once, the good one per slot (was 300 x 301 / 2 reads)
     failed = [f for _, fs in items for f in fs]
     assert len(failed) == 300 and len({path for path, _ in failed}) == 300  # each reported once
+
+
+# ----------------------------------------------------------------------------------------------
+# Done by the lead (2, 3, 7, 9): checked here through the CLI
+
+
+def test_a_second_writer_is_refused_while_a_run_holds_its_folder(tmp_path, photo_dir):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", str(photo_dir), "--out", str(out),
+                             "--steps", "100000", "--log-every", "1", "--previews", "0", *TINY], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 200
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        for extra in (["--overwrite"], ["--resume"]):
+            one_line_error(invoke("pretrain", photo_dir, "--out", out, *extra, *TINY), 1,
+                           "in use by another maecli run", f"process {proc.pid}")
+        assert proc.poll() is None and (out / "config.json").exists()  # the running one goes on, its folder whole
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    assert invoke("pretrain", photo_dir, "--out", out, "--resume", "--steps", "2").exit_code in (0, 1)  # free again
+
+
+def test_a_diverged_run_never_saves_or_names_a_non_finite_checkpoint(tmp_path, photo_dir):
+    out = tmp_path / "run"
+    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "20", "--save-every", "1", "--lr", "1e30",
+               "--warmup-epochs", "0", "--previews", "0", *TINY)
+    line = one_line_error(r, 1, "non-finite")
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        maecli.load(ckpt / "model.safetensors")  # refuses NaN or inf weights
+    named = re.search(r"step-\d{8}", line)
+    if named:
+        assert (out / "checkpoints" / named.group()).is_dir()
+    if (out / "model.safetensors").exists():
+        maecli.load(out)
+
+
+def test_a_class_left_without_a_readable_image_is_refused(tmp_path, tiny_weights):
+    data = tmp_path / "labelled"
+    (data / "cats").mkdir(parents=True)
+    (data / "junk").mkdir()
+    for i, photo in enumerate(sorted((ROOT / "examples" / "images").glob("*.jpg"))[:5]):
+        (data / "cats" / f"{i}.jpg").write_bytes(photo.read_bytes())
+        (data / "junk" / f"{i}.jpg").write_bytes(b"not an image")
+    one_line_error(invoke("probe", data, "-w", tiny_weights, "--workers", "0"), 1, "junk")
+
+
+def test_a_batch_larger_than_the_data_is_capped_and_the_lr_follows(tmp_path):
+    data = tmp_path / "one"
+    data.mkdir()
+    (data / "only.jpg").write_bytes(PHOTO.read_bytes())
+    args = [*TINY]
+    args[args.index("--batch-size") + 1] = "64"
+    r = invoke("pretrain", data, "--out", tmp_path / "run", "--steps", "1", "--previews", "0", *args)
+    assert r.exit_code == 0, r.output
+    assert "effective batch 1 (64, capped" in r.stderr and "x 1/256" in r.stderr, r.stderr
