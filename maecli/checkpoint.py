@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .files import fsync_dir, open_output, write_json
+from .files import fsync_dir, open_output, write_bytes, write_json
 from .weights import WEIGHTS_NAME, save_weights
 
 FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
@@ -68,8 +68,10 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_epoch: int, keep: int) -> Path:
+def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_epoch: int, keep: int,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
     """Write checkpoints/step-N atomically (a temp folder, fsynced, then renamed) and prune all but `keep`.
+    `extra_files` (name -> bytes) go into the folder too (the training file list, say).
 
     Raises NonFiniteError, writing nothing, if the weights or the optimizer state are not all finite.
     """
@@ -87,6 +89,8 @@ def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_ep
         with open_output(tmp / "optimizer.pt") as f:  # a file object: torch.save hides a path's write errors
             torch.save(optimizer.state_dict(), f)
         write_json(tmp / "state.json", {**asdict(state), "epoch": state.step / steps_per_epoch})
+        for name, data in (extra_files or {}).items():
+            write_bytes(tmp / name, data)
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -512,8 +512,20 @@ def probe(
         typer.echo(json.dumps(result))
 
 
+def block_sigterm():
+    """Hold back a SIGTERM from here to the end: Python's finalization puts the default handlers back, and a signal
+    arriving then would kill the process (status -15) after the command has already ended with its own."""
+    import signal
+
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
 def main():
+    import atexit
+
     exit_on_sigterm()
+    atexit.register(block_sigterm)  # registered before any library's hook, so it runs after all of them
     try:
         app()
     except OSError as e:  # a write to stdout or stderr that failed outside any command's own handling

@@ -116,12 +116,14 @@ class Trainer:
     checkpoint and returns extra metrics to log, or None; values that are PIL images in it (the preview grid) go to
     the trackers as pictures, not to metrics.jsonl. write_weights(model), if given, writes the hand-over weights at
     each epoch end and on a stop. hparams (the run's config, nested dicts) go to the trackers as hyper-parameters.
+    checkpoint_files (name -> bytes) are saved in every checkpoint (the training file list: rundir.DataList).
     """
 
     def __init__(self, accelerator, model, optimizer, schedule, run: Path, state: TrainState, *, loss_fn: Callable,
                  settings: LoopSettings, on_epoch_end: Callable | None = None, write_weights: Callable | None = None,
-                 hparams: dict | None = None):
+                 hparams: dict | None = None, checkpoint_files: dict[str, bytes] | None = None):
         self.acc, self.schedule, self.run, self.state = accelerator, schedule, Path(run), state
+        self.checkpoint_files = checkpoint_files
         self.loss_fn, self.settings, self.hparams = loss_fn, settings, hparams
         self.on_epoch_end, self.write_weights = on_epoch_end, write_weights
         self.main, self.world, self.device = accelerator.is_main_process, accelerator.num_processes, accelerator.device
@@ -251,7 +253,7 @@ class Trainer:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper holds the real one
             try:
                 save_checkpoint(self.run, self.raw_model, optimizer, st, self.schedule.steps_per_epoch,
-                                self.settings.keep)
+                                self.settings.keep, self.checkpoint_files)
             except NonFiniteError as e:
                 raise TrainError(f"{e}; stopped{self.newest_checkpoint(', and the last good checkpoint is ')}; try "
                                  f"a lower --lr, --clip-grad, or --precision no") from None

@@ -169,8 +169,10 @@ def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: st
 
 class DataList:
     """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
-    fingerprint, so `--resume` can tell whether it goes on with the data the run was trained on; the list itself
-    is kept once per distinct fingerprint in RUN/checkpoints/files-<sha256>.json.gz, to say what changed."""
+    fingerprint in state.json, and the list itself in files.json.gz beside it (to say what changed), so `--resume`
+    can tell whether it goes on with the data the run was trained on."""
+
+    NAME = "files.json.gz"
 
     def __init__(self, files: list[tuple[str, int]]):
         self.files = files
@@ -197,35 +199,28 @@ class DataList:
         return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files),
                 "sha256": digest.hexdigest()}
 
-    @staticmethod
-    def _path(run: Path, sha256: str) -> Path:
-        return Path(run) / "checkpoints" / f"files-{sha256[:16]}.json.gz"
-
-    def save(self, run: Path) -> None:
+    def compressed(self) -> bytes:
+        """The list as files.json.gz holds it (compressed once per run, written with every checkpoint)."""
         import gzip
 
-        path = self._path(run, self.fingerprint()["sha256"])
-        if not path.exists():
-            data = gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
-            path.parent.mkdir(exist_ok=True)
-            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        return gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
 
     @classmethod
-    def saved(cls, run: Path, sha256: str) -> DataList | None:
+    def saved(cls, checkpoint: Path) -> DataList | None:
         import gzip
 
         try:
-            files = json.loads(gzip.decompress(cls._path(run, sha256).read_bytes()).decode("utf-8", "surrogateescape"))
-            return cls([(str(name), int(size)) for name, size in files])
+            text = gzip.decompress((Path(checkpoint) / cls.NAME).read_bytes()).decode("utf-8", "surrogateescape")
+            return cls([(str(name), int(size)) for name, size in json.loads(text)])
         except (OSError, ValueError, TypeError, EOFError):
             return None
 
-    def changes_since(self, before: dict, run: Path) -> str | None:
-        """None when this list has the fingerprint `before` (a checkpoint's); else what changed, in words."""
+    def changes_since(self, before: dict, checkpoint: Path) -> str | None:
+        """None when this list has the fingerprint `before` (the checkpoint's); else what changed, in words."""
         now = self.fingerprint()
         if not before or before.get("sha256") == now["sha256"]:
             return None  # the same files (or a checkpoint from before fingerprints were kept)
-        old = DataList.saved(run, before["sha256"])
+        old = DataList.saved(checkpoint)
         if old is None:
             return (f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
                     f"then, {now['files']} files of {now['bytes']} bytes now")

@@ -137,7 +137,6 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             prefetch_factor=4 if workers > 0 else None)
         if main:
             write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False})
-            files.save(out)
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
             console.print(f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
                           f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
@@ -152,6 +151,7 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         trainer = Trainer(acc, model, optimizer, schedule, out, state, loss_fn=mae_loss(args.seed, rank, args.mask, cfg.num_patches),
                           settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad, "pretrain"),
                           on_epoch_end=hooks, write_weights=lambda m: save_weights(m, out / WEIGHTS_NAME),
+                          checkpoint_files={DataList.NAME: files.compressed()} if main else None,
                           hparams={"model": cfg.to_dict(), "train": asdict(args),
                                    "run": {"images": len(paths), "processes": world, "effective_batch": eff_batch,
                                            "peak_lr": peak_lr, "total_steps": schedule.total_steps}})
@@ -241,7 +241,7 @@ def restore(args, out: Path, model, optimizer, schedule: Schedule, images: int, 
             trim_metrics(out, 0)
         return TrainState()
     ckpt, (weights, optim_state, state) = found
-    change = files.changes_since(state.data, out) if files is not None else None
+    change = files.changes_since(state.data, ckpt) if files is not None else None
     if change and not getattr(args, "allow_data_change", False):
         raise TrainError(f"cannot resume {out}: {change}; restore the files to continue the same run, or pass "
                          f"--allow-data-change to go on with these")
