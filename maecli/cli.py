@@ -809,41 +809,31 @@ def predict(
     if to_file and output.is_dir():
         fail(f"--output {output} is a folder; give a file", 2)
     quiet_libraries()
-    import tempfile
-
     from .classifier import load_classifier
     from .console import console
+    from .files import guarded, open_output
     from .predict import write_predictions
     from .runtime import default_device
 
-    out, tmp = None, None
     try:
-        with reported():
+        with reported(), contextlib.ExitStack() as files:
             device = default_device()
             host.tune_for_cpu(device)
             model, classes = load_classifier(weights)
             model = model.to(device)
-            if to_file:
-                fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent or ".")
-                out = open(fd, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            if to_file:  # whole or not at all, as every output (files.open_output)
+                out = files.enter_context(open_output(output, "w", encoding="utf-8", errors="surrogateescape",
+                                                      newline=""))
             else:
                 sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
-                out = sys.stdout
+                out = guarded(sys.stdout, STDOUT)
             summary = write_predictions(model, classes, inputs, out=out, fmt=fmt.value, top_k=top_k,
                                         batch_size=batch_size, workers=workers_or_default(workers),
                                         precision=precision.value, strict=strict, console=console)
-            if tmp is not None:
-                out.close()
-                os.replace(tmp, output)
-                tmp = None
     except BrokenPipeError:
         stdout_closed_early()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    finally:
-        if tmp is not None:
-            out.close()
-            os.unlink(tmp)
     n, seconds = summary["predicted"], summary["seconds"]
     console.print(f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
                   + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")

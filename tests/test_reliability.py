@@ -320,11 +320,11 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path,
 
     real, calls = T.save_checkpoint, []
 
-    def full_disk(out, model, optimizer, state, steps_per_epoch, keep):
+    def full_disk(out, model, optimizer, state, *args, **kwargs):
         calls.append(state.step)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(out, model, optimizer, state, steps_per_epoch, keep)
+        return real(out, model, optimizer, state, *args, **kwargs)
 
     monkeypatch.setattr(T, "save_checkpoint", full_disk)
     out = tmp_path / "run"
