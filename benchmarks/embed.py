@@ -6,6 +6,7 @@ flowers-160/val: the real CLI in a subprocess (paths on stdin, jsonl to a file, 
 start-up, loading the weights and decoding included), alternating with `model.encode` + mean pooling on ready
 (64, 3, 224, 224) tensors in this process. Peak RSS is the largest of the command and its loader workers.
 """
+
 from __future__ import annotations
 
 import harness as H
@@ -44,8 +45,10 @@ def main(argv=None):
         listing.write_text("".join(f"{p}\n" for p in find_images(data)[:n]))
 
         def end_to_end():
-            done = H.run_cli(["embed", "-", "--weights", tmp / "model.safetensors", "--batch-size", BATCH,
-                              "-o", tmp / "e.jsonl"], stdin=listing)
+            done = H.run_cli(
+                ["embed", "-", "--weights", tmp / "model.safetensors", "--batch-size", BATCH, "-o", tmp / "e.jsonl"],
+                stdin=listing,
+            )
             rss.append(done.max_rss_mb)
 
         def forward_only():  # fp32, as embed's default: a vector does not depend on its batch then
@@ -56,13 +59,31 @@ def main(argv=None):
         # no warm-up round: every embed command starts cold anyway (imports, weights, loader workers)
         t = H.interleaved({"embed": end_to_end, "forward": forward_only}, rounds, warmup=0)
     ratio = H.speedups(t, "embed", "forward")
-    row = {"model": "vit-tiny/16 @ 224 px", "images": n, "rounds": rounds, "embed_img_s": n / H.median(t["embed"]),
-           "forward_img_s": n / H.median(t["forward"]), "ratio": ratio, "peak_rss_mb": rss}
-    H.show("end-to-end `maecli embed` (start-up included) vs the encoder's forward alone, images/s; ratio per "
-           "round: median (range)",
-           ["model", "images", "rounds", "embed", "forward", "ratio", "peak RSS MB"],
-           [[row["model"], str(n), str(rounds), f"{row['embed_img_s']:.1f}", f"{row['forward_img_s']:.1f}",
-             H.ratio_cell(ratio), f"{H.median(rss):.0f} ({min(rss):.0f}-{max(rss):.0f})"]])
+    row = {
+        "model": "vit-tiny/16 @ 224 px",
+        "images": n,
+        "rounds": rounds,
+        "embed_img_s": n / H.median(t["embed"]),
+        "forward_img_s": n / H.median(t["forward"]),
+        "ratio": ratio,
+        "peak_rss_mb": rss,
+    }
+    H.show(
+        "end-to-end `maecli embed` (start-up included) vs the encoder's forward alone, images/s; ratio per "
+        "round: median (range)",
+        ["model", "images", "rounds", "embed", "forward", "ratio", "peak RSS MB"],
+        [
+            [
+                row["model"],
+                str(n),
+                str(rounds),
+                f"{row['embed_img_s']:.1f}",
+                f"{row['forward_img_s']:.1f}",
+                H.ratio_cell(ratio),
+                f"{H.median(rss):.0f} ({min(rss):.0f}-{max(rss):.0f})",
+            ]
+        ],
+    )
     H.finish(opts, {"embed": row}, info)
 
 

@@ -6,6 +6,7 @@ model FLOPs utilization against the GPU's nominal dense bf16 peak and against a 
 rounds, and how many images one CPU core decodes and crops per second (the loader's ceiling per worker). Without
 a CUDA device it says so and exits; `--device cpu` runs the same code on the tiny config, to check it anywhere.
 """
+
 from __future__ import annotations
 
 import harness as H
@@ -22,6 +23,7 @@ def synced(fn, device: torch.device):
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     return run
 
 
@@ -32,23 +34,37 @@ def step_rates(device: torch.device, rounds: int) -> dict:
     flops_per_image = H.step_flops(model, imgs, noise) / 8  # counted on the CPU: the same arithmetic anywhere
     model = model.to(device)
     imgs, noise = (t.to(device) for t in H.inputs(cfg, batch))
-    contenders = {"gemm bf16": synced(H.gemm(torch.bfloat16, n, device.type), device),
-                  "maecli": synced(H.maecli_step(model, H.optimizer_for(model, device), imgs, noise, "bf16",
-                                                 device.type), device)}
+    contenders = {
+        "gemm bf16": synced(H.gemm(torch.bfloat16, n, device.type), device),
+        "maecli": synced(
+            H.maecli_step(model, H.optimizer_for(model, device), imgs, noise, "bf16", device.type), device
+        ),
+    }
     if H.have("transformers"):
-        contenders["transformers"] = synced(H.hf_step(H.hf_model(cfg).to(device), imgs, noise, "bf16", device.type),
-                                            device)
+        contenders["transformers"] = synced(
+            H.hf_step(H.hf_model(cfg).to(device), imgs, noise, "bf16", device.type), device
+        )
     t = H.interleaved(contenders, rounds, warmup=2)
     peak = 2 * n**3 / H.median(t["gemm bf16"])
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     nominal = next((v * 1e12 for key, v in NOMINAL_BF16_TFLOPS.items() if key in gpu), None)
-    out = {"device": gpu, "config": name, "batch": batch, "rounds": rounds, "gflop_per_image": flops_per_image / 1e9,
-           "bf16_gemm_tflop_s": peak / 1e12, "sides": {}}
+    out = {
+        "device": gpu,
+        "config": name,
+        "batch": batch,
+        "rounds": rounds,
+        "gflop_per_image": flops_per_image / 1e9,
+        "bf16_gemm_tflop_s": peak / 1e12,
+        "sides": {},
+    }
     for side in ("maecli", "transformers"):
         if side in t:
             rate = batch / H.median(t[side])
-            out["sides"][side] = {"img_s": rate, "mfu_vs_gemm": rate * flops_per_image / peak,
-                                  "mfu": rate * flops_per_image / nominal if nominal else None}
+            out["sides"][side] = {
+                "img_s": rate,
+                "mfu_vs_gemm": rate * flops_per_image / peak,
+                "mfu": rate * flops_per_image / nominal if nominal else None,
+            }
     if "transformers" in t:
         out["vs_transformers"] = H.speedups(t, "maecli", "transformers")
     return out
@@ -94,15 +110,27 @@ def main(argv=None):
     rounds = opts.rounds or (3 if opts.quick else 10)
     res = step_rates(device, rounds)
     sides = res["sides"]
-    H.show(f"training step on {res['device']}: {res['config']}, batch {res['batch']}, bf16, {rounds} rounds; "
-           f"{res['gflop_per_image']:.1f} GFLOP per image, bf16 GEMM {res['bf16_gemm_tflop_s']:.1f} TFLOP/s",
-           ["side", "img/s", "MFU (nominal peak)", "MFU (measured GEMM)", "maecli / transformers"],
-           [[side, f"{s['img_s']:.1f}", H.fmt(s["mfu"] and 100 * s["mfu"], ".0f", "%"),
-             f"{100 * s['mfu_vs_gemm']:.0f}%", H.ratio_cell(res.get("vs_transformers", [])) if side == "maecli" else ""]
-            for side, s in sides.items()])
+    H.show(
+        f"training step on {res['device']}: {res['config']}, batch {res['batch']}, bf16, {rounds} rounds; "
+        f"{res['gflop_per_image']:.1f} GFLOP per image, bf16 GEMM {res['bf16_gemm_tflop_s']:.1f} TFLOP/s",
+        ["side", "img/s", "MFU (nominal peak)", "MFU (measured GEMM)", "maecli / transformers"],
+        [
+            [
+                side,
+                f"{s['img_s']:.1f}",
+                H.fmt(s["mfu"] and 100 * s["mfu"], ".0f", "%"),
+                f"{100 * s['mfu_vs_gemm']:.0f}%",
+                H.ratio_cell(res.get("vs_transformers", [])) if side == "maecli" else "",
+            ]
+            for side, s in sides.items()
+        ],
+    )
     loader = loader_per_core(2 if opts.quick else 3)
-    H.show("loader per CPU core (decode + crop + flip + normalize to 224 px), images/s",
-           ["data", "img/s per core"], [[rel, f"{rate:.0f}"] for rel, rate in loader.items()])
+    H.show(
+        "loader per CPU core (decode + crop + flip + normalize to 224 px), images/s",
+        ["data", "img/s per core"],
+        [[rel, f"{rate:.0f}"] for rel, rate in loader.items()],
+    )
     H.finish(opts, {"gpu": res, "loader_img_s_per_core": loader}, info)
 
 

@@ -8,6 +8,7 @@ spread over rounds; absolute images/s move with the machine's load.
 torch is imported inside the functions: a file that runs the model in-process calls `act_like_the_cli()` first,
 which must happen before torch loads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,14 +37,50 @@ console = Console(highlight=False, width=max(180, Console().width))  # tables wh
 # name: (MAEConfig fields, batch size). tiny: ViT-Tiny width at 64 px in 8 px patches with the 128 x 4 decoder
 # (vit-tiny's defaults at 64 px); base: ViT-B/16 at 224 with the paper's 512 x 8 decoder.
 CONFIGS = {
-    "tiny": (dict(img_size=64, patch_size=8, embed_dim=192, depth=12, num_heads=3, decoder_dim=128, decoder_depth=4,
-                  decoder_heads=4), 64),
-    "base": (dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_dim=512,
-                  decoder_depth=8, decoder_heads=16), 8),
+    "tiny": (
+        dict(
+            img_size=64,
+            patch_size=8,
+            embed_dim=192,
+            depth=12,
+            num_heads=3,
+            decoder_dim=128,
+            decoder_depth=4,
+            decoder_heads=4,
+        ),
+        64,
+    ),
+    "base": (
+        dict(
+            img_size=224,
+            patch_size=16,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            decoder_dim=512,
+            decoder_depth=8,
+            decoder_heads=16,
+        ),
+        8,
+    ),
 }
 # The same tiny model as `maecli pretrain` flags, spelled out so that every checkout trains the same shapes
-TINY_FLAGS = ["--model", "vit-tiny", "--img-size", "64", "--patch-size", "8", "--decoder-dim", "128",
-              "--decoder-depth", "4", "--decoder-heads", "4", "--batch-size", "64"]
+TINY_FLAGS = [
+    "--model",
+    "vit-tiny",
+    "--img-size",
+    "64",
+    "--patch-size",
+    "8",
+    "--decoder-dim",
+    "128",
+    "--decoder-depth",
+    "4",
+    "--decoder-heads",
+    "4",
+    "--batch-size",
+    "64",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,13 +151,22 @@ def load() -> str:
 
 
 def machine() -> dict:
-    info = {"cpu": cpu_model(), "cores": cores(), "load": load(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    info = {
+        "cpu": cpu_model(),
+        "cores": cores(),
+        "load": load(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+    }
     if "torch" in sys.modules:  # only where the model runs in this process; `torch` alone costs a second
         import torch
 
-        info |= {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "avx512_bf16": torch.cpu._is_avx512_bf16_supported(), "amx": torch.cpu._is_amx_tile_supported()}
+        info |= {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+            "amx": torch.cpu._is_amx_tile_supported(),
+        }
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -132,8 +178,10 @@ def header(title: str) -> dict:
     extra = ""
     if "torch" in m:
         omp = os.environ.get("OMP_WAIT_POLICY") or f"spin {os.environ.get('GOMP_SPINCOUNT', 'default')}"
-        extra = (f", torch {m['torch']} ({m['threads']} threads, OpenMP waits: {omp}; AVX512-BF16 "
-                 f"{'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx'] else 'no'})")
+        extra = (
+            f", torch {m['torch']} ({m['threads']} threads, OpenMP waits: {omp}; AVX512-BF16 "
+            f"{'yes' if m['avx512_bf16'] else 'no'}, AMX {'yes' if m['amx'] else 'no'})"
+        )
     console.print(f"[bold]{title}[/]: {m['date']}, {m['cpu']}, {m['cores']} cores, load {m['load']}{extra}")
     return m
 
@@ -161,9 +209,12 @@ def have(module: str) -> bool:
 def clean_env(checkout: Path = ROOT) -> dict:
     """This environment minus the settings a `maecli` command chooses for itself (so it chooses them as it would
     when a user starts it), with `checkout` first on the import path."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES", "PYTHONPATH")
-           and not k.startswith(("MALLOC_", "MAECLI_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "GLIBC_TUNABLES", "PYTHONPATH")
+        and not k.startswith(("MALLOC_", "MAECLI_"))
+    }
     env["PYTHONPATH"] = str(checkout)
     return env
 
@@ -180,11 +231,20 @@ def run_cli(args: list, checkout: Path = ROOT, stdin: Path | None = None, timeou
     failure. cwd matters: `python -m maecli` imports the maecli folder in the working directory first."""
     import tempfile
 
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            (open(stdin, "rb") if stdin else contextlib.nullcontext(subprocess.DEVNULL)) as inp:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        open(stdin, "rb") if stdin else contextlib.nullcontext(subprocess.DEVNULL) as inp,
+    ):
         t = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-m", "maecli", *map(str, args)], cwd=checkout, env=clean_env(checkout),
-                             stdin=inp, stdout=out, stderr=err)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "maecli", *map(str, args)],
+            cwd=checkout,
+            env=clean_env(checkout),
+            stdin=inp,
+            stdout=out,
+            stderr=err,
+        )
         try:
             _, status, usage = os.wait4(p.pid, 0)  # its rusage: the peak of it and the children it waited for
         except BaseException:
@@ -196,8 +256,10 @@ def run_cli(args: list, checkout: Path = ROOT, stdin: Path | None = None, timeou
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
     if p.returncode:
-        raise RuntimeError(f"maecli {' '.join(map(str, args[:2]))} ... exited with {p.returncode} "
-                           f"(in {checkout}): {stderr.strip()[-800:]}")
+        raise RuntimeError(
+            f"maecli {' '.join(map(str, args[:2]))} ... exited with {p.returncode} "
+            f"(in {checkout}): {stderr.strip()[-800:]}"
+        )
     return Finished(seconds, usage.ru_maxrss / 1024, stdout, stderr)
 
 
@@ -245,12 +307,14 @@ def inputs(cfg, batch: int):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g),
-            torch.rand(batch, cfg.num_patches, generator=g))
+    return (
+        torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g),
+        torch.rand(batch, cfg.num_patches, generator=g),
+    )
 
 
 def autocast(precision: str, device: str = "cpu"):
-    """"bf16": bf16 autocast (what Accelerate's mixed_precision="bf16" runs); anything else fp32."""
+    """ "bf16": bf16 autocast (what Accelerate's mixed_precision="bf16" runs); anything else fp32."""
     import torch
 
     return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -266,6 +330,7 @@ def optimizer_for(model, device):
 
 def train_step(optimizer, loss_fn: Callable, precision: str, device: str = "cpu", before: Callable | None = None):
     """One training step as a callable: loss_fn() under autocast, backward, optimizer step, gradients to None."""
+
     def step():
         if before is not None:
             before()
@@ -274,6 +339,7 @@ def train_step(optimizer, loss_fn: Callable, precision: str, device: str = "cpu"
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -285,8 +351,13 @@ def maecli_step(model, optimizer, imgs, noise, precision: str, device: str = "cp
     from maecli.runtime import fused_attention_pays
 
     fused = fused_attention_pays(torch.device(device), "bf16" if precision == "bf16" else "no")
-    return train_step(optimizer, lambda: model(imgs, 0.75, noise)[0], precision, device,
-                      before=lambda: model.set_fused_attention(fused))
+    return train_step(
+        optimizer,
+        lambda: model(imgs, 0.75, noise)[0],
+        precision,
+        device,
+        before=lambda: model.set_fused_attention(fused),
+    )
 
 
 def hf_model(cfg):
@@ -296,11 +367,21 @@ def hf_model(cfg):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     hcfg = ViTMAEConfig(
-        hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
-        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), image_size=cfg.img_size, patch_size=cfg.patch_size,
-        num_channels=cfg.in_chans, decoder_hidden_size=cfg.decoder_dim, decoder_num_hidden_layers=cfg.decoder_depth,
-        decoder_num_attention_heads=cfg.decoder_heads, decoder_intermediate_size=int(cfg.decoder_dim * cfg.mlp_ratio),
-        mask_ratio=0.75, norm_pix_loss=cfg.norm_pix_loss, layer_norm_eps=cfg.norm_eps, qkv_bias=True,
+        hidden_size=cfg.embed_dim,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio),
+        image_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.in_chans,
+        decoder_hidden_size=cfg.decoder_dim,
+        decoder_num_hidden_layers=cfg.decoder_depth,
+        decoder_num_attention_heads=cfg.decoder_heads,
+        decoder_intermediate_size=int(cfg.decoder_dim * cfg.mlp_ratio),
+        mask_ratio=0.75,
+        norm_pix_loss=cfg.norm_pix_loss,
+        layer_norm_eps=cfg.norm_eps,
+        qkv_bias=True,
     )
     torch.manual_seed(0)
     return ViTMAEForPreTraining(hcfg)
@@ -386,6 +467,7 @@ def finish(opts, results: dict, machine_info: dict) -> None:
     """Print the load at the end; write JSON where --json asked for it."""
     console.print(f"load at the end: {load()}")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"machine": machine_info, "load_after": load(), **results},
-                                              indent=1, default=str) + "\n")
+        Path(opts.json).write_text(
+            json.dumps({"machine": machine_info, "load_after": load(), **results}, indent=1, default=str) + "\n"
+        )
         console.print(f"wrote {opts.json}")

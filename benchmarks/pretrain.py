@@ -6,6 +6,7 @@ the default loader workers), images/s from its metrics.jsonl after the first log
 forking); alternating with a block of as many model-only steps in this process on ready tensors. The ratio says
 how much of the model's speed a real run keeps: what the loader, the loop and logging cost.
 """
+
 from __future__ import annotations
 
 import harness as H
@@ -48,6 +49,7 @@ def model_only(fields: dict, steps: int):
     def block():
         for _ in range(steps):
             step()
+
     return block
 
 
@@ -55,16 +57,39 @@ def measure(label: str, data: Path, fields: dict, steps: int, log_every: int, ro
     timed = steps - log_every
     cli_rates = []
     with tempfile.TemporaryDirectory() as tmp:
+
         def end_to_end():
             run = Path(tmp) / "run"
-            H.run_cli(["pretrain", data, "--out", run, "--overwrite", *flags(fields), "--steps", steps,
-                       "--log-every", log_every, "--previews", 0, "--save-every", 0])
+            H.run_cli(
+                [
+                    "pretrain",
+                    data,
+                    "--out",
+                    run,
+                    "--overwrite",
+                    *flags(fields),
+                    "--steps",
+                    steps,
+                    "--log-every",
+                    log_every,
+                    "--previews",
+                    0,
+                    "--save-every",
+                    0,
+                ]
+            )
             cli_rates.append(H.metrics_rate(run))
 
         t = H.interleaved({"pretrain": end_to_end, "model": model_only(fields, timed)}, rounds, warmup=0)
     model_rates = [fields["batch_size"] * timed / s for s in t["model"]]
-    return {"case": label, "data": str(data.relative_to(H.DATA)), "rounds": rounds, "pretrain_img_s": cli_rates,
-            "model_only_img_s": model_rates, "ratio": [a / b for a, b in zip(cli_rates, model_rates)]}
+    return {
+        "case": label,
+        "data": str(data.relative_to(H.DATA)),
+        "rounds": rounds,
+        "pretrain_img_s": cli_rates,
+        "model_only_img_s": model_rates,
+        "ratio": [a / b for a, b in zip(cli_rates, model_rates)],
+    }
 
 
 def main(argv=None):
@@ -76,11 +101,22 @@ def main(argv=None):
         data = H.data_dir(rel, f"pretrain {label}")
         if data is not None:
             rows.append(measure(label, data, fields, steps, log_every, opts.rounds or (3 if opts.quick else 5)))
-    H.show(f"end-to-end `maecli pretrain` ({steps} steps, timed after step {log_every}) vs the model-only step, "
-           "images/s; ratio per round: median (range)",
-           ["case", "data", "rounds", "pretrain", "model only", "ratio"],
-           [[r["case"], r["data"], str(r["rounds"]), f"{H.median(r['pretrain_img_s']):.1f}",
-             f"{H.median(r['model_only_img_s']):.1f}", H.ratio_cell(r["ratio"])] for r in rows])
+    H.show(
+        f"end-to-end `maecli pretrain` ({steps} steps, timed after step {log_every}) vs the model-only step, "
+        "images/s; ratio per round: median (range)",
+        ["case", "data", "rounds", "pretrain", "model only", "ratio"],
+        [
+            [
+                r["case"],
+                r["data"],
+                str(r["rounds"]),
+                f"{H.median(r['pretrain_img_s']):.1f}",
+                f"{H.median(r['model_only_img_s']):.1f}",
+                H.ratio_cell(r["ratio"]),
+            ]
+            for r in rows
+        ],
+    )
     H.finish(opts, {"pretrain": rows}, info)
 
 

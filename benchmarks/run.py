@@ -5,6 +5,7 @@ A process per file, as a `maecli` command is one: the CLI's host settings are ch
 loader worker forked from a process that already holds gigabytes (after the step file, say) pays to copy the
 pages its parent writes. `versus` runs only when named, and needs --baseline; `gpu` says "no GPU" on a CPU box.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,11 @@ EXTRA = ["versus"]
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=",".join(DEFAULT),
-                    help=f"comma-separated files: {','.join(DEFAULT + EXTRA)} [default: {','.join(DEFAULT)}]")
+    ap.add_argument(
+        "--only",
+        default=",".join(DEFAULT),
+        help=f"comma-separated files: {','.join(DEFAULT + EXTRA)} [default: {','.join(DEFAULT)}]",
+    )
     ap.add_argument("--quick", action="store_true", help="smaller configs and fewer rounds in every file")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds for every file")
     ap.add_argument("--baseline", default=None, help="the other checkout, for versus")
@@ -42,8 +46,9 @@ def main(argv=None):
         print(f"[{name}: {time.time() - started:.0f} s{'' if code == 0 else f', exit {code}'}]\n", flush=True)
         if code:
             failed.append(name)
-    print(f"{len(chosen)} benchmark(s) in {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)}" if failed
-                                                                         else ""))
+    print(
+        f"{len(chosen)} benchmark(s) in {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

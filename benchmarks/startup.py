@@ -3,6 +3,7 @@
 
 `python benchmarks/startup.py [--quick]`. Both in fresh subprocesses with a clean environment, alternating.
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -6,6 +6,7 @@
 input and mask noise on both sides. The GEMM columns time an n^3 matmul in the same rounds: the peak a step's
 matmuls can reach in that precision. Without transformers its columns are left out.
 """
+
 from __future__ import annotations
 
 import harness as H
@@ -34,8 +35,16 @@ def measure(name: str, quick: bool, rounds: int | None, with_hf: bool) -> list[d
     for prec in ("fp32", "bf16"):
         peak = 2 * n**3 / H.median(t[f"gemm {prec}"])
         ours = batch / H.median(t[f"maecli {prec}"])
-        row = {"config": name, "precision": prec, "batch": batch, "rounds": rounds, "maecli_img_s": ours,
-               "step_gflop": flops / 1e9, "maecli_gflop_s": flops * ours / batch / 1e9, "gemm_peak_gflop_s": peak / 1e9}
+        row = {
+            "config": name,
+            "precision": prec,
+            "batch": batch,
+            "rounds": rounds,
+            "maecli_img_s": ours,
+            "step_gflop": flops / 1e9,
+            "maecli_gflop_s": flops * ours / batch / 1e9,
+            "gemm_peak_gflop_s": peak / 1e9,
+        }
         if with_hf:
             row["transformers_img_s"] = batch / H.median(t[f"transformers {prec}"])
             row["vs_transformers"] = H.speedups(t, f"maecli {prec}", f"transformers {prec}")
@@ -47,16 +56,44 @@ def main(argv=None):
     opts = H.options(__doc__).parse_args(argv)
     info = H.header("step")
     with_hf = H.have("transformers")
-    rows = [r for name in (["tiny"] if opts.quick else ["tiny", "base"])
-            for r in measure(name, opts.quick, opts.rounds, with_hf)]
-    H.show("training step (fwd + bwd + AdamW), images/s; ratio: maecli / transformers per round, median (range)"
-           + ("" if with_hf else " [transformers not installed: its columns skipped]"),
-           ["config", "precision", "batch", "rounds", "maecli", "transformers", "ratio", "GFLOP/step",
-            "maecli GFLOP/s", "GEMM peak GFLOP/s", "% of peak"],
-           [[r["config"], r["precision"], str(r["batch"]), str(r["rounds"]), f"{r['maecli_img_s']:.1f}",
-             H.fmt(r.get("transformers_img_s")), H.ratio_cell(r.get("vs_transformers", [])),
-             f"{r['step_gflop']:.1f}", f"{r['maecli_gflop_s']:.0f}", f"{r['gemm_peak_gflop_s']:.0f}",
-             f"{100 * r['maecli_gflop_s'] / r['gemm_peak_gflop_s']:.0f}%"] for r in rows])
+    rows = [
+        r
+        for name in (["tiny"] if opts.quick else ["tiny", "base"])
+        for r in measure(name, opts.quick, opts.rounds, with_hf)
+    ]
+    H.show(
+        "training step (fwd + bwd + AdamW), images/s; ratio: maecli / transformers per round, median (range)"
+        + ("" if with_hf else " [transformers not installed: its columns skipped]"),
+        [
+            "config",
+            "precision",
+            "batch",
+            "rounds",
+            "maecli",
+            "transformers",
+            "ratio",
+            "GFLOP/step",
+            "maecli GFLOP/s",
+            "GEMM peak GFLOP/s",
+            "% of peak",
+        ],
+        [
+            [
+                r["config"],
+                r["precision"],
+                str(r["batch"]),
+                str(r["rounds"]),
+                f"{r['maecli_img_s']:.1f}",
+                H.fmt(r.get("transformers_img_s")),
+                H.ratio_cell(r.get("vs_transformers", [])),
+                f"{r['step_gflop']:.1f}",
+                f"{r['maecli_gflop_s']:.0f}",
+                f"{r['gemm_peak_gflop_s']:.0f}",
+                f"{100 * r['maecli_gflop_s'] / r['gemm_peak_gflop_s']:.0f}%",
+            ]
+            for r in rows
+        ],
+    )
     H.finish(opts, {"step": rows}, info)
 
 

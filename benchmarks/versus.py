@@ -8,6 +8,7 @@ cifar10-10k/train with the same explicit flags (images/s from metrics.jsonl afte
 `maecli embed` over flowers-160/val (images/s of the whole command, start-up included) and `maecli --help`.
 The result is new / old per round: its median and range.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,9 +78,20 @@ def child_step(checkout: str, precisions: list[str]) -> None:
 def step_rates(checkout: Path, precisions: list[str]) -> dict:
     import subprocess
 
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-step", str(checkout),
-                           "--precisions", ",".join(precisions)], env=H.clean_env(checkout), cwd=checkout,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child-step",
+            str(checkout),
+            "--precisions",
+            ",".join(precisions),
+        ],
+        env=H.clean_env(checkout),
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode:
         raise RuntimeError(f"step child in {checkout} exited with {done.returncode}: {done.stderr[-800:]}")
     return json.loads(done.stdout.splitlines()[-1])
@@ -90,8 +102,11 @@ def main(argv=None):
     ap.add_argument("--baseline", required=False, help="the other checkout (its repository root)")
     ap.add_argument("--child-step", default=None, metavar="CHECKOUT", help=argparse.SUPPRESS)
     ap.add_argument("--precisions", default="fp32,bf16", help="precisions of the step measurement [default: both]")
-    ap.add_argument("--only", default="step,pretrain,embed,help", help="comma-separated measurements "
-                    "[default: step,pretrain,embed,help]")
+    ap.add_argument(
+        "--only",
+        default="step,pretrain,embed,help",
+        help="comma-separated measurements [default: step,pretrain,embed,help]",
+    )
     opts = ap.parse_args(argv)
     if opts.child_step:
         return child_step(opts.child_step, opts.precisions.split(","))
@@ -114,23 +129,58 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         precisions = opts.precisions.split(",")
-        measurements = {"step": lambda tree: [record(f"step {p}", tree, v)
-                                              for p, v in step_rates(trees[tree], precisions).items()]}
+        measurements = {
+            "step": lambda tree: [record(f"step {p}", tree, v) for p, v in step_rates(trees[tree], precisions).items()]
+        }
         if cifar:
+
             def pretrain(tree):
                 run = tmp / f"run-{tree}"
-                H.run_cli(["pretrain", cifar, "--out", run, "--overwrite", *H.TINY_FLAGS, "--steps", steps,
-                           "--log-every", log_every, "--previews", 0, "--save-every", 0], trees[tree])
+                H.run_cli(
+                    [
+                        "pretrain",
+                        cifar,
+                        "--out",
+                        run,
+                        "--overwrite",
+                        *H.TINY_FLAGS,
+                        "--steps",
+                        steps,
+                        "--log-every",
+                        log_every,
+                        "--previews",
+                        0,
+                        "--save-every",
+                        0,
+                    ],
+                    trees[tree],
+                )
                 record("pretrain", tree, H.metrics_rate(run))
+
             measurements["pretrain"] = pretrain
         if flowers:
             listing = embed_inputs(tmp, flowers, n_embed)
 
             def embed(tree):
-                done = H.run_cli(["embed", "-", "--weights", tmp / "vit-tiny-224.safetensors", "--batch-size", 64,
-                                  "--precision", "no", "-o", tmp / f"emb-{tree}.jsonl"], trees[tree], stdin=listing)
+                done = H.run_cli(
+                    [
+                        "embed",
+                        "-",
+                        "--weights",
+                        tmp / "vit-tiny-224.safetensors",
+                        "--batch-size",
+                        64,
+                        "--precision",
+                        "no",
+                        "-o",
+                        tmp / f"emb-{tree}.jsonl",
+                    ],
+                    trees[tree],
+                    stdin=listing,
+                )
                 record("embed", tree, n_embed / done.seconds)
                 record("embed peak RSS MB", tree, done.max_rss_mb)
+
             measurements["embed"] = embed
         measurements["help"] = lambda tree: record("--help s", tree, H.run_cli(["--help"], trees[tree]).seconds)
 
@@ -139,8 +189,12 @@ def main(argv=None):
             for fn in measurements.values():
                 for tree in ["new", "old"] if r % 2 == 0 else ["old", "new"]:
                     fn(tree)
-            H.console.print(f"round {r + 1}/{rounds}, load {H.load()}; new/old: " + ", ".join(
-                f"{what} {rates[what, 'new'][-1]:.3g}/{rates[what, 'old'][-1]:.3g}" for what in measured(rates)))
+            H.console.print(
+                f"round {r + 1}/{rounds}, load {H.load()}; new/old: "
+                + ", ".join(
+                    f"{what} {rates[what, 'new'][-1]:.3g}/{rates[what, 'old'][-1]:.3g}" for what in measured(rates)
+                )
+            )
 
     rows, results = [], {}
     for what in measured(rates):
@@ -148,11 +202,22 @@ def main(argv=None):
         per_round = [a / b for a, b in zip(new, old)]
         results[what] = {"new": new, "old": old, "new_over_old": per_round}
         unit = "s" if what.endswith(" s") else "MB" if "MB" in what else "img/s"
-        rows.append([what.removesuffix(" s").removesuffix(" MB"), unit, f"{H.median(new):.3g}",
-                     f"{H.median(old):.3g}", H.ratio_cell(per_round), str(len(per_round))])
-    H.show(f"this checkout (new) vs {trees['old']} (old), medians; new/old per round: median (range); "
-           "img/s: higher is better, s and MB: lower",
-           ["measurement", "unit", "new", "old", "new / old", "rounds"], rows)
+        rows.append(
+            [
+                what.removesuffix(" s").removesuffix(" MB"),
+                unit,
+                f"{H.median(new):.3g}",
+                f"{H.median(old):.3g}",
+                H.ratio_cell(per_round),
+                str(len(per_round)),
+            ]
+        )
+    H.show(
+        f"this checkout (new) vs {trees['old']} (old), medians; new/old per round: median (range); "
+        "img/s: higher is better, s and MB: lower",
+        ["measurement", "unit", "new", "old", "new / old", "rounds"],
+        rows,
+    )
     H.finish(opts, {"versus": results, "baseline": str(trees["old"]), "rounds": rounds}, info)
 
 

@@ -2,6 +2,7 @@
 
 `from maecli import MAE, MAEConfig, load, embed`; the heavy modules load on first use, so the CLI starts fast.
 """
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -4,6 +4,7 @@ and reads `checkpoints/step-N/` (model.safetensors, optimizer.pt, state.json).
 A checkpoint folder gets its final name only once every file in it is on disk, so a kill at any moment leaves
 the previous checkpoint whole; `.tmp-*` folders are saves cut short and never count.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,13 +64,23 @@ def checkpoint_dirs(run: Path) -> list[Path]:
     root = Path(run) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if re.fullmatch(r"step-\d+", p.name) and p.is_dir()
-            and all((p / f).is_file() for f in FILES)]
+    done = [
+        p
+        for p in root.iterdir()
+        if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and all((p / f).is_file() for f in FILES)
+    ]
     return sorted(done, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(run: Path, model, optimizer, state: TrainState, steps_per_epoch: int, keep: int,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+def save_checkpoint(
+    run: Path,
+    model,
+    optimizer,
+    state: TrainState,
+    steps_per_epoch: int,
+    keep: int,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Write checkpoints/step-N atomically (a temp folder, fsynced, then renamed) and prune all but `keep`.
     `extra_files` (name -> bytes) go into the folder too (the training file list, say).
 
@@ -133,7 +144,10 @@ def read_checkpoint(ckpt: Path, model, optimizer) -> tuple[dict, dict, TrainStat
         saved_ids = [i for group in optim["param_groups"] for i in group["params"]]
         fits = len(saved_ids) == len(params) and all(
             t.shape == params[saved_ids.index(i)].shape
-            for i, st in optim["state"].items() for name, t in st.items() if name in ("exp_avg", "exp_avg_sq"))
+            for i, st in optim["state"].items()
+            for name, t in st.items()
+            if name in ("exp_avg", "exp_avg_sq")
+        )
         fits = fits and isinstance(state.get("step"), int) and state["step"] >= 0
     except (KeyError, TypeError, ValueError, AttributeError):
         fits = False

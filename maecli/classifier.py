@@ -4,6 +4,7 @@ timm's parameter names are maecli's (`patch_embed.proj`, `blocks.N.attn.qkv`, `c
 encoder loads as is, and a saved classifier is a timm state dict that `timm.create_model` loads strictly. Mean
 pooling normalizes the pooled tokens with `fc_norm` (timm's and the paper's default) and has no per-token `norm`.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,10 +30,20 @@ class Classifier(VisionTransformer):
     def __init__(self, cfg: MAEConfig, num_classes: int, pool: str = "mean", drop_path: float = 0.0):
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
-        super().__init__(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                         num_classes=num_classes, global_pool=POOLS[pool], embed_dim=cfg.embed_dim, depth=cfg.depth,
-                         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True,
-                         norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps), drop_path_rate=drop_path)
+        super().__init__(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            in_chans=cfg.in_chans,
+            num_classes=num_classes,
+            global_pool=POOLS[pool],
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
+            drop_path_rate=drop_path,
+        )
         self.cfg, self.pooling = cfg, pool  # `cfg` travels in every saved file's header, as an MAE's does
 
     def set_fused_attention(self, fused: bool) -> None:
@@ -65,8 +76,11 @@ def save_classifier(model: Classifier, classes: list[str], path: Path) -> None:
 
     from .weights import sort_metadata, state_dict_for_saving
 
-    meta = {"format": "pt", "maecli_config": json.dumps(model.cfg.to_dict()),
-            "maecli_classifier": json.dumps({"classes": list(classes), "pool": model.pooling})}
+    meta = {
+        "format": "pt",
+        "maecli_config": json.dumps(model.cfg.to_dict()),
+        "maecli_classifier": json.dumps({"classes": list(classes), "pool": model.pooling}),
+    }
     tensors = state_dict_for_saving(model)
 
     def write(tmp):
@@ -106,8 +120,10 @@ def load_classifier(path: str | os.PathLike) -> tuple[Classifier, list[str]]:
 
     info = classifier_info(path)
     if info is None:
-        raise WeightsError(f"{path} holds no classifier (a pretrained encoder?); train one with "
-                           f"`maecli finetune DATA --weights {path}`")
+        raise WeightsError(
+            f"{path} holds no classifier (a pretrained encoder?); train one with "
+            f"`maecli finetune DATA --weights {path}`"
+        )
     weights, _ = resolve(path)
     state, _ = read_tensors(weights)
     classes = [str(c) for c in info["classes"]]
@@ -119,8 +135,8 @@ def load_classifier(path: str | os.PathLike) -> tuple[Classifier, list[str]]:
         raise WeightsError(f"{weights}: invalid classifier config ({e})") from None
     expected = model.state_dict()
     if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
-        raise WeightsError(f"{weights} does not match its classifier config ({len(classes)} classes, "
-                           f"{info['pool']} pool)")
+        raise WeightsError(
+            f"{weights} does not match its classifier config ({len(classes)} classes, {info['pool']} pool)"
+        )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return model.eval(), classes
-

@@ -3,6 +3,7 @@
 torch, timm and friends are imported inside the commands, so `--help` and argument errors stay fast.
 Every user error ends as one line `error: ...` on stderr: exit 2 for a bad command line, 1 for anything else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,19 +40,26 @@ class Pool(str, Enum):
 
 
 # --log-with's choices (trackers.TRACKERS, plus all and none), shared by the training commands
-Tracker = Enum("Tracker", {name: name for name in ("tensorboard", "trackio", "mlflow", "wandb", "all", "none")},
-               type=str)
-LOG_WITH_HELP = ("Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
-                 "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
-                 'pip install "maecli[tensorboard]".')
+Tracker = Enum(
+    "Tracker", {name: name for name in ("tensorboard", "trackio", "mlflow", "wandb", "all", "none")}, type=str
+)
+LOG_WITH_HELP = (
+    "Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
+    "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
+    'pip install "maecli[tensorboard]".'
+)
 
 
-TRAIN_PRECISION_HELP = ("auto (default): bf16 where it is faster than fp32 (GPUs with bf16, CPUs with AMX or AMD's "
-                        "AVX512-BF16), else fp32; no: fp32; bf16; fp16.")
-INFERENCE_PRECISION_HELP = ("no (default): fp32, so an image's result does not depend on its batch; auto: bf16 where "
-                            "it is faster; bf16; fp16.")
-WEIGHTS_HELP = ("A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, or a Hugging "
-                "Face ViTMAE folder.")
+TRAIN_PRECISION_HELP = (
+    "auto (default): bf16 where it is faster than fp32 (GPUs with bf16, CPUs with AMX or AMD's "
+    "AVX512-BF16), else fp32; no: fp32; bf16; fp16."
+)
+INFERENCE_PRECISION_HELP = (
+    "no (default): fp32, so an image's result does not depend on its batch; auto: bf16 where it is faster; bf16; fp16."
+)
+WEIGHTS_HELP = (
+    "A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, or a Hugging Face ViTMAE folder."
+)
 WORKERS_HELP = "Image decoding processes [default: chosen for this machine]."
 
 
@@ -152,53 +160,95 @@ def pretrain(
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
     model: ModelName = typer.Option("vit-base", "--model", help="Encoder size (the decoder scales with it)."),
     img_size: int = typer.Option(224, "--img-size", min=8, max=4096, help="Input size in pixels (square)."),
-    patch_size: int | None = typer.Option(None, "--patch-size", min=1, max=512,
-                                             help="Patch size [default: the model's (16; 14 for huge), halved until "
-                                                  "the image is 8 or more patches wide]."),
+    patch_size: int | None = typer.Option(
+        None,
+        "--patch-size",
+        min=1,
+        max=512,
+        help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches wide].",
+    ),
     in_chans: int = typer.Option(3, "--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB)."),
-    mask: float = typer.Option(0.75, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."),
+    mask: float = typer.Option(
+        0.75, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."
+    ),
     epochs: int = typer.Option(100, "--epochs", min=1, max=10**7, help="Passes over the folder."),
-    steps: int | None = typer.Option(None, "--steps", min=1, max=10**9,
-                                        help="Stop after this many optimizer steps (wins over --epochs)."),
-    repeat: int = typer.Option(1, "--repeat", min=1, max=10**6,
-                               help="Passes over the folder per epoch, each with fresh crops: for folders of a few "
-                                    "dozen images, so that an epoch (and its checkpoint and preview) is not a step."),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, max=10**9, help="Stop after this many optimizer steps (wins over --epochs)."
+    ),
+    repeat: int = typer.Option(
+        1,
+        "--repeat",
+        min=1,
+        max=10**6,
+        help="Passes over the folder per epoch, each with fresh crops: for folders of a few "
+        "dozen images, so that an epoch (and its checkpoint and preview) is not a step.",
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
-    blr: float = typer.Option(1.5e-4, "--blr", min=0.0, callback=finite,
-                              help="Base learning rate: lr = blr x effective batch / 256."),
-    lr: float | None = typer.Option(None, "--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."),
-    warmup_epochs: float = typer.Option(5, "--warmup-epochs", min=0.0, max=10**7, callback=finite, help="Linear warmup, in epochs."),
+    blr: float = typer.Option(
+        1.5e-4, "--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."
+    ),
+    warmup_epochs: float = typer.Option(
+        5, "--warmup-epochs", min=0.0, max=10**7, callback=finite, help="Linear warmup, in epochs."
+    ),
     accum_iter: int = typer.Option(1, "--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step."),
-    clip_grad: float | None = typer.Option(None, "--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm."),
+    clip_grad: float | None = typer.Option(
+        None, "--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm."
+    ),
     weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, callback=finite, help="AdamW weight decay."),
     precision: Precision = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
     workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
     seed: int = typer.Option(0, "--seed", min=0, max=2**31 - 1, help="Seed for init, data order, crops and masks."),
-    save_every: int = typer.Option(500, "--save-every", min=0, max=10**9,
-                                   help="Checkpoint every N steps (and at each epoch end)."),
+    save_every: int = typer.Option(
+        500, "--save-every", min=0, max=10**9, help="Checkpoint every N steps (and at each epoch end)."
+    ),
     keep: int = typer.Option(2, "--keep", min=1, max=10**6, help="How many checkpoints to keep."),
     log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
-    allow_data_change: bool = typer.Option(False, "--allow-data-change",
-                                           help="With --resume: go on although the data folder's files differ "
-                                                "from the run's (added, removed, resized), with a warning."),
-    norm_pix_loss: bool = typer.Option(True, "--norm-pix-loss/--no-norm-pix-loss",
-                                       help="Predict per-patch normalized pixels (the paper's better setting)."),
-    decoder_dim: int | None = typer.Option(None, "--decoder-dim", min=4, max=8192,
-                                              help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."),
-    decoder_depth: int | None = typer.Option(None, "--decoder-depth", min=1, max=64,
-                                                help="Decoder blocks [default: the model's: 4 tiny and small, 8]."),
-    decoder_heads: int | None = typer.Option(None, "--decoder-heads", min=1, max=256,
-                                                help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."),
-    embed_dim: int | None = typer.Option(None, "--embed-dim", min=4, max=16384, help="Encoder width [default: the model's]."),
+    allow_data_change: bool = typer.Option(
+        False,
+        "--allow-data-change",
+        help="With --resume: go on although the data folder's files differ "
+        "from the run's (added, removed, resized), with a warning.",
+    ),
+    norm_pix_loss: bool = typer.Option(
+        True,
+        "--norm-pix-loss/--no-norm-pix-loss",
+        help="Predict per-patch normalized pixels (the paper's better setting).",
+    ),
+    decoder_dim: int | None = typer.Option(
+        None, "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
+    ),
+    decoder_depth: int | None = typer.Option(
+        None, "--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."
+    ),
+    decoder_heads: int | None = typer.Option(
+        None, "--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."
+    ),
+    embed_dim: int | None = typer.Option(
+        None, "--embed-dim", min=4, max=16384, help="Encoder width [default: the model's]."
+    ),
     depth: int | None = typer.Option(None, "--depth", min=1, max=256, help="Encoder blocks [default: the model's]."),
-    num_heads: int | None = typer.Option(None, "--num-heads", min=1, max=256, help="Encoder heads [default: the model's]."),
+    num_heads: int | None = typer.Option(
+        None, "--num-heads", min=1, max=256, help="Encoder heads [default: the model's]."
+    ),
     init_from: Path | None = typer.Option(None, "--init-from", help="Start from these weights (fresh optimizer)."),
-    previews: int = typer.Option(4, "--previews", min=0, max=64, help="Images in the reconstruction preview saved at "
-                                                                    "each epoch end to previews/ (0: none)."),
-    probe: Path | None = typer.Option(None, "--probe", help="Labelled folder (as for `maecli probe`): run the kNN "
-                                                               "probe at each epoch end, log knn_top1 to metrics.jsonl."),
+    previews: int = typer.Option(
+        4,
+        "--previews",
+        min=0,
+        max=64,
+        help="Images in the reconstruction preview saved at each epoch end to previews/ (0: none).",
+    ),
+    probe: Path | None = typer.Option(
+        None,
+        "--probe",
+        help="Labelled folder (as for `maecli probe`): run the kNN "
+        "probe at each epoch end, log knn_top1 to metrics.jsonl.",
+    ),
     log_with: list[Tracker] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
@@ -227,27 +277,62 @@ def pretrain(
 
     host.tune_for_cpu(default_device())
     args = TrainArgs(
-        data=str(data), out=str(out) if out else None, model=model.value, img_size=img_size, patch_size=patch_size,
-        in_chans=in_chans, mask=mask, epochs=epochs, steps=steps, repeat=repeat, batch_size=batch_size, blr=blr, lr=lr,
-        warmup_epochs=warmup_epochs, accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay,
-        precision=precision.value, workers=workers, seed=seed, save_every=save_every, keep=keep,
-        log_every=log_every, resume=resume, overwrite=overwrite, norm_pix_loss=norm_pix_loss,
-        decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads, embed_dim=embed_dim,
-        depth=depth, num_heads=num_heads, init_from=str(init_from) if init_from else None, previews=previews,
-        probe=str(probe) if probe else None, log_with=tuple(t.value for t in log_with),
+        data=str(data),
+        out=str(out) if out else None,
+        model=model.value,
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        mask=mask,
+        epochs=epochs,
+        steps=steps,
+        repeat=repeat,
+        batch_size=batch_size,
+        blr=blr,
+        lr=lr,
+        warmup_epochs=warmup_epochs,
+        accum_iter=accum_iter,
+        clip_grad=clip_grad,
+        weight_decay=weight_decay,
+        precision=precision.value,
+        workers=workers,
+        seed=seed,
+        save_every=save_every,
+        keep=keep,
+        log_every=log_every,
+        resume=resume,
+        overwrite=overwrite,
+        norm_pix_loss=norm_pix_loss,
+        decoder_dim=decoder_dim,
+        decoder_depth=decoder_depth,
+        decoder_heads=decoder_heads,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        init_from=str(init_from) if init_from else None,
+        previews=previews,
+        probe=str(probe) if probe else None,
+        log_with=tuple(t.value for t in log_with),
         allow_data_change=allow_data_change,
     )
     # Flags given explicitly matter on --resume: those a run may change override its saved settings.
     # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)
-    given = {name for name in ctx.params
-             if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    given = {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+    }
     try:
         with reported():
             summary = run_pretrain(args, given=given)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         saved = out is not None and any((out / "checkpoints").glob("step-*"))
-        fail(f"interrupted; the checkpoints on disk are complete (continue with --out {out} --resume)" if saved
-             else "interrupted before the first checkpoint: nothing was saved", 130)
+        fail(
+            f"interrupted; the checkpoints on disk are complete (continue with --out {out} --resume)"
+            if saved
+            else "interrupted before the first checkpoint: nothing was saved",
+            130,
+        )
     if summary.get("signal") is not None:
         import signal
 
@@ -263,10 +348,15 @@ class ExportFormat(str, Enum):
 def export(
     run: Path = typer.Argument(..., help="A maecli run folder, or any weights --weights accepts."),
     out: Path = typer.Argument(..., help="timm: the .safetensors file to write; hf: the folder to write."),
-    format: ExportFormat = typer.Option(..., "--format", "-f", help="timm: the encoder as a timm ViT state dict; "
-                                                                   "hf: a Hugging Face transformers ViTMAE folder."),
-    model: ModelName | None = typer.Option(None, "--model", help="Heads hint for weights that do not record "
-                                                                    "them (original and timm files)."),
+    format: ExportFormat = typer.Option(
+        ...,
+        "--format",
+        "-f",
+        help="timm: the encoder as a timm ViT state dict; hf: a Hugging Face transformers ViTMAE folder.",
+    ),
+    model: ModelName | None = typer.Option(
+        None, "--model", help="Heads hint for weights that do not record them (original and timm files)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
 ):
     """Write weights for timm or Hugging Face transformers, and print the Python that loads them.
@@ -296,16 +386,26 @@ def export(
 @app.command()
 def reconstruct(
     images: list[Path] = typer.Argument(..., help="Image files, any format pretrain reads."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="A maecli run folder or weights file, or an "
-                                                              "original/Hugging Face MAE with its decoder."),
-    mask: float = typer.Option(0.95, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="Seed of the mask: the same seed gives the "
-                                                                      "same picture."),
+    weights: Path = typer.Option(
+        ...,
+        "--weights",
+        "-w",
+        help="A maecli run folder or weights file, or an original/Hugging Face MAE with its decoder.",
+    ),
+    mask: float = typer.Option(
+        0.95, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**63 - 1, help="Seed of the mask: the same seed gives the same picture."
+    ),
     out: str = typer.Option("reconstruction.png", "--out", "-o", help="PNG to write; - writes it to stdout."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image to stdout."),
-    patch_stats: bool = typer.Option(True, "--patch-stats/--no-patch-stats",
-                                     help="Norm-pix-loss models: un-normalize the prediction with each patch's "
-                                          "true mean and variance, or show it raw."),
+    patch_stats: bool = typer.Option(
+        True,
+        "--patch-stats/--no-patch-stats",
+        help="Norm-pix-loss models: un-normalize the prediction with each patch's "
+        "true mean and variance, or show it raw.",
+    ),
     zoom: int = typer.Option(1, "--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel)."),
     precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
 ):
@@ -337,17 +437,17 @@ def reconstruct(
 
     with reported():
         model = load_model(weights)
-        rec = run_reconstruct(model, images, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats,
-                              precision=precision.value)
+        rec = run_reconstruct(
+            model, images, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, precision=precision.value
+        )
     data = png_bytes(render(rec, zoom))
     if min(rec.hidden) == model.cfg.num_patches:
-        warn(f"at --mask {mask:g} none of the {model.cfg.num_patches} patches stays visible: the decoder sees "
-             f"nothing but position")
-    if rec.norm_pix_loss:
-        console.print("note: this model predicts normalized pixels; " + (
-            "the prediction columns borrow each hidden patch's mean and variance from the original "
-            "(--no-patch-stats to show it raw)" if patch_stats else
-            "shown raw, with the dataset mean and spread: each patch's brightness and contrast are not the model's"))
+        warn(
+            f"at --mask {mask:g} none of the {model.cfg.num_patches} patches stays visible: the decoder sees "
+            f"nothing but position"
+        )
+    if rec.note():
+        console.print(f"note: {rec.note()}")
     for r in rec.records():
         console.print(f"{r['image']}: hidden-patch MSE {r['mse']:.4f} ({r['hidden']} of {r['patches']} patches hidden)")
         if as_json:
@@ -385,24 +485,31 @@ def stdout_closed_early():
 
 @app.command()
 def embed(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT",
-                                       help="Image files, folders (searched at any depth), or - to read "
-                                            "newline-separated paths from stdin."),
+    inputs: list[str] = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
+    ),
     weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    fmt: OutputFormat = typer.Option(OutputFormat.jsonl, "--format", "-f",
-                                     help="jsonl: {\"path\", \"embedding\"} per line; csv: path,e0,e1,...; "
-                                          "npy: float32 array in -o FILE, paths in FILE.paths.jsonl (one "
-                                          "JSON string per line: line i is row i)."),
+    fmt: OutputFormat = typer.Option(
+        OutputFormat.jsonl,
+        "--format",
+        "-f",
+        help='jsonl: {"path", "embedding"} per line; csv: path,e0,e1,...; '
+        "npy: float32 array in -o FILE, paths in FILE.paths.jsonl (one "
+        "JSON string per line: line i is row i).",
+    ),
     pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens; cls: the cls token."),
     normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit length."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5,
-                                   help="Images per forward pass (does not change the vectors)."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", min=1, max=10**5, help="Images per forward pass (does not change the vectors)."
+    ),
     workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
     precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout "
-                                                                       "(required for npy)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop with an error at the first unreadable image "
-                                                        "instead of skipping it."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout (required for npy)."),
+    strict: bool = typer.Option(
+        False, "--strict", help="Stop with an error at the first unreadable image instead of skipping it."
+    ),
 ):
     """Write one embedding per image: the whole image through the encoder, no masking.
 
@@ -431,9 +538,18 @@ def embed(
         with reported():
             model = load_model(weights)
             summary = write_embeddings(
-                model, inputs, fmt=fmt.value, out=out, out_path=output if to_file else None,
-                pool=pool.value, normalize=normalize, batch_size=batch_size, workers=workers_or_default(workers),
-                precision=precision.value, strict=strict, console=console,
+                model,
+                inputs,
+                fmt=fmt.value,
+                out=out,
+                out_path=output if to_file else None,
+                pool=pool.value,
+                normalize=normalize,
+                batch_size=batch_size,
+                workers=workers_or_default(workers),
+                precision=precision.value,
+                strict=strict,
+                console=console,
             )
     except BrokenPipeError:
         stdout_closed_early()
@@ -456,22 +572,31 @@ class ProbeMethod(str, Enum):
 
 @app.command()
 def probe(
-    data: Path = typer.Argument(..., help="Labelled folder: one subfolder per class, or train/ and val/ (or "
-                                          "test/) that each hold them."),
+    data: Path = typer.Argument(
+        ..., help="Labelled folder: one subfolder per class, or train/ and val/ (or test/) that each hold them."
+    ),
     weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    val: Path | None = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
-                                                           "(when DATA holds no train/ and val/)."),
-    val_split: float | None = typer.Option(None, "--val-split", callback=finite, help="Fraction of each class held out when "
-                                                                        "there is no validation folder "
-                                                                        "(default 0.2)."),
+    val: Path | None = typer.Option(
+        None, "--val", help="Validation folder with the same class subfolders (when DATA holds no train/ and val/)."
+    ),
+    val_split: float | None = typer.Option(
+        None,
+        "--val-split",
+        callback=finite,
+        help="Fraction of each class held out when there is no validation folder (default 0.2).",
+    ),
     method: ProbeMethod = typer.Option(ProbeMethod.both, "--method", help="kNN, linear probe, or both."),
     k: int = typer.Option(20, "--k", min=1, max=10**5, help="Neighbours that vote in the kNN probe."),
-    epochs: int = typer.Option(100, "--epochs", min=1, max=10**5, help="Linear probe epochs (on cached features: fast)."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also probe a random-init encoder of the same "
-                                                            "architecture, side by side."),
+    epochs: int = typer.Option(
+        100, "--epochs", min=1, max=10**5, help="Linear probe epochs (on cached features: fast)."
+    ),
+    baseline: bool = typer.Option(
+        False, "--baseline", help="Also probe a random-init encoder of the same architecture, side by side."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the accuracies as JSON on stdout."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1,
-                             help="Seed for the split, the linear probe and the baseline's init."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**63 - 1, help="Seed for the split, the linear probe and the baseline's init."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5, help="Images per forward pass."),
     workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
     precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
@@ -498,11 +623,23 @@ def probe(
         with reported():
             labelled = load_labelled(data, val, val_split, seed)
             model = load_model(weights)
-            console.print(f"probe: {len(labelled.train.paths)} train / {len(labelled.val.paths)} val images, "
-                          f"{len(labelled.classes)} classes ({labelled.layout})")
-            result = run_probe(model, labelled, method=method.value, k=k, epochs=epochs, baseline=baseline,
-                               seed=seed, batch_size=batch_size, workers=workers_or_default(workers),
-                               precision=precision.value, console=console)
+            console.print(
+                f"probe: {len(labelled.train.paths)} train / {len(labelled.val.paths)} val images, "
+                f"{len(labelled.classes)} classes ({labelled.layout})"
+            )
+            result = run_probe(
+                model,
+                labelled,
+                method=method.value,
+                k=k,
+                epochs=epochs,
+                baseline=baseline,
+                seed=seed,
+                batch_size=batch_size,
+                workers=workers_or_default(workers),
+                precision=precision.value,
+                console=console,
+            )
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     console.print(result_table(result))
@@ -553,10 +690,16 @@ def main():
 @app.command()
 def serve(
     weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    images: Path | None = typer.Option(None, "--images", help="Folder of images (any depth) to pick from and to "
-                                                                 "search for similar ones; embedded once, then cached."),
-    address: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; the default keeps the page on "
-                                                            "this machine (there is no login)."),
+    images: Path | None = typer.Option(
+        None,
+        "--images",
+        help="Folder of images (any depth) to pick from and to search for similar ones; embedded once, then cached.",
+    ),
+    address: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; the default keeps the page on this machine (there is no login).",
+    ),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
 ):
     """Open a web page on a model: reconstructions under a mask slider, training progress, similar images.
@@ -633,66 +776,108 @@ def info(
 @app.command()
 def finetune(
     ctx: typer.Context,
-    data: Path = typer.Argument(..., help="Labelled folder, read as `maecli probe` reads it: one subfolder per class, "
-                                          "or train/ and val/ (or test/) that each hold them."),
-    weights: Path | None = typer.Option(None, "--weights", "-w", help="The pretrained encoder (required, except with "
-                                                                         "--resume): " + WEIGHTS_HELP),
+    data: Path = typer.Argument(
+        ...,
+        help="Labelled folder, read as `maecli probe` reads it: one subfolder per class, "
+        "or train/ and val/ (or test/) that each hold them.",
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", "-w", help="The pretrained encoder (required, except with --resume): " + WEIGHTS_HELP
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
-    val: Path | None = typer.Option(None, "--val", help="Validation folder with the same class subfolders "
-                                                           "(when DATA holds no train/ and val/)."),
-    val_split: float | None = typer.Option(None, "--val-split", callback=finite,
-                                              help="Fraction of each class held out when there is no validation "
-                                                   "folder (default 0.2)."),
-    fraction: float | None = typer.Option(None, "--fraction", callback=finite,
-                                             help="Train on this fraction of each class's training images (a seeded "
-                                                  "stratified subset): the few-labels case."),
-    per_class: int | None = typer.Option(None, "--per-class", min=1, max=10**9,
-                                            help="Train on at most N images of each class (seeded)."),
-    baseline: bool = typer.Option(False, "--baseline", help="Also train the same architecture from random init with "
-                                                            "the same recipe, seed and data order, into RUN/baseline, "
-                                                            "and show both."),
+    val: Path | None = typer.Option(
+        None, "--val", help="Validation folder with the same class subfolders (when DATA holds no train/ and val/)."
+    ),
+    val_split: float | None = typer.Option(
+        None,
+        "--val-split",
+        callback=finite,
+        help="Fraction of each class held out when there is no validation folder (default 0.2).",
+    ),
+    fraction: float | None = typer.Option(
+        None,
+        "--fraction",
+        callback=finite,
+        help="Train on this fraction of each class's training images (a seeded "
+        "stratified subset): the few-labels case.",
+    ),
+    per_class: int | None = typer.Option(
+        None, "--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."
+    ),
+    baseline: bool = typer.Option(
+        False,
+        "--baseline",
+        help="Also train the same architecture from random init with "
+        "the same recipe, seed and data order, into RUN/baseline, "
+        "and show both.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the result table as one JSON object on stdout."),
     epochs: int = typer.Option(50, "--epochs", min=1, max=10**7, help="Passes over the training images."),
-    steps: int | None = typer.Option(None, "--steps", min=1, max=10**9,
-                                        help="Stop after this many optimizer steps (wins over --epochs)."),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, max=10**9, help="Stop after this many optimizer steps (wins over --epochs)."
+    ),
     batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
-    blr: float = typer.Option(1e-3, "--blr", min=0.0, callback=finite,
-                              help="Base learning rate: lr = blr x effective batch / 256."),
-    lr: float | None = typer.Option(None, "--lr", min=0.0, callback=finite,
-                                       help="Absolute learning rate (overrides --blr)."),
+    blr: float = typer.Option(
+        1e-3, "--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."
+    ),
+    lr: float | None = typer.Option(
+        None, "--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."
+    ),
     min_lr: float = typer.Option(1e-6, "--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends."),
-    warmup_epochs: float = typer.Option(5, "--warmup-epochs", min=0.0, max=10**7, callback=finite,
-                                        help="Linear warmup, in epochs (at most half the run)."),
+    warmup_epochs: float = typer.Option(
+        5,
+        "--warmup-epochs",
+        min=0.0,
+        max=10**7,
+        callback=finite,
+        help="Linear warmup, in epochs (at most half the run).",
+    ),
     accum_iter: int = typer.Option(1, "--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step."),
-    clip_grad: float | None = typer.Option(None, "--clip-grad", min=0.0, callback=finite,
-                                              help="Clip the gradient norm."),
+    clip_grad: float | None = typer.Option(
+        None, "--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm."
+    ),
     weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, callback=finite, help="AdamW weight decay."),
-    layer_decay: float = typer.Option(0.75, "--layer-decay", callback=finite,
-                                      help="Layer-wise lr decay: each block trains this many times slower than the one "
-                                           "above it (1: no decay)."),
-    drop_path: float = typer.Option(0.1, "--drop-path", min=0.0, max=0.99, callback=finite,
-                                    help="Stochastic depth rate."),
+    layer_decay: float = typer.Option(
+        0.75,
+        "--layer-decay",
+        callback=finite,
+        help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
+    ),
+    drop_path: float = typer.Option(
+        0.1, "--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate."
+    ),
     mixup: float = typer.Option(0.8, "--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off)."),
     cutmix: float = typer.Option(1.0, "--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off)."),
     smoothing: float = typer.Option(0.1, "--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing."),
-    reprob: float = typer.Option(0.25, "--reprob", min=0.0, max=1.0, callback=finite,
-                                 help="Random erasing probability."),
+    reprob: float = typer.Option(
+        0.25, "--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."
+    ),
     aa: str = typer.Option("rand-m9-mstd0.5-inc1", "--aa", help="timm RandAugment policy, or none."),
-    pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens, then a LayerNorm (the "
-                                                        "paper's default); cls: the cls token."),
-    img_size: int | None = typer.Option(None, "--img-size", min=8, max=4096,
-                                           help="Input size [default: the weights'; another size resizes the position "
-                                                "embeddings]."),
+    pool: Pool = typer.Option(
+        Pool.mean,
+        "--pool",
+        help="mean: average of the patch tokens, then a LayerNorm (the paper's default); cls: the cls token.",
+    ),
+    img_size: int | None = typer.Option(
+        None,
+        "--img-size",
+        min=8,
+        max=4096,
+        help="Input size [default: the weights'; another size resizes the position embeddings].",
+    ),
     precision: Precision = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
     workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**31 - 1, help="Seed for the subset, init, data order, "
-                                                                    "augmentation and mixing."),
-    save_every: int = typer.Option(500, "--save-every", min=0, max=10**9,
-                                   help="Checkpoint every N steps (and at each epoch end)."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, max=2**31 - 1, help="Seed for the subset, init, data order, augmentation and mixing."
+    ),
+    save_every: int = typer.Option(
+        500, "--save-every", min=0, max=10**9, help="Checkpoint every N steps (and at each epoch end)."
+    ),
     keep: int = typer.Option(2, "--keep", min=1, max=10**6, help="How many checkpoints to keep."),
     log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (and its baseline) from the newest "
-                                                        "checkpoints."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out (and its baseline) from the newest checkpoints."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
 ):
     """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
@@ -732,17 +917,47 @@ def finetune(
 
     host.tune_for_cpu(default_device())
     args = FinetuneArgs(
-        data=str(data), weights=str(weights) if weights else "", out=str(out) if out else None,
-        val=str(val) if val else None, val_split=val_split, fraction=fraction, per_class=per_class, img_size=img_size,
+        data=str(data),
+        weights=str(weights) if weights else "",
+        out=str(out) if out else None,
+        val=str(val) if val else None,
+        val_split=val_split,
+        fraction=fraction,
+        per_class=per_class,
+        img_size=img_size,
         pool=pool.value,
-        epochs=epochs, steps=steps, batch_size=batch_size, blr=blr, lr=lr, min_lr=min_lr, warmup_epochs=warmup_epochs,
-        accum_iter=accum_iter, clip_grad=clip_grad, weight_decay=weight_decay, layer_decay=layer_decay,
-        drop_path=drop_path, mixup=mixup, cutmix=cutmix, smoothing=smoothing, reprob=reprob, aa=aa,
-        precision=precision.value, workers=workers, seed=seed, save_every=save_every, keep=keep, log_every=log_every,
-        resume=resume, overwrite=overwrite, baseline=baseline,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        blr=blr,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_epochs=warmup_epochs,
+        accum_iter=accum_iter,
+        clip_grad=clip_grad,
+        weight_decay=weight_decay,
+        layer_decay=layer_decay,
+        drop_path=drop_path,
+        mixup=mixup,
+        cutmix=cutmix,
+        smoothing=smoothing,
+        reprob=reprob,
+        aa=aa,
+        precision=precision.value,
+        workers=workers,
+        seed=seed,
+        save_every=save_every,
+        keep=keep,
+        log_every=log_every,
+        resume=resume,
+        overwrite=overwrite,
+        baseline=baseline,
     )
-    given = {name for name in ctx.params
-             if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    given = {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+    }
     try:
         with reported():
             result = run_finetune(args, given=given)
@@ -758,8 +973,10 @@ def finetune(
     console.print(result_table(result))
     for name, r in (("finetuned", result["finetuned"]), ("baseline", result["baseline"])):
         if r is not None:
-            console.print(f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; {r['skipped']} "
-                          f"unreadable training file(s) skipped, {r['val_unreadable']} validation file(s)")
+            console.print(
+                f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; {r['skipped']} "
+                f"unreadable training file(s) skipped, {r['val_unreadable']} validation file(s)"
+            )
     if json_out:
         import json
 
@@ -773,23 +990,33 @@ class PredictFormat(str, Enum):
 
 @app.command()
 def predict(
-    inputs: list[str] = typer.Argument(..., metavar="INPUT",
-                                       help="Image files, folders (searched at any depth), or - to read "
-                                            "newline-separated paths from stdin."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="A `maecli finetune` run folder or its "
-                                                              "model.safetensors."),
-    fmt: PredictFormat = typer.Option(PredictFormat.jsonl, "--format", "-f",
-                                      help="jsonl: {\"path\", \"class\", \"probability\", \"top_k\"} per line; csv: "
-                                           "path,class,probability,class_2,probability_2,..."),
+    inputs: list[str] = typer.Argument(
+        ...,
+        metavar="INPUT",
+        help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
+    ),
+    weights: Path = typer.Option(
+        ..., "--weights", "-w", help="A `maecli finetune` run folder or its model.safetensors."
+    ),
+    fmt: PredictFormat = typer.Option(
+        PredictFormat.jsonl,
+        "--format",
+        "-f",
+        help='jsonl: {"path", "class", "probability", "top_k"} per line; csv: '
+        "path,class,probability,class_2,probability_2,...",
+    ),
     top_k: int = typer.Option(5, "--top-k", min=1, max=10**5, help="Classes listed per image (at most all)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5,
-                                   help="Images per forward pass (does not change the results)."),
+    batch_size: int = typer.Option(
+        64, "--batch-size", min=1, max=10**5, help="Images per forward pass (does not change the results)."
+    ),
     workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
     precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout (written whole "
-                                                                       "at the end)."),
-    strict: bool = typer.Option(False, "--strict", help="Stop with an error at the first unreadable image "
-                                                        "instead of skipping it."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Write here instead of stdout (written whole at the end)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Stop with an error at the first unreadable image instead of skipping it."
+    ),
 ):
     """Label images with a fine-tuned classifier: the predicted class, its probability and the top k.
 
@@ -822,19 +1049,32 @@ def predict(
             model, classes = load_classifier(weights)
             model = model.to(device)
             if to_file:  # whole or not at all, as every output (files.open_output)
-                out = files.enter_context(open_output(output, "w", encoding="utf-8", errors="surrogateescape",
-                                                      newline=""))
+                out = files.enter_context(
+                    open_output(output, "w", encoding="utf-8", errors="surrogateescape", newline="")
+                )
             else:
                 sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
                 out = guarded(sys.stdout, STDOUT)
-            summary = write_predictions(model, classes, inputs, out=out, fmt=fmt.value, top_k=top_k,
-                                        batch_size=batch_size, workers=workers_or_default(workers),
-                                        precision=precision.value, strict=strict, console=console)
+            summary = write_predictions(
+                model,
+                classes,
+                inputs,
+                out=out,
+                fmt=fmt.value,
+                top_k=top_k,
+                batch_size=batch_size,
+                workers=workers_or_default(workers),
+                precision=precision.value,
+                strict=strict,
+                console=console,
+            )
     except BrokenPipeError:
         stdout_closed_early()
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     n, seconds = summary["predicted"], summary["seconds"]
-    console.print(f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
-                  + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
-                  + (f"; written to {output}" if to_file else ""))
+    console.print(
+        f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
+        + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
+        + (f"; written to {output}" if to_file else "")
+    )

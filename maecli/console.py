@@ -1,4 +1,5 @@
 """Messages and progress for the user, on stderr: stdout carries only data (embeddings, JSON, PNG bytes)."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -30,8 +31,13 @@ class Progress:
             from rich.progress import Progress as RichProgress
 
             self.bar = RichProgress(
-                TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn() if keep else TimeElapsedColumn(), console=console, transient=not keep,
+                TextColumn(f"[bold]{label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn() if keep else TimeElapsedColumn(),
+                console=console,
+                transient=not keep,
             )
             self.task = self.bar.add_task(label, total=total, info="")
         self.enabled = enabled

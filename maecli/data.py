@@ -5,6 +5,7 @@ is a function of (seed, epoch, index), so a resumed run sees exactly what an uni
 inference (`eval_batches`: the whole image, resized and center-cropped, in input order, used by embed,
 reconstruct and probe), where a file that fails is either skipped and reported or an error.
 """
+
 from __future__ import annotations
 
 import errno
@@ -28,8 +29,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
-__all__ = ["DataError", "find_images", "decode", "from_pil", "mean_std", "train_transform", "eval_transform",
-           "PretrainDataset", "EpochBatches", "eval_batches"]
+__all__ = [
+    "DataError",
+    "find_images",
+    "decode",
+    "from_pil",
+    "mean_std",
+    "train_transform",
+    "eval_transform",
+    "PretrainDataset",
+    "EpochBatches",
+    "eval_batches",
+]
 
 
 def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -153,21 +164,26 @@ def denormalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 def train_transform(img_size: int, in_chans: int) -> v2.Compose:
     """The paper's pretraining augmentation on uint8 tensors."""
-    return v2.Compose([
-        v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                             antialias=True),
-        v2.RandomHorizontalFlip(),
-        ToModelInput(in_chans),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.RandomHorizontalFlip(),
+            ToModelInput(in_chans),
+        ]
+    )
 
 
 def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
     """Resize the shorter side, then center-crop: the whole image as the model sees it at inference."""
-    return v2.Compose([
-        v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(img_size),
-        ToModelInput(in_chans),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(img_size),
+            ToModelInput(in_chans),
+        ]
+    )
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -343,8 +359,9 @@ class EvalImages(torch.utils.data.Dataset):
             return from_pil(source, self.in_chans)
         if isinstance(source, torch.Tensor):
             if source.ndim != 3 or source.shape[0] != self.in_chans:
-                raise ValueError(f"expected an image tensor of shape ({self.in_chans}, H, W), "
-                                 f"got {tuple(source.shape)}")
+                raise ValueError(
+                    f"expected an image tensor of shape ({self.in_chans}, H, W), got {tuple(source.shape)}"
+                )
             return source
         return decode(source, self.in_chans, self.min_side)
 
@@ -403,8 +420,16 @@ def _numbered_batches(sources: Iterable, batch_size: int, pending: dict, failure
 OnError = Callable[[object, str, bool], None]  # (source, why, missing): skip it and report, or raise
 
 
-def eval_batches(sources: Iterable, img_size: int, in_chans: int, *, batch_size: int = 64, workers: int = 0,
-                 on_error: OnError | None = None, pin_memory: bool = False) -> Iterator[tuple[list, torch.Tensor]]:
+def eval_batches(
+    sources: Iterable,
+    img_size: int,
+    in_chans: int,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    on_error: OnError | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[list, torch.Tensor]]:
     """Yield (sources, model input (B, C, S, S)) batch by batch, in input order, each image whole: its shorter side
     resized to `img_size`, then center-cropped.
 
@@ -415,8 +440,12 @@ def eval_batches(sources: Iterable, img_size: int, in_chans: int, *, batch_size:
     pending: dict[int, object] = {}
     failure: list[Exception] = []
     loader = torch.utils.data.DataLoader(
-        EvalImages(img_size, in_chans), batch_sampler=_numbered_batches(sources, batch_size, pending, failure),
-        num_workers=workers, collate_fn=_collate_eval, worker_init_fn=worker_init, pin_memory=pin_memory,
+        EvalImages(img_size, in_chans),
+        batch_sampler=_numbered_batches(sources, batch_size, pending, failure),
+        num_workers=workers,
+        collate_fn=_collate_eval,
+        worker_init_fn=worker_init,
+        pin_memory=pin_memory,
         prefetch_factor=2 if workers > 0 else None,
     )
     it = None

@@ -3,6 +3,7 @@
 `embed()` is the Python entry point; `stream()` is the batch loop shared by `maecli embed` and `maecli probe`;
 `write_embeddings()` is the command's pipeline (inputs, stdin, the output formats, skipped files).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,15 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        for items, x in D.eval_batches(sources, cfg.img_size, cfg.in_chans, batch_size=batch_size, workers=workers,
-                                       on_error=on_error, pin_memory=device.type == "cuda"):
+        for items, x in D.eval_batches(
+            sources,
+            cfg.img_size,
+            cfg.in_chans,
+            batch_size=batch_size,
+            workers=workers,
+            on_error=on_error,
+            pin_memory=device.type == "cuda",
+        ):
             with torch.inference_mode(), autocast(device, mode):
                 tokens = model.encode(x.to(device, non_blocking=True))
             vectors = pool_tokens(tokens.float(), pool)
@@ -88,8 +96,12 @@ def embed(
     items = paths_or_images
     if isinstance(items, (str, os.PathLike, Image.Image)) or (isinstance(items, torch.Tensor) and items.ndim == 3):
         items = [items]
-    chunks = [v for _, v in stream(model, items, pool=pool, normalize=normalize, batch_size=batch_size,
-                                   workers=workers, precision=precision)]
+    chunks = [
+        v
+        for _, v in stream(
+            model, items, pool=pool, normalize=normalize, batch_size=batch_size, workers=workers, precision=precision
+        )
+    ]
     return torch.cat(chunks) if chunks else torch.empty(0, model.cfg.embed_dim)
 
 
@@ -131,7 +143,7 @@ def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> 
 
 
 class JsonlWriter:
-    def __init__(self, out, dim: int):
+    def __init__(self, out):
         self.out = out
 
     def write(self, paths: list[str], vectors: np.ndarray):
@@ -181,8 +193,9 @@ class NpyWriter:
 
     def _header(self, n: int) -> int:
         start = self.array.tell()
-        np.lib.format.write_array_header_1_0(self.array, {"descr": "<f4", "fortran_order": False,
-                                                          "shape": (n, self.dim)})
+        np.lib.format.write_array_header_1_0(
+            self.array, {"descr": "<f4", "fortran_order": False, "shape": (n, self.dim)}
+        )
         return self.array.tell() - start
 
     def write(self, paths: list[str], vectors: np.ndarray):
@@ -236,8 +249,11 @@ def write_embeddings(
         warn(f"skipped {source}: {why}")
         bar.advance(1)
 
-    sources = expand_inputs(inputs, stdin if stdin is not None else sys.stdin,
-                            on_empty=lambda folder: warn(f"no image files found under {folder}"))
+    sources = expand_inputs(
+        inputs,
+        stdin if stdin is not None else sys.stdin,
+        on_empty=lambda folder: warn(f"no image files found under {folder}"),
+    )
     total = None
     if "-" not in inputs:  # no stdin: the paths are known up front, so the bar can show a total
         sources = list(sources)
@@ -251,12 +267,25 @@ def write_embeddings(
             writer = NpyWriter(out_path, dim, files)
         else:
             if out_path is not None:
-                out = files.enter_context(open_output(out_path, "w", encoding="utf-8", errors="surrogateescape",
-                                                      newline=""))
-            writer = (CsvWriter if fmt == "csv" else JsonlWriter)(out, dim)
-        with Progress("embed", total, enabled=console is not None) as bar, contextlib.closing(
-                stream(model, sources, pool=pool, normalize=normalize, batch_size=batch_size, workers=workers,
-                       precision=precision, on_error=on_error)) as batches:
+                out = files.enter_context(
+                    open_output(out_path, "w", encoding="utf-8", errors="surrogateescape", newline="")
+                )
+            writer = CsvWriter(out, dim) if fmt == "csv" else JsonlWriter(out)
+        with (
+            Progress("embed", total, enabled=console is not None) as bar,
+            contextlib.closing(
+                stream(
+                    model,
+                    sources,
+                    pool=pool,
+                    normalize=normalize,
+                    batch_size=batch_size,
+                    workers=workers,
+                    precision=precision,
+                    on_error=on_error,
+                )
+            ) as batches,
+        ):
             for paths, vectors in batches:
                 writer.write(paths, vectors.numpy())
                 if fmt != "npy":

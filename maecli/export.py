@@ -1,6 +1,7 @@
 """Export: any weights `load` reads, written for timm (the encoder as a ViT state dict) or for Hugging Face
 transformers (a ViTMAE folder), each with the Python that loads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,7 @@ from .weights import load, read_config, resolve, state_dict_for_saving
 
 
 def encoder_state(model: MAE) -> dict[str, torch.Tensor]:
-    return {
-        k: v for k, v in state_dict_for_saving(model).items() if not k.startswith(("decoder_", "mask_token"))
-    }
+    return {k: v for k, v in state_dict_for_saving(model).items() if not k.startswith(("decoder_", "mask_token"))}
 
 
 def timm_create_call(cfg: MAEConfig, num_classes: int = 0, global_pool: str | None = None) -> str:
@@ -29,10 +28,24 @@ def timm_create_call(cfg: MAEConfig, num_classes: int = 0, global_pool: str | No
     into with strict=True."""
     dims = (cfg.embed_dim, cfg.depth, cfg.num_heads)
     preset = next((p for p in PRESETS.values() if (p.embed_dim, p.depth, p.num_heads) == dims), PRESETS["vit-base"])
-    base = dict(embed_dim=preset.embed_dim, depth=preset.depth, num_heads=preset.num_heads, mlp_ratio=4.0,
-                patch_size=preset.patch_size, img_size=224, in_chans=3)
-    ours = dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                patch_size=cfg.patch_size, img_size=cfg.img_size, in_chans=cfg.in_chans)
+    base = dict(
+        embed_dim=preset.embed_dim,
+        depth=preset.depth,
+        num_heads=preset.num_heads,
+        mlp_ratio=4.0,
+        patch_size=preset.patch_size,
+        img_size=224,
+        in_chans=3,
+    )
+    ours = dict(
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        patch_size=cfg.patch_size,
+        img_size=cfg.img_size,
+        in_chans=cfg.in_chans,
+    )
     kwargs = "".join(f", {k}={v!r}" for k, v in ours.items() if v != base[k])
     pool = f", global_pool={global_pool!r}" if global_pool is not None else ""
     return f"timm.create_model('{preset.timm_name}', num_classes={num_classes}{pool}{kwargs})"
@@ -49,7 +62,9 @@ def export_timm(model: MAE, out: Path) -> str:
         f"model.load_state_dict(safetensors.torch.load_file({str(out)!r}))",
     ]
     if model.cfg.norm_eps != 1e-6:
-        lines.append(f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} (a negligible difference)")
+        lines.append(
+            f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} (a negligible difference)"
+        )
     return "\n".join(lines)
 
 
@@ -102,6 +117,7 @@ def export_timm_classifier(source, out: Path) -> str:
         f"classes = {classes!r}",
     ]
     if model.cfg.norm_eps != 1e-6:
-        lines.append(f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} "
-                     f"(a negligible difference)")
+        lines.append(
+            f"# timm's LayerNorm eps is 1e-6; these weights used {model.cfg.norm_eps:g} (a negligible difference)"
+        )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ A leaf module (no torch): the run folder, exports, pictures and embeddings all w
 - anything else (a folder, a block device, a socket): refused.
 Every failure is an OutputError naming the user's path (never a temporary name), and leaves no temporary file.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ shared training loop (loop.py), and with `baseline` trains the same recipe from 
 As in pretraining, every random choice derives from (seed, epoch, index) or (seed, micro-batch), so a resumed run
 continues exactly; the best epoch on the validation set is tracked in the resumable state.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,10 @@ def subset(split: Split, classes: list[str], fraction: float | None, per_class: 
         n = round(len(paths) * fraction) if fraction is not None else min(len(paths), per_class)
         if n < 1:
             need = 0.5 / len(paths)
-            raise DataError(f"--fraction {fraction:g} leaves class {classes[label]} ({len(paths)} training images) "
-                            f"with none; use more than {need:.3g}, or --per-class N")
+            raise DataError(
+                f"--fraction {fraction:g} leaves class {classes[label]} ({len(paths)} training images) "
+                f"with none; use more than {need:.3g}, or --per-class N"
+            )
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
         kept += [(paths[i], label) for i in sorted(order[:n])]
     return Split([p for p, _ in kept], [y for _, y in kept])
@@ -121,8 +124,17 @@ def train_transform(args: FinetuneArgs, img_size: int, in_chans: int):
     mean, std = D.mean_std(in_chans)
     aa = args.aa if args.aa and args.aa.lower() != "none" else None
     try:
-        transform = create_transform(img_size, is_training=True, auto_augment=aa, re_prob=args.reprob,
-                                     re_mode="pixel", re_count=1, interpolation="bicubic", mean=mean, std=std)
+        transform = create_transform(
+            img_size,
+            is_training=True,
+            auto_augment=aa,
+            re_prob=args.reprob,
+            re_mode="pixel",
+            re_count=1,
+            interpolation="bicubic",
+            mean=mean,
+            std=std,
+        )
     except (AssertionError, ValueError, KeyError) as e:
         raise UsageError(f"--aa {args.aa}: timm cannot build it ({e})") from None
     for t in getattr(transform, "transforms", []):
@@ -192,8 +204,11 @@ def classification_loss(args: FinetuneArgs, num_classes: int, rank: int):
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     mixing = args.mixup > 0 or args.cutmix > 0
-    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
-                  num_classes=num_classes) if mixing else None
+    mixup = (
+        Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing, num_classes=num_classes)
+        if mixing
+        else None
+    )
     if mixing:
         criterion = SoftTargetCrossEntropy()
     elif args.smoothing > 0:
@@ -228,8 +243,7 @@ def classification_loss(args: FinetuneArgs, num_classes: int, rank: int):
 
 
 @torch.no_grad()
-def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, workers: int = 0,
-             on_error=None) -> dict:
+def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, workers: int = 0, on_error=None) -> dict:
     """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and per-class correct counts of `model` on
     `split`, each image whole (data.eval_batches: resized, center-cropped), in fp32 and eval mode."""
     was_training = model.training
@@ -242,8 +256,15 @@ def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, wor
     loss_sum = 0.0
     per_class = [[0, 0] for _ in range(num_classes)]  # [correct, images]
     try:
-        for paths, x in D.eval_batches(split.paths, cfg.img_size, cfg.in_chans, batch_size=batch_size,
-                                       workers=workers, on_error=on_error, pin_memory=device.type == "cuda"):
+        for paths, x in D.eval_batches(
+            split.paths,
+            cfg.img_size,
+            cfg.in_chans,
+            batch_size=batch_size,
+            workers=workers,
+            on_error=on_error,
+            pin_memory=device.type == "cuda",
+        ):
             y = torch.tensor([label_of[p] for p in paths])
             logits = model(x.to(device)).float().cpu()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -259,8 +280,13 @@ def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, wor
         model.train(was_training)
     if not seen:
         raise DataError("none of the validation images could be read")
-    return {"top1": correct1 / seen, "top5": correct5 / seen, "loss": loss_sum / seen, "images": seen,
-            "per_class": per_class}
+    return {
+        "top1": correct1 / seen,
+        "top5": correct5 / seen,
+        "loss": loss_sum / seen,
+        "images": seen,
+        "per_class": per_class,
+    }
 
 
 class Validation:
@@ -280,17 +306,28 @@ class Validation:
             warn(f"skipped validation image {source}: {why}")
 
     def __call__(self, epoch: int, step: int, model) -> dict:
-        result = evaluate(model, self.labelled.val, len(self.labelled.classes), batch_size=self.args.batch_size,
-                          workers=self.workers, on_error=self.on_error)
+        result = evaluate(
+            model,
+            self.labelled.val,
+            len(self.labelled.classes),
+            batch_size=self.args.batch_size,
+            workers=self.workers,
+            on_error=self.on_error,
+        )
         best = self.state.extra.get("best")
         if best is None or (result["top1"], -result["loss"]) > (best["top1"], -best["loss"]):
             save_classifier(model, self.labelled.classes, self.out / WEIGHTS_NAME)
             self.state.extra["best"] = {"epoch": epoch, "step": step, **result}
         best_now = self.state.extra["best"]["epoch"] == epoch
-        console.print(f"epoch {epoch}: val top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
-                      f"{result['loss']:.4f}" + (" (best so far)" if best_now else ""))
-        return {"val_top1": round(result["top1"], 6), "val_top5": round(result["top5"], 6),
-                "val_loss": round(result["loss"], 6)}
+        console.print(
+            f"epoch {epoch}: val top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
+            f"{result['loss']:.4f}" + (" (best so far)" if best_now else "")
+        )
+        return {
+            "val_top1": round(result["top1"], 6),
+            "val_top5": round(result["top5"], 6),
+            "val_loss": round(result["loss"], 6),
+        }
 
     def catch_up(self, schedule: Schedule, model) -> None:
         """On resume from an epoch-end checkpoint: that epoch's validation ran after the checkpoint was written, so
@@ -302,8 +339,11 @@ class Validation:
         epoch = schedule.epoch_of(st.step - 1) + 1
         row = self(epoch, st.step, model)
         path = self.out / METRICS_NAME
-        logged = path.exists() and any('"val_top1"' in line and json.loads(line).get("step") == st.step
-                                       for line in path.read_text().splitlines() if line.strip())
+        logged = path.exists() and any(
+            '"val_top1"' in line and json.loads(line).get("step") == st.step
+            for line in path.read_text().splitlines()
+            if line.strip()
+        )
         if not logged:
             log = MetricsLog(self.out)
             log.write({"step": st.step, "epoch": epoch, **row})
@@ -327,16 +367,16 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
         args = resumed_args(args, set(given), RESUME_MAY_CHANGE, section="finetune")
     check_recipe(args)
     labelled = load_labelled(args.data, args.val, args.val_split, args.seed)
-    labelled = replace(labelled, train=subset(labelled.train, labelled.classes, args.fraction, args.per_class,
-                                              args.seed))
+    labelled = replace(
+        labelled, train=subset(labelled.train, labelled.classes, args.fraction, args.per_class, args.seed)
+    )
     encoder = load_encoder(args)
     finetuned = train_classifier(args, labelled, encoder, out)
     baseline = None
     if args.baseline and finetuned["signal"] is None:
         base_out = out / BASELINE_DIR
         resume = args.resume and (base_out / CONFIG_NAME).exists()  # killed before the baseline began: start it
-        base_args = replace(args, out=str(base_out), resume=resume, overwrite=not resume, baseline=False,
-                            scratch=True)
+        base_args = replace(args, out=str(base_out), resume=resume, overwrite=not resume, baseline=False, scratch=True)
         torch.manual_seed(args.seed)  # the same seeded init the pretraining began from
         scratch = MAE(encoder.cfg, decoder=False)
         baseline = train_classifier(base_args, labelled, scratch, base_out)
@@ -385,40 +425,74 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
         eff_batch = batch * args.accum_iter * world
         peak_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
         sampler = D.EpochBatches(len(train.paths), batch, args.seed, epochs=1, rank=rank, world=world)
-        schedule = Schedule.plan(sampler.micro_per_epoch(), args.accum_iter, peak_lr, epochs=args.epochs,
-                                 steps=args.steps, warmup_epochs=args.warmup_epochs, min_lr=min(args.min_lr, peak_lr))
+        schedule = Schedule.plan(
+            sampler.micro_per_epoch(),
+            args.accum_iter,
+            peak_lr,
+            epochs=args.epochs,
+            steps=args.steps,
+            warmup_epochs=args.warmup_epochs,
+            min_lr=min(args.min_lr, peak_lr),
+        )
         optimizer = make_optimizer(layer_decay_groups(model, args), peak_lr, acc.device, betas=(0.9, 0.999))
-        state = (restore(args, out, model, optimizer, schedule, len(train.paths), world) if args.resume
-                 else TrainState())
+        state = restore(args, out, model, optimizer, schedule, len(train.paths), world) if args.resume else TrainState()
         state.total_steps, state.images, state.processes = schedule.total_steps, len(train.paths), world
         model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
         workers = default_workers() if args.workers is None else args.workers
-        sampler = replace(sampler, epochs=schedule.epochs, start_epoch=schedule.epoch_of(state.step),
-                          start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch)
-        dataset = LabelledTrainSet(train.paths, train.labels, train_transform(args, cfg.img_size, cfg.in_chans),
-                                   cfg.img_size, cfg.in_chans, args.seed)
+        sampler = replace(
+            sampler,
+            epochs=schedule.epochs,
+            start_epoch=schedule.epoch_of(state.step),
+            start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch,
+        )
+        dataset = LabelledTrainSet(
+            train.paths,
+            train.labels,
+            train_transform(args, cfg.img_size, cfg.in_chans),
+            cfg.img_size,
+            cfg.in_chans,
+            args.seed,
+        )
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, worker_init_fn=D.worker_init,
-            pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate,
+            worker_init_fn=D.worker_init,
+            pin_memory=acc.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
         validation = Validation(args, labelled, out, state, workers)
         if main:
             write_run_config(out, cfg, classes, args, labelled)
             kind = "from random init (baseline)" if args.scratch else f"from {args.weights}"
-            console.print(f"maecli finetune {kind}: {len(train.paths)} training images in {len(classes)} classes, "
-                          f"{len(labelled.val.paths)} validation images ({labelled.layout}); ViT {cfg.embed_dim}-d x "
-                          f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool; device "
-                          f"{acc.device.type} x{world}, precision {acc.mixed_precision}, {workers} loader workers")
-            console.print(f"effective batch {eff_batch}, lr {peak_lr:.3g}"
-                          + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
-                          + f", layer decay {args.layer_decay:g}, {schedule.total_steps} steps "
-                            f"({schedule.steps_per_epoch}/epoch, {schedule.epochs} epochs), warmup "
-                            f"{schedule.warmup_steps} steps")
-        trainer = Trainer(acc, model, optimizer, schedule, out, state,
-                          loss_fn=classification_loss(args, len(classes), rank),
-                          settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad,
-                                                "baseline" if args.scratch else "finetune"),
-                          on_epoch_end=validation)
+            console.print(
+                f"maecli finetune {kind}: {len(train.paths)} training images in {len(classes)} classes, "
+                f"{len(labelled.val.paths)} validation images ({labelled.layout}); ViT {cfg.embed_dim}-d x "
+                f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool; device "
+                f"{acc.device.type} x{world}, precision {acc.mixed_precision}, {workers} loader workers"
+            )
+            console.print(
+                f"effective batch {eff_batch}, lr {peak_lr:.3g}"
+                + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
+                + f", layer decay {args.layer_decay:g}, {schedule.total_steps} steps "
+                f"({schedule.steps_per_epoch}/epoch, {schedule.epochs} epochs), warmup "
+                f"{schedule.warmup_steps} steps"
+            )
+        trainer = Trainer(
+            acc,
+            model,
+            optimizer,
+            schedule,
+            out,
+            state,
+            loss_fn=classification_loss(args, len(classes), rank),
+            settings=LoopSettings(
+                args.log_every, args.save_every, args.keep, args.clip_grad, "baseline" if args.scratch else "finetune"
+            ),
+            on_epoch_end=validation,
+        )
         if main and args.resume:
             validation.catch_up(schedule, trainer.raw_model)
         result = trainer.fit(loader)
@@ -427,11 +501,19 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
             lock.release()
     acc.end_training()
     best = state.extra.get("best")
-    summary = {"out": str(out), "weights": str(out / WEIGHTS_NAME), "total_steps": schedule.total_steps, **result,
-               "skipped": len(result["skipped"]), "val_unreadable": validation.unreadable,
-               "top1": best["top1"] if best else None, "top5": best["top5"] if best else None,
-               "loss": best["loss"] if best else None, "best_epoch": best["epoch"] if best else None,
-               "per_class": per_class_rows(classes, best["per_class"]) if best else None}
+    summary = {
+        "out": str(out),
+        "weights": str(out / WEIGHTS_NAME),
+        "total_steps": schedule.total_steps,
+        **result,
+        "skipped": len(result["skipped"]),
+        "val_unreadable": validation.unreadable,
+        "top1": best["top1"] if best else None,
+        "top5": best["top5"] if best else None,
+        "loss": best["loss"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "per_class": per_class_rows(classes, best["per_class"]) if best else None,
+    }
     if main and best:
         from .files import write_json
 
@@ -444,8 +526,9 @@ def layer_decay_groups(model: Classifier, args: FinetuneArgs) -> list[dict]:
     block below it `layer_decay` times less; no weight decay on biases, norms, tokens and positions."""
     from timm.optim import param_groups_layer_decay
 
-    return param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                    layer_decay=args.layer_decay)
+    return param_groups_layer_decay(
+        model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=args.layer_decay
+    )
 
 
 def write_run_config(out: Path, cfg: MAEConfig, classes: list[str], args: FinetuneArgs, labelled: Labelled) -> None:
@@ -453,18 +536,27 @@ def write_run_config(out: Path, cfg: MAEConfig, classes: list[str], args: Finetu
     enough to load the classifier and to resume."""
     from .files import write_json
 
-    write_json(out / CONFIG_NAME, {
-        "model": cfg.to_dict(), "classes": classes,
-        "classifier": {"num_classes": len(classes), "pool": args.pool},
-        "finetune": {**asdict(args), "resume": False, "overwrite": False},
-        "data": {"layout": labelled.layout, "train_images": len(labelled.train.paths),
-                 "val_images": len(labelled.val.paths)},
-    })
+    write_json(
+        out / CONFIG_NAME,
+        {
+            "model": cfg.to_dict(),
+            "classes": classes,
+            "classifier": {"num_classes": len(classes), "pool": args.pool},
+            "finetune": {**asdict(args), "resume": False, "overwrite": False},
+            "data": {
+                "layout": labelled.layout,
+                "train_images": len(labelled.train.paths),
+                "val_images": len(labelled.val.paths),
+            },
+        },
+    )
 
 
 def per_class_rows(classes: list[str], counts: list[list[int]]) -> list[dict]:
-    return [{"class": c, "correct": right, "images": n, "accuracy": right / n if n else None}
-            for c, (right, n) in zip(classes, counts)]
+    return [
+        {"class": c, "correct": right, "images": n, "accuracy": right / n if n else None}
+        for c, (right, n) in zip(classes, counts)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,8 +588,11 @@ def json_summary(result: dict) -> dict:
     def brief(r):
         return None if r is None else {"top1": r["top1"], "top5": r["top5"], "best_epoch": r["best_epoch"]}
 
-    return {"finetuned": brief(result["finetuned"]), "baseline": brief(result["baseline"]),
-            "classes": result["classes"]}
+    return {
+        "finetuned": brief(result["finetuned"]),
+        "baseline": brief(result["baseline"]),
+        "classes": result["classes"],
+    }
 
 
 def stopped_message(result: dict, args: FinetuneArgs) -> str | None:
@@ -505,6 +600,8 @@ def stopped_message(result: dict, args: FinetuneArgs) -> str | None:
     for r in (result["finetuned"], result["baseline"]):
         if r is not None and r["signal"] is not None:
             name = "SIGINT" if r["signal"] == signal.SIGINT else "SIGTERM"
-            return (f"{name}: stopped at step {r['steps']}/{r['total_steps']} of {r['out']}; checkpoint saved. "
-                    f"Continue with:\n  maecli finetune {args.data} --weights {args.weights} --out {args.out} --resume")
+            return (
+                f"{name}: stopped at step {r['steps']}/{r['total_steps']} of {r['out']}; checkpoint saved. "
+                f"Continue with:\n  maecli finetune {args.data} --weights {args.weights} --out {args.out} --resume"
+            )
     return None

@@ -5,6 +5,7 @@ Pure functions of state dicts and configs: reading files is `weights.py`, writin
 Architecture comes from tensor shapes; heads, which shapes cannot tell, from a config, a preset hint, or the widths
 of the released sizes.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,8 +87,17 @@ def infer_config(
         raise WeightsError(f"{source} holds no transformer blocks (blocks.0...)")
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / dim
     heads = _heads(dim, num_heads, model_hint, source)
-    kwargs = dict(img_size=grid * p, patch_size=p, in_chans=in_chans, embed_dim=dim, depth=depth, num_heads=heads,
-                  mlp_ratio=mlp_ratio, norm_eps=norm_eps, norm_pix_loss=norm_pix_loss)
+    kwargs = dict(
+        img_size=grid * p,
+        patch_size=p,
+        in_chans=in_chans,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=mlp_ratio,
+        norm_eps=norm_eps,
+        norm_pix_loss=norm_pix_loss,
+    )
     if "decoder_embed.weight" in state:
         decoder_dim = state["decoder_embed.weight"].shape[0]
         decoder_depth = _count_blocks(state, "decoder_blocks", source)
@@ -215,7 +225,9 @@ def from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tens
 def hf_settings(hf_config: dict, source: str) -> dict:
     """What a Hugging Face config says that the tensors cannot: heads, LayerNorm eps, the loss target."""
     if hf_config.get("hidden_act", "gelu") != "gelu":
-        raise WeightsError(f"{source}: activation {hf_config['hidden_act']!r} is not supported (maecli's ViT uses gelu)")
+        raise WeightsError(
+            f"{source}: activation {hf_config['hidden_act']!r} is not supported (maecli's ViT uses gelu)"
+        )
     for key in ("image_size", "patch_size"):
         size = hf_config.get(key)
         if isinstance(size, (list, tuple)) and len(set(size)) != 1:

@@ -4,6 +4,7 @@ calling its Python API never does. Anything the user set in the environment wins
 
 No torch here: the OpenMP setting must be in the environment before torch loads.
 """
+
 from __future__ import annotations
 
 import glob
@@ -61,8 +62,11 @@ def configure_openmp() -> None:
 
 def malloc_tuned_by_user(environ) -> bool:
     """Did the user set glibc's malloc tunables, or MAECLI_KEEP_FREED_MEMORY=0? Then the heap is left alone."""
-    return (any(k in environ for k in MALLOC_SETTINGS) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
-            or environ.get("MAECLI_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "no", "false", "off"))
+    return (
+        any(k in environ for k in MALLOC_SETTINGS)
+        or "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+        or environ.get("MAECLI_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "no", "false", "off")
+    )
 
 
 def keep_freed_memory(environ=None) -> bool:

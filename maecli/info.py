@@ -4,6 +4,7 @@ A run is read, never loaded: config.json, metrics.jsonl, the checkpoints' state.
 headers. Anything else is handed to `maecli.load`, to show what it infers. Unknown keys are ignored, so runs
 from newer or other commands (finetune) still answer.
 """
+
 from __future__ import annotations
 
 import json
@@ -136,8 +137,14 @@ def _checkpoints(run: Path) -> list[dict]:
     for p in root.iterdir():
         if not p.is_dir():
             continue
-        entry = {"name": p.name, "path": str(p), "bytes": _tree_bytes(p), "step": None, "complete": False,
-                 "resumable": False}
+        entry = {
+            "name": p.name,
+            "path": str(p),
+            "bytes": _tree_bytes(p),
+            "step": None,
+            "complete": False,
+            "resumable": False,
+        }
         if p.name.startswith(".tmp-"):
             entry["why"] = "an unfinished save (a temporary folder)"
         elif p.name.startswith("step-") and p.name[5:].isdigit():
@@ -205,8 +212,11 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     weights = run / WEIGHTS_NAME
     shapes = None
     if weights.is_file():
-        info["weights"] = {"path": str(weights), "bytes": weights.stat().st_size,
-                           "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(weights.stat().st_mtime))}
+        info["weights"] = {
+            "path": str(weights),
+            "bytes": weights.stat().st_size,
+            "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(weights.stat().st_mtime)),
+        }
         try:
             shapes, meta = safetensors_header(weights)
             info["weights"]["tensors"] = len(shapes)
@@ -245,8 +255,12 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     info["data"] = None
     if isinstance(data, str):
         exists = Path(data).exists()
-        info["data"] = {"path": data, "exists": exists, "images": _count_images(data) if exists else None,
-                        "images_at_start": state.get("images")}
+        info["data"] = {
+            "path": data,
+            "exists": exists,
+            "images": _count_images(data) if exists else None,
+            "images_at_start": state.get("images"),
+        }
 
     series = metric_series(rows)  # in step order, a resumed run's repeats resolved
 
@@ -275,17 +289,34 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     written += [os.stat(c["path"]).st_mtime for c in checkpoints if os.path.exists(c["path"])]
     info["status"] = status
     info["progress"] = {
-        "step": step, "total_steps": total, "epoch": epoch, "epochs": epochs,
+        "step": step,
+        "total_steps": total,
+        "epoch": epoch,
+        "epochs": epochs,
         "images_seen": last("images_seen") if "images_seen" in series else state.get("images_seen"),
-        "seconds": seconds, "checkpoint_step": checkpoint_step,
+        "seconds": seconds,
+        "checkpoint_step": checkpoint_step,
         "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
     }
     info["metrics"] = _metrics_summary(rows)
     skipped = state.get("skipped")
     info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
     info["notes"] = notes
-    order = ("path", "kind", "status", "model", "classes", "data", "recipe", "progress", "metrics", "skipped",
-             "checkpoints", "weights", "notes")  # the order a reader of --json wants them in
+    order = (
+        "path",
+        "kind",
+        "status",
+        "model",
+        "classes",
+        "data",
+        "recipe",
+        "progress",
+        "metrics",
+        "skipped",
+        "checkpoints",
+        "weights",
+        "notes",
+    )  # the order a reader of --json wants them in
     return {key: info[key] for key in order if key in info}
 
 
@@ -320,10 +351,20 @@ def _weights_info(path: Path) -> dict:
     return {
         "path": str(path),
         "kind": "weights",
-        "model": {"preset": preset_name(cfg), "config": cfg, "has_decoder": bool(model.has_decoder),
-                  "parameters": parameter_counts(shapes)},
-        "weights": {"path": str(file), "bytes": _tree_bytes(file), "has_decoder": bool(model.has_decoder),
-                    "tensors": len(shapes)} if file else None,
+        "model": {
+            "preset": preset_name(cfg),
+            "config": cfg,
+            "has_decoder": bool(model.has_decoder),
+            "parameters": parameter_counts(shapes),
+        },
+        "weights": {
+            "path": str(file),
+            "bytes": _tree_bytes(file),
+            "has_decoder": bool(model.has_decoder),
+            "tensors": len(shapes),
+        }
+        if file
+        else None,
     }
 
 
@@ -384,8 +425,10 @@ def _number(x) -> str:
 def _model_line(model: dict) -> str:
     c = model["config"]
     name = model["preset"] or "custom"
-    line = (f"{name}: {c.get('embed_dim')} wide, {c.get('depth')} deep, {c.get('num_heads')} heads; "
-            f"{c.get('img_size')} px in {c.get('patch_size')} px patches, {c.get('in_chans')} channels")
+    line = (
+        f"{name}: {c.get('embed_dim')} wide, {c.get('depth')} deep, {c.get('num_heads')} heads; "
+        f"{c.get('img_size')} px in {c.get('patch_size')} px patches, {c.get('in_chans')} channels"
+    )
     if model["has_decoder"]:
         line += f"; decoder {c.get('decoder_dim')} wide, {c.get('decoder_depth')} deep"
     else:
@@ -414,8 +457,12 @@ def _recipe_line(r: dict) -> str:
         parts.append(f"lr {_number(r['lr'])}")
     elif r.get("blr") is not None:
         parts.append(f"blr {_number(r['blr'])}")
-    for key, label in (("mask", "mask"), ("warmup_epochs", "warmup epochs"), ("weight_decay", "weight decay"),
-                       ("seed", "seed")):
+    for key, label in (
+        ("mask", "mask"),
+        ("warmup_epochs", "warmup epochs"),
+        ("weight_decay", "weight decay"),
+        ("seed", "seed"),
+    ):
         if r.get(key) is not None:
             parts.append(f"{label} {_number(r[key])}")
     return ", ".join(parts)
@@ -485,8 +532,12 @@ def format_info(info: dict) -> str:
     skipped = info["skipped"]
     if skipped:
         first = list(skipped.items())[:3]
-        row("skipped", f"{len(skipped)} unreadable files: " + "; ".join(f"{p} ({why})" for p, why in first)
-            + ("; ..." if len(skipped) > 3 else ""))
+        row(
+            "skipped",
+            f"{len(skipped)} unreadable files: "
+            + "; ".join(f"{p} ({why})" for p, why in first)
+            + ("; ..." if len(skipped) > 3 else ""),
+        )
 
     if info["checkpoints"]:
         row("checkpoints", "")

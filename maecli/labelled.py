@@ -3,6 +3,7 @@
 Read the same way by `maecli probe` (and by any command that needs labels): DATA/train + DATA/val (or
 DATA/test), or DATA with a separate validation folder, or a seeded stratified split of DATA.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ def class_folders(root: str | Path) -> dict[str, list[Path]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if len(classes) < 2:
         found = f" ({classes[0]})" if classes else ""
-        raise DataError(f"{root} holds {len(classes)} class folder(s){found}; a probe needs one subfolder per "
-                          f"class, at least two")
+        raise DataError(
+            f"{root} holds {len(classes)} class folder(s){found}; a probe needs one subfolder per class, at least two"
+        )
     images = {c: find_images(root / c) for c in classes}
     empty = [c for c, paths in images.items() if not paths]
     if empty:
@@ -59,8 +61,9 @@ def stratified_split(images: dict[str, list[Path]], fraction: float, seed: int):
     return train, val
 
 
-def load_labelled(data: str | Path, val: str | Path | None = None, val_split: float | None = None,
-                  seed: int = 0) -> Labelled:
+def load_labelled(
+    data: str | Path, val: str | Path | None = None, val_split: float | None = None, seed: int = 0
+) -> Labelled:
     """The train and validation images of a labelled folder.
 
     DATA/train + DATA/val (or DATA/test) when present; else DATA and `val`; else a stratified split of DATA.
@@ -81,8 +84,10 @@ def load_labelled(data: str | Path, val: str | Path | None = None, val_split: fl
         layout = f"{data} and {val}"
     else:
         if (data / "train").is_dir():
-            raise DataError(f"{data} holds train/ but no val/ or test/; pass --val DIR, or point DATA at "
-                              f"{data / 'train'} to split it")
+            raise DataError(
+                f"{data} holds train/ but no val/ or test/; pass --val DIR, or point DATA at "
+                f"{data / 'train'} to split it"
+            )
         fraction = 0.2 if val_split is None else val_split
         if not 0 < fraction < 1:
             raise DataError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
@@ -90,9 +95,14 @@ def load_labelled(data: str | Path, val: str | Path | None = None, val_split: fl
         layout = f"{data}, {fraction:g} of each class held out (seed {seed})"
     if set(train) != set(valid):
         only_train, only_val = sorted(set(train) - set(valid)), sorted(set(valid) - set(train))
-        raise DataError("classes differ between train and val: "
-                          + "; ".join(f"only in {name}: {', '.join(names)}"
-                                      for name, names in (("train", only_train), ("val", only_val)) if names))
+        raise DataError(
+            "classes differ between train and val: "
+            + "; ".join(
+                f"only in {name}: {', '.join(names)}"
+                for name, names in (("train", only_train), ("val", only_val))
+                if names
+            )
+        )
     classes = sorted(train)
 
     def flatten(images):

@@ -4,6 +4,7 @@ accumulation, the learning-rate schedule, logging, checkpoints and resume, signa
 A command supplies the model, the optimizer, a loader of (batch, failed files) and a `loss_fn`; the loop owns
 everything else. Several processes (`accelerate launch`) run it in step; only the main process writes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,12 +44,17 @@ def make_accelerator(precision: str, log_with=(), run: Path | None = None):
     # notebooks); the process group, if any, lives in PartialState and is kept.
     AcceleratorState._reset_state()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    accelerator = Accelerator(mixed_precision=resolve_precision(precision),
-                              cpu=launched > 1 and not torch.cuda.is_available(), log_with=trackers or None,
-                              project_dir=str(logs_dir(run)) if trackers else None)
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(precision),
+        cpu=launched > 1 and not torch.cuda.is_available(),
+        log_with=trackers or None,
+        project_dir=str(logs_dir(run)) if trackers else None,
+    )
     if accelerator.num_processes != launched:
-        raise TrainError(f"started as {launched} processes, but Accelerate runs {accelerator.num_processes}; "
-                         f"check the launcher's settings")
+        raise TrainError(
+            f"started as {launched} processes, but Accelerate runs {accelerator.num_processes}; "
+            f"check the launcher's settings"
+        )
     return accelerator
 
 
@@ -119,9 +125,22 @@ class Trainer:
     checkpoint_files (name -> bytes) are saved in every checkpoint (the training file list: rundir.DataList).
     """
 
-    def __init__(self, accelerator, model, optimizer, schedule, run: Path, state: TrainState, *, loss_fn: Callable,
-                 settings: LoopSettings, on_epoch_end: Callable | None = None, write_weights: Callable | None = None,
-                 hparams: dict | None = None, checkpoint_files: dict[str, bytes] | None = None):
+    def __init__(
+        self,
+        accelerator,
+        model,
+        optimizer,
+        schedule,
+        run: Path,
+        state: TrainState,
+        *,
+        loss_fn: Callable,
+        settings: LoopSettings,
+        on_epoch_end: Callable | None = None,
+        write_weights: Callable | None = None,
+        hparams: dict | None = None,
+        checkpoint_files: dict[str, bytes] | None = None,
+    ):
         self.acc, self.schedule, self.run, self.state = accelerator, schedule, Path(run), state
         self.checkpoint_files = checkpoint_files
         self.loss_fn, self.settings, self.hparams = loss_fn, settings, hparams
@@ -150,8 +169,10 @@ class Trainer:
         exit_signal = None
         it = iter(loader)
         self.model.train()
-        with StopSignal(verbose=self.main) as stop, Progress(self.settings.label, sched.total_steps, keep=True,
-                                                             enabled=self.main) as progress:
+        with (
+            StopSignal(verbose=self.main) as stop,
+            Progress(self.settings.label, sched.total_steps, keep=True, enabled=self.main) as progress,
+        ):
             progress.update(st.step, "starting")
             try:
                 while st.step < sched.total_steps:
@@ -179,14 +200,21 @@ class Trainer:
                     console.print(f"the run in {self.run} was already complete at step {st.step}")
                     self.write_weights(self.raw_model)
             except OSError as e:  # a full disk, a folder removed under us: the checkpoints on disk stay whole
-                raise TrainError(f"cannot write to {self.run}: {e.strerror or e}{self.newest_checkpoint('; ')}") from None
+                raise TrainError(
+                    f"cannot write to {self.run}: {e.strerror or e}{self.newest_checkpoint('; ')}"
+                ) from None
             finally:
                 self.metrics.close()
                 self.tracking.finish()
                 shutdown_workers(it)  # workers ignore SIGINT and SIGTERM: stop them here
         st.seconds = time.time() - self.t0
-        return {"steps": st.step, "images_seen": st.images_seen, "seconds": round(st.seconds, 1),
-                "skipped": self.gathered_skipped(), "signal": exit_signal}
+        return {
+            "steps": st.step,
+            "images_seen": st.images_seen,
+            "seconds": round(st.seconds, 1),
+            "skipped": self.gathered_skipped(),
+            "signal": exit_signal,
+        }
 
     def train_step(self, it) -> float:
         """One optimizer step over its micro-batches; returns its learning rate."""
@@ -229,11 +257,20 @@ class Trainer:
         self.t_log, self.images_at_log = now, st.images_seen
         self.loss_sum.zero_()
         st.loss_count = 0
-        self.record({"step": st.step, "epoch": round(st.step / self.schedule.steps_per_epoch, 4),
-                     "loss": loss, "lr": lr, "images_per_sec": round(ips, 2), "images_seen": st.images_seen,
-                     "time": round(now - self.t0, 2)})
-        progress.update(st.step, f"epoch {epoch + 1}/{self.schedule.epochs} loss {loss:.4f} lr {lr:.2e} "
-                                 f"{ips:.1f} img/s", line=True)
+        self.record(
+            {
+                "step": st.step,
+                "epoch": round(st.step / self.schedule.steps_per_epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "images_per_sec": round(ips, 2),
+                "images_seen": st.images_seen,
+                "time": round(now - self.t0, 2),
+            }
+        )
+        progress.update(
+            st.step, f"epoch {epoch + 1}/{self.schedule.epochs} loss {loss:.4f} lr {lr:.2e} {ips:.1f} img/s", line=True
+        )
 
     def record(self, row: dict, images: dict | None = None, write: bool = True) -> None:
         """One metrics row to metrics.jsonl and the trackers (main process only), pictures to the trackers."""
@@ -252,11 +289,20 @@ class Trainer:
         if self.main:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper holds the real one
             try:
-                save_checkpoint(self.run, self.raw_model, optimizer, st, self.schedule.steps_per_epoch,
-                                self.settings.keep, self.checkpoint_files)
+                save_checkpoint(
+                    self.run,
+                    self.raw_model,
+                    optimizer,
+                    st,
+                    self.schedule.steps_per_epoch,
+                    self.settings.keep,
+                    self.checkpoint_files,
+                )
             except NonFiniteError as e:
-                raise TrainError(f"{e}; stopped{self.newest_checkpoint(', and the last good checkpoint is ')}; try "
-                                 f"a lower --lr, --clip-grad, or --precision no") from None
+                raise TrainError(
+                    f"{e}; stopped{self.newest_checkpoint(', and the last good checkpoint is ')}; try "
+                    f"a lower --lr, --clip-grad, or --precision no"
+                ) from None
             if hand_over and self.write_weights is not None:
                 self.write_weights(self.raw_model)
         if hand_over:
@@ -270,8 +316,10 @@ class Trainer:
         bad = [b for b in bad.tolist() if b > 0]
         if bad:
             kept = self.newest_checkpoint("the last good checkpoint is ") or "no checkpoint was saved before it"
-            raise TrainError(f"loss became non-finite at step {min(bad)} (precision {self.acc.mixed_precision}); "
-                             f"stopped, and {kept}; try a lower --lr, --clip-grad, or --precision no")
+            raise TrainError(
+                f"loss became non-finite at step {min(bad)} (precision {self.acc.mixed_precision}); "
+                f"stopped, and {kept}; try a lower --lr, --clip-grad, or --precision no"
+            )
 
     def newest_checkpoint(self, prefix: str) -> str:
         ckpts = checkpoint_dirs(self.run)

@@ -4,6 +4,7 @@ Parameter names follow the original release (`patch_embed.proj`, `blocks.N.attn.
 `decoder_pred`, ...), so its checkpoints and timm's ViT weights load without renaming.
 Shapes: N batch, L patches, D width, p patch size, C channels, h/w patches per side.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,16 @@ class MAEConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for name in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth",
-                     "decoder_heads"):
+        for name in (
+            "img_size",
+            "patch_size",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "decoder_dim",
+            "decoder_depth",
+            "decoder_heads",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -46,9 +55,7 @@ class MAEConfig:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.decoder_dim % self.decoder_heads:
-            raise ValueError(
-                f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}"
-            )
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> MAEConfig:
@@ -57,8 +64,14 @@ class MAEConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
         p = PRESETS[name]
-        kwargs = dict(embed_dim=p.embed_dim, depth=p.depth, num_heads=p.num_heads, decoder_dim=p.decoder_dim,
-                      decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads)
+        kwargs = dict(
+            embed_dim=p.embed_dim,
+            depth=p.depth,
+            num_heads=p.num_heads,
+            decoder_dim=p.decoder_dim,
+            decoder_depth=p.decoder_depth,
+            decoder_heads=p.decoder_heads,
+        )
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         kwargs.setdefault("patch_size", default_patch_size(name, kwargs.get("img_size", cls.img_size)))
         return cls(**kwargs)

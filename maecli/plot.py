@@ -3,6 +3,7 @@
 matplotlib is an optional extra (`pip install "maecli[plot]"`), imported on first use; figures are drawn on
 the Agg canvas directly, so plotting never touches pyplot's global state or a user's interactive backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -118,7 +119,7 @@ def run_labels(runs: list[Path]) -> list[str]:
             if label not in others:
                 break
         if folders.count(folder) > 1:  # the same run given twice
-            label = f"{label} #{folders[:i + 1].count(folder)}"
+            label = f"{label} #{folders[: i + 1].count(folder)}"
         labels.append(label)
     return labels
 
@@ -179,8 +180,9 @@ def make_figure(curves: list[RunCurves]):
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     # fixed margins in inches: a layout engine would cost a second draw (about 0.4 s a picture, each epoch)
-    fig.subplots_adjust(left=0.85 / width, right=1 - 0.25 / width, bottom=0.6 / height, top=1 - 0.4 / height,
-                        wspace=0.3, hspace=0.5)
+    fig.subplots_adjust(
+        left=0.85 / width, right=1 - 0.25 / width, bottom=0.6 / height, top=1 - 0.4 / height, wspace=0.3, hspace=0.5
+    )
     for i, name in enumerate(names):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_title(TITLES.get(name, name))
@@ -193,8 +195,7 @@ def make_figure(curves: list[RunCurves]):
                 continue
             steps, values = run.series[name]
             marker = "o" if len(steps) <= 30 else None  # sparse series (a probe per epoch) show their points
-            ax.plot(steps, values, color=f"C{color % 10}", label=run.label, marker=marker, markersize=3,
-                    linewidth=1.2)
+            ax.plot(steps, values, color=f"C{color % 10}", label=run.label, marker=marker, markersize=3, linewidth=1.2)
             everything += values
         if name.endswith("loss") and _log_scale_helps(everything):
             ax.set_yscale("log")
@@ -217,8 +218,7 @@ def save_png(fig, out: Path) -> None:
         fig.savefig(f, format="png", dpi=110)
 
 
-def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike,
-              warn: Callable[[str], None] | None = None) -> Path:
+def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, warn: Callable[[str], None] | None = None) -> Path:
     """Draw the runs' curves into one PNG at `out` and return its path.
 
     Panels: loss against step (log y when it spans more than a decade), learning rate, and one for every

@@ -3,6 +3,7 @@
 `predict()` is the Python entry point; `write_predictions()` is the command's pipeline (inputs and stdin as embed
 reads them, jsonl or csv out, unreadable files warned and counted).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,30 @@ from .embedding import Found, expand_inputs
 from .runtime import autocast, resolve_precision
 
 
-def stream(model, sources: Iterable, *, batch_size: int = 64, workers: int = 0, precision: str = "no",
-           on_error: D.OnError | None = None) -> Iterator[tuple[list, torch.Tensor]]:
+def stream(
+    model,
+    sources: Iterable,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "no",
+    on_error: D.OnError | None = None,
+) -> Iterator[tuple[list, torch.Tensor]]:
     """Yield (sources, class probabilities (B, K) float32 on the CPU) batch by batch, in input order; images are
     read as for validation (data.eval_batches: shorter side resized, center-cropped)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     mode = resolve_precision(precision, device)
     model.eval()
-    for items, x in D.eval_batches(sources, cfg.img_size, cfg.in_chans, batch_size=batch_size, workers=workers,
-                                   on_error=on_error, pin_memory=device.type == "cuda"):
+    for items, x in D.eval_batches(
+        sources,
+        cfg.img_size,
+        cfg.in_chans,
+        batch_size=batch_size,
+        workers=workers,
+        on_error=on_error,
+        pin_memory=device.type == "cuda",
+    ):
         with torch.inference_mode(), autocast(device, mode):
             logits = model(x.to(device, non_blocking=True))
         yield items, logits.float().softmax(dim=-1).cpu()
@@ -54,8 +69,10 @@ class JsonlWriter:
         values, indices = probs.topk(self.k, dim=1)
         for path, vs, ids in zip(paths, values.tolist(), indices.tolist()):
             top = [{"class": self.classes[i], "probability": round(v, 6)} for v, i in zip(vs, ids)]
-            self.out.write(json.dumps({"path": path, "class": top[0]["class"], "probability": top[0]["probability"],
-                                       "top_k": top}) + "\n")
+            self.out.write(
+                json.dumps({"path": path, "class": top[0]["class"], "probability": top[0]["probability"], "top_k": top})
+                + "\n"
+            )
 
 
 class CsvWriter:
@@ -70,13 +87,27 @@ class CsvWriter:
 
     def write(self, paths: list[str], probs: torch.Tensor):
         values, indices = probs.topk(self.k, dim=1)
-        self.rows.writerows([path, *(x for v, i in zip(vs, ids) for x in (self.classes[i], f"{v:.6f}"))]
-                            for path, vs, ids in zip(paths, values.tolist(), indices.tolist()))
+        self.rows.writerows(
+            [path, *(x for v, i in zip(vs, ids) for x in (self.classes[i], f"{v:.6f}"))]
+            for path, vs, ids in zip(paths, values.tolist(), indices.tolist())
+        )
 
 
-def write_predictions(model, classes: list[str], inputs: list[str], *, out, fmt: str = "jsonl", top_k: int = 5,
-                      batch_size: int = 64, workers: int = 0, precision: str = "no", strict: bool = False,
-                      stdin=None, console=None) -> dict:
+def write_predictions(
+    model,
+    classes: list[str],
+    inputs: list[str],
+    *,
+    out,
+    fmt: str = "jsonl",
+    top_k: int = 5,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "no",
+    strict: bool = False,
+    stdin=None,
+    console=None,
+) -> dict:
     """Classify every input and write each batch as it comes; returns {"predicted", "skipped", "seconds"}.
 
     Raises DataError for a missing file, for no images at all among explicit inputs, and for an unreadable file
@@ -98,8 +129,11 @@ def write_predictions(model, classes: list[str], inputs: list[str], *, out, fmt:
         warn(f"skipped {source}: {why}")
         bar.advance(1)
 
-    sources = expand_inputs(inputs, stdin if stdin is not None else sys.stdin,
-                            on_empty=lambda folder: warn(f"no image files found under {folder}"))
+    sources = expand_inputs(
+        inputs,
+        stdin if stdin is not None else sys.stdin,
+        on_empty=lambda folder: warn(f"no image files found under {folder}"),
+    )
     total = None
     if "-" not in inputs:
         sources = list(sources)
@@ -110,8 +144,9 @@ def write_predictions(model, classes: list[str], inputs: list[str], *, out, fmt:
     writer = (CsvWriter if fmt == "csv" else JsonlWriter)(out, classes, k)
     predicted, t0 = 0, time.time()
     with Progress("predict", total, enabled=console is not None) as bar:
-        for paths, probs in stream(model, sources, batch_size=batch_size, workers=workers, precision=precision,
-                                   on_error=on_error):
+        for paths, probs in stream(
+            model, sources, batch_size=batch_size, workers=workers, precision=precision, on_error=on_error
+        ):
             writer.write(paths, probs)
             out.flush()  # each batch reaches the next tool now
             predicted += len(paths)

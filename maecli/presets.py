@@ -1,6 +1,7 @@
 """The model sizes maecli knows by name, defined once: the CLI's choices, the encoder and decoder defaults, and
 the timm architecture each exports to all come from this table. No torch here: `--help` reads it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ kNN: cosine similarity, the k nearest training images vote with weight exp(simil
 self-supervised benchmarks (Wu et al. 2018, DINO). Linear: the MAE paper's probe, BatchNorm without affine
 parameters then a linear layer, trained on features extracted once per split through `embedding.stream`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,17 @@ KNN_TEMPERATURE = 0.07
 # Features
 
 
-def features(model, split: Split, *, batch_size: int = 64, workers: int = 0, precision: str = "no",
-             console=None, label: str = "features", classes: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def features(
+    model,
+    split: Split,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "no",
+    console=None,
+    label: str = "features",
+    classes: list[str] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled encoder features (N, D) and labels (N,) for the readable images of `split`; unreadable ones are
     skipped (with a warning on `console`). DataError when a class is left without any readable image."""
     label_of = dict(zip(split.paths, split.labels))
@@ -42,8 +52,9 @@ def features(model, split: Split, *, batch_size: int = 64, workers: int = 0, pre
         bar.advance(1)
 
     with Progress(label, len(split.paths), enabled=console is not None) as bar:
-        for paths, vectors in stream(model, split.paths, batch_size=batch_size, workers=workers,
-                                     precision=precision, on_error=skip):
+        for paths, vectors in stream(
+            model, split.paths, batch_size=batch_size, workers=workers, precision=precision, on_error=skip
+        ):
             feats.append(vectors)
             labels.extend(label_of[p] for p in paths)
             bar.advance(len(paths))
@@ -61,8 +72,14 @@ def features(model, split: Split, *, batch_size: int = 64, workers: int = 0, pre
 # The probes: pure functions of features and labels
 
 
-def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-               num_classes: int, k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> torch.Tensor:
     """Class votes (Nq, C): each query's k most cosine-similar training features vote exp(sim / T) for their label."""
     train = F.normalize(train_feats.float(), dim=1)
     query = F.normalize(query_feats.float(), dim=1)
@@ -80,8 +97,10 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict:
     ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices
     hit = ranked == labels[:, None]
     n = max(1, len(labels))
-    return {"top1": hit[:, 0].sum().item() / n,
-            "top5": hit[:, :5].any(dim=1).sum().item() / n if scores.shape[1] > 5 else None}
+    return {
+        "top1": hit[:, 0].sum().item() / n,
+        "top5": hit[:, :5].any(dim=1).sum().item() / n if scores.shape[1] > 5 else None,
+    }
 
 
 @contextlib.contextmanager
@@ -96,9 +115,17 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-                 num_classes: int, *, epochs: int = 100, batch_size: int = 256, lr: float = 0.3,
-                 seed: int = 0) -> torch.Tensor:
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.3,
+    seed: int = 0,
+) -> torch.Tensor:
     """Logits (Nq, C) of BatchNorm1d(affine=False) + Linear trained on frozen features.
 
     SGD with momentum, lr scaled by batch/256, one warmup epoch then cosine decay, no weight decay, as in
@@ -106,8 +133,9 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
     epochs were chosen on a held-out part of CIFAR-10's training features, pretrained and random alike.
     """
     with one_thread():
-        return _train_linear(train_feats.float(), train_labels, query_feats.float(), num_classes, epochs,
-                             batch_size, lr, seed)
+        return _train_linear(
+            train_feats.float(), train_labels, query_feats.float(), num_classes, epochs, batch_size, lr, seed
+        )
 
 
 def _train_linear(x, y, query, num_classes, epochs, batch_size, lr, seed):
@@ -128,7 +156,7 @@ def _train_linear(x, y, query, num_classes, epochs, batch_size, lr, seed):
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
         for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size : (b + 1) * batch_size]
             warm = min(1.0, (step + 1) / steps_per_epoch)
             for group in opt.param_groups:
                 group["lr"] = peak * warm * 0.5 * (1 + math.cos(math.pi * step / total))
@@ -154,9 +182,21 @@ def random_encoder(model: MAE, seed: int) -> MAE:
     return fresh.to(next(model.parameters()).device).eval()
 
 
-def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
-             temperature: float = KNN_TEMPERATURE, epochs: int = 100, seed: int = 0, batch_size: int = 64,
-             workers: int = 0, precision: str = "no", console=None, prefix: str = "") -> dict:
+def evaluate(
+    model,
+    labelled: Labelled,
+    *,
+    method: str = "both",
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    epochs: int = 100,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "no",
+    console=None,
+    prefix: str = "",
+) -> dict:
     """{"knn": {"top1", "top5"} or None, "linear": ... or None, "n_train", "n_val"} for one encoder;
     the counts are of the images that could be read."""
     extract = dict(batch_size=batch_size, workers=workers, precision=precision, console=console)
@@ -165,8 +205,10 @@ def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
     train_x, train_y = features(model, labelled.train, label=f"{prefix}train features", **extract)
     val_x, val_y = features(model, labelled.val, label=f"{prefix}val features", **extract)
     if console is not None:
-        console.print(f"{prefix}features: {len(train_y)} train + {len(val_y)} val images, {train_x.shape[1]}-d, "
-                      f"{time.time() - t0:.1f}s")
+        console.print(
+            f"{prefix}features: {len(train_y)} train + {len(val_y)} val images, {train_x.shape[1]}-d, "
+            f"{time.time() - t0:.1f}s"
+        )
     n_classes = len(labelled.classes)
     result = {"knn": None, "linear": None, "n_train": len(train_y), "n_val": len(val_y)}
     if method in ("knn", "both"):
@@ -177,18 +219,42 @@ def evaluate(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K,
     return result
 
 
-def run_probe(model, labelled: Labelled, *, method: str = "both", k: int = KNN_K, epochs: int = 100,
-              baseline: bool = False, seed: int = 0, batch_size: int = 64, workers: int = 0,
-              precision: str = "no", console=None) -> dict:
+def run_probe(
+    model,
+    labelled: Labelled,
+    *,
+    method: str = "both",
+    k: int = KNN_K,
+    epochs: int = 100,
+    baseline: bool = False,
+    seed: int = 0,
+    batch_size: int = 64,
+    workers: int = 0,
+    precision: str = "no",
+    console=None,
+) -> dict:
     """The documented result: {"knn", "linear", "baseline": {"knn", "linear"} or None, "n_train", "n_val",
     "classes"}."""
-    opts = dict(method=method, k=k, epochs=epochs, seed=seed, batch_size=batch_size, workers=workers,
-                precision=precision, console=console)
+    opts = dict(
+        method=method,
+        k=k,
+        epochs=epochs,
+        seed=seed,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        console=console,
+    )
     result = evaluate(model, labelled, **opts)
     base = evaluate(random_encoder(model, seed), labelled, prefix="random-init ", **opts) if baseline else None
-    return {"knn": result["knn"], "linear": result["linear"],
-            "baseline": {"knn": base["knn"], "linear": base["linear"]} if base else None,
-            "n_train": result["n_train"], "n_val": result["n_val"], "classes": labelled.classes}
+    return {
+        "knn": result["knn"],
+        "linear": result["linear"],
+        "baseline": {"knn": base["knn"], "linear": base["linear"]} if base else None,
+        "n_train": result["n_train"],
+        "n_val": result["n_val"],
+        "classes": labelled.classes,
+    }
 
 
 def result_table(result: dict):
@@ -237,8 +303,12 @@ def subsample(split: Split, limit: int, seed: int = 0) -> Split:
 def labelled_for_training(probe_dir: str) -> Labelled:
     """The probe folder's split, found once per run (and checked before the first step), capped in size."""
     d = load_labelled(probe_dir)
-    return Labelled(d.classes, subsample(d.train, TRAINING_PROBE_MAX["train"]),
-                    subsample(d.val, TRAINING_PROBE_MAX["val"]), d.layout)
+    return Labelled(
+        d.classes,
+        subsample(d.train, TRAINING_PROBE_MAX["train"]),
+        subsample(d.val, TRAINING_PROBE_MAX["val"]),
+        d.layout,
+    )
 
 
 def probe_during_training(model, probe_dir: str, epoch: int) -> dict:

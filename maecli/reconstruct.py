@@ -3,6 +3,7 @@
 Used by `maecli reconstruct` and by the per-epoch previews of `maecli pretrain`. One row per image, four
 columns: original | masked | prediction | prediction with the visible patches pasted back.
 """
+
 from __future__ import annotations
 
 import io
@@ -52,19 +53,44 @@ class Reconstruction:
         if not self.norm_pix_loss:
             return head + "Prediction: the model's pixels, nothing borrowed."
         if self.patch_stats:
-            return head + ("Prediction: normalized pixels, un-normalized with each hidden patch's true mean and "
-                           "variance taken from the original (--no-patch-stats shows it raw).")
-        return head + ("Prediction: normalized pixels shown raw (dataset mean and spread); the brightness and "
-                       "contrast of each patch are not predicted by the model.")
+            return head + (
+                "Prediction: normalized pixels, un-normalized with each hidden patch's true mean and "
+                "variance taken from the original (--no-patch-stats shows it raw)."
+            )
+        return head + (
+            "Prediction: normalized pixels shown raw (dataset mean and spread); the brightness and "
+            "contrast of each patch are not predicted by the model."
+        )
+
+    def note(self, to_show_raw: str = "--no-patch-stats") -> str | None:
+        """What the prediction columns borrow, as one sentence for the user; None when nothing is borrowed."""
+        if not self.norm_pix_loss:
+            return None
+        if self.patch_stats:
+            return (
+                "this model predicts normalized pixels; the prediction columns borrow each hidden patch's mean and "
+                f"variance from the original ({to_show_raw} to show it raw)"
+            )
+        return (
+            "this model predicts normalized pixels, shown raw, with the dataset mean and spread: each patch's "
+            "brightness and contrast are not the model's"
+        )
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per image."""
         patches = self.mask.shape[1]
         return [
-            {"image": self.names[i], "row": i + 1, "mse": round(self.mse[i], 6),
-             "hidden": self.hidden[i], "patches": patches, "mask": self.mask_ratio, "seed": self.seed,
-             "target": "normalized patches" if self.norm_pix_loss else "pixels",
-             "patch_stats": self.patch_stats and self.norm_pix_loss}
+            {
+                "image": self.names[i],
+                "row": i + 1,
+                "mse": round(self.mse[i], 6),
+                "hidden": self.hidden[i],
+                "patches": patches,
+                "mask": self.mask_ratio,
+                "seed": self.seed,
+                "target": "normalized patches" if self.norm_pix_loss else "pixels",
+                "patch_stats": self.patch_stats and self.norm_pix_loss,
+            }
             for i in range(len(self.names))
         ]
 
@@ -109,8 +135,10 @@ def reconstruct(
     prediction with the dataset's mean and spread. The model runs in eval mode; its mode is restored.
     """
     if not model.has_decoder:
-        raise EncoderOnlyError("this checkpoint holds only the encoder; reconstruction needs the decoder "
-                               "(a maecli run's model.safetensors or the original release's mae_visualize_*.pth hold one)")
+        raise EncoderOnlyError(
+            "this checkpoint holds only the encoder; reconstruction needs the decoder "
+            "(a maecli run's model.safetensors or the original release's mae_visualize_*.pth hold one)"
+        )
     cfg = model.cfg
     if not isinstance(images, torch.Tensor):
         names = names or [str(p) for p in images]
@@ -128,12 +156,14 @@ def reconstruct(
             x = images[start : start + batch_size].to(device)
             with autocast(device, mode):
                 latent, mask, ids_restore = model.forward_encoder(
-                    x, mask_ratio, noise=noise[start : start + batch_size].to(device))
+                    x, mask_ratio, noise=noise[start : start + batch_size].to(device)
+                )
                 pred = model.forward_decoder(latent, ids_restore)
             pred = pred.float()
             # per image, with the model's own loss: the number training minimizes
-            mse += [model.forward_loss(x[i : i + 1], pred[i : i + 1], mask[i : i + 1]).item()
-                    for i in range(x.shape[0])]
+            mse += [
+                model.forward_loss(x[i : i + 1], pred[i : i + 1], mask[i : i + 1]).item() for i in range(x.shape[0])
+            ]
             if cfg.norm_pix_loss and use_patch_stats:
                 mean, std = patch_stats(patchify(x.float(), cfg.patch_size))
                 pred = pred * std + mean
@@ -151,9 +181,18 @@ def reconstruct(
     masked = unpatchify(torch.where(hidden, torch.full_like(orig_patches, GREY), orig_patches), p, c)
     pasted = unpatchify(torch.where(hidden, patchify(prediction, p), orig_patches), p, c)
     return Reconstruction(
-        names=names, original=original, masked=masked, prediction=prediction, pasted=pasted, mask=mask,
-        mse=mse, mask_ratio=mask_ratio, seed=seed, norm_pix_loss=cfg.norm_pix_loss,
-        patch_stats=use_patch_stats, hidden=[int(m.sum()) for m in mask],
+        names=names,
+        original=original,
+        masked=masked,
+        prediction=prediction,
+        pasted=pasted,
+        mask=mask,
+        mse=mse,
+        mask_ratio=mask_ratio,
+        seed=seed,
+        norm_pix_loss=cfg.norm_pix_loss,
+        patch_stats=use_patch_stats,
+        hidden=[int(m.sum()) for m in mask],
     )
 
 
@@ -230,8 +269,11 @@ def layout(rec: Reconstruction, zoom: int = 1) -> tuple[Layout, list[str]]:
 def _to_image(t: torch.Tensor, zoom: int) -> Image.Image:
     """(C, H, W) in [0, 1] -> PIL image; one channel stays grayscale."""
     arr = (t.clamp(0, 1) * 255).round().to(torch.uint8)
-    img = Image.fromarray(arr[0].numpy(), "L") if arr.shape[0] == 1 else Image.fromarray(
-        arr.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    img = (
+        Image.fromarray(arr[0].numpy(), "L")
+        if arr.shape[0] == 1
+        else Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), "RGB")
+    )
     if zoom > 1:
         img = img.resize((img.width * zoom, img.height * zoom), Image.Resampling.NEAREST)
     return img

@@ -10,6 +10,7 @@ RUN/
   curves.png         the metrics drawn, redrawn at epoch ends (trackers.Curves)
   logs/              the trackers' stores, with --log-with (trackers.py)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise TrainError(f"{self.path.parent} is in use by another maecli run (process {holder}); wait for it "
-                             f"to end or stop it first") from None
+            raise TrainError(
+                f"{self.path.parent} is in use by another maecli run (process {holder}); wait for it "
+                f"to end or stop it first"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -159,8 +162,10 @@ def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: st
             continue
         if name not in may_change:
             may = ", ".join("--" + n.replace("_", "-") for n in may_change[:7])
-            raise TrainError(f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume keeps a "
-                             f"run's settings and may change only {may}")
+            raise TrainError(
+                f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume keeps a "
+                f"run's settings and may change only {may}"
+            )
         merged[name] = now
     if "epochs" in given and "steps" not in given and merged.get("epochs") != saved.get("epochs"):
         merged["steps"] = None  # a new epoch count replaces the step count the run was started with
@@ -196,8 +201,7 @@ class DataList:
         digest = hashlib.sha256()
         for name, size in self.files:
             digest.update(os.fsencode(name) + b"\0" + str(size).encode() + b"\n")
-        return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files),
-                "sha256": digest.hexdigest()}
+        return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files), "sha256": digest.hexdigest()}
 
     def compressed(self) -> bytes:
         """The list as files.json.gz holds it (compressed once per run, written with every checkpoint)."""
@@ -222,8 +226,10 @@ class DataList:
             return None  # the same files (or a checkpoint from before fingerprints were kept)
         old = DataList.saved(checkpoint)
         if old is None:
-            return (f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
-                    f"then, {now['files']} files of {now['bytes']} bytes now")
+            return (
+                f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
+                f"then, {now['files']} files of {now['bytes']} bytes now"
+            )
         then, current = dict(old.files), dict(self.files)
         added = [n for n in current if n not in then]
         removed = [n for n in then if n not in current]

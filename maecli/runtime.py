@@ -2,6 +2,7 @@
 
 torch is imported inside the functions, so the CLI can offer these choices without loading it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,8 +75,10 @@ def resolve_precision(precision: str | Precision, device=None) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "no"
     if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
-        warnings.warn("bf16 was asked for, but this CPU has no fast bf16 matrix units (AMX, or AMD's AVX512-BF16): "
-                      "expect it to run slower than --precision no")
+        warnings.warn(
+            "bf16 was asked for, but this CPU has no fast bf16 matrix units (AMX, or AMD's AVX512-BF16): "
+            "expect it to run slower than --precision no"
+        )
     return precision
 
 

@@ -1,5 +1,6 @@
 """The training schedule: how many optimizer steps, how they map to epochs and micro-batches, and the learning
 rate at each step (linear warmup, then half-cycle cosine to zero, as in the MAE paper). Pure arithmetic."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,17 @@ class Schedule:
     min_lr: float = 0.0
 
     @classmethod
-    def plan(cls, micro_per_epoch: int, accum_iter: int, peak_lr: float, *, epochs: int, steps: int | None = None,
-             warmup_epochs: float = 0.0, min_lr: float = 0.0) -> Schedule:
+    def plan(
+        cls,
+        micro_per_epoch: int,
+        accum_iter: int,
+        peak_lr: float,
+        *,
+        epochs: int,
+        steps: int | None = None,
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+    ) -> Schedule:
         """`steps` wins over `epochs`; warmup is given in epochs and capped at half the run."""
         steps_per_epoch = math.ceil(micro_per_epoch / accum_iter)
         total = steps if steps else epochs * steps_per_epoch

@@ -5,6 +5,7 @@ only here, on first use; the page itself (maecli/serve_page.py) is one inline HT
 Nothing is computed differently from the commands: reconstructions are `reconstruct()` + `render()` (the PNG
 `maecli reconstruct` writes, byte for byte), and neighbours come from `maecli.embed` vectors.
 """
+
 import base64
 import hashlib
 import io
@@ -86,8 +87,11 @@ def upload_pixels(data: bytes, in_chans: int, img_size: int, max_pixels: int = M
             with Image.open(io.BytesIO(data)) as img:
                 pixels = img.width * img.height
                 if pixels > max_pixels:
-                    raise Refused(400, f"the image has {img.width} x {img.height} = {pixels:,} pixels; the limit is "
-                                       f"{max_pixels:,} (a decompression bomb?)")
+                    raise Refused(
+                        400,
+                        f"the image has {img.width} x {img.height} = {pixels:,} pixels; the limit is "
+                        f"{max_pixels:,} (a decompression bomb?)",
+                    )
                 if img.format == "JPEG":
                     img.draft("L" if in_chans == 1 else "RGB", (img_size, img_size))
                 img.load()
@@ -315,8 +319,9 @@ class Index:
     # -- building
 
     def start(self, model, model_lock: threading.Lock, digest: str) -> threading.Thread:
-        thread = threading.Thread(target=self._build_safely, args=(model, model_lock, digest),
-                                  name="maecli-serve-index", daemon=True)
+        thread = threading.Thread(
+            target=self._build_safely, args=(model, model_lock, digest), name="maecli-serve-index", daemon=True
+        )
         thread.start()
         return thread
 
@@ -348,8 +353,10 @@ class Index:
         self.total = len(stats)
         self.done = self.reused + len(skipped)
         if todo:
-            self.log(f"embedding {len(todo)} image(s) of {self.folder.given}"
-                     + (f" ({self.reused} from the cache)" if self.reused else ""))
+            self.log(
+                f"embedding {len(todo)} image(s) of {self.folder.given}"
+                + (f" ({self.reused} from the cache)" if self.reused else "")
+            )
         cfg = model.cfg
         self.dim = cfg.embed_dim
         saved = time.monotonic()
@@ -386,9 +393,11 @@ class Index:
         self.vectors = torch.nn.functional.normalize(torch.from_numpy(matrix), dim=-1)
         self.seconds = time.perf_counter() - start
         self.state = "ready"
-        self.log(f"{len(order)} image(s) of {self.folder.given} ready for search in {self.seconds:.1f}s"
-                 + (f", {len(todo)} embedded" if todo else ", all from the cache")
-                 + (f"; {len(skipped)} unreadable" if skipped else ""))
+        self.log(
+            f"{len(order)} image(s) of {self.folder.given} ready for search in {self.seconds:.1f}s"
+            + (f", {len(todo)} embedded" if todo else ", all from the cache")
+            + (f"; {len(skipped)} unreadable" if skipped else "")
+        )
 
     def _read_cache(self, stats, digest) -> tuple[dict, dict, int]:
         """Vectors and skips from the cache for files whose size and mtime did not change, and how many entries
@@ -403,8 +412,13 @@ class Index:
             return {}, {}, 0
         vectors, skipped = {}, {}
         try:
-            if (meta.get("weights") != digest or meta.get("version") != CACHE_VERSION or matrix.ndim != 2
-                    or matrix.dtype != np.float32 or matrix.shape[0] != len(meta["files"])):
+            if (
+                meta.get("weights") != digest
+                or meta.get("version") != CACHE_VERSION
+                or matrix.ndim != 2
+                or matrix.dtype != np.float32
+                or matrix.shape[0] != len(meta["files"])
+            ):
                 return {}, {}, 0
             for rel, (size, mtime, row) in meta["files"].items():
                 if stats.get(rel) == (size, mtime):
@@ -434,9 +448,14 @@ class Index:
         order, matrix = self._matrix(vectors, stats, self.dim)
         buf = io.BytesIO()
         np.save(buf, matrix, allow_pickle=False)
-        meta = {"version": CACHE_VERSION, "weights": digest, "folder": str(self.folder.root), "pool": "mean",
-                "files": {rel: [*stats[rel], i] for i, rel in enumerate(order)},
-                "skipped": {rel: list(v) for rel, v in skipped.items()}}
+        meta = {
+            "version": CACHE_VERSION,
+            "weights": digest,
+            "folder": str(self.folder.root),
+            "pool": "mean",
+            "files": {rel: [*stats[rel], i] for i, rel in enumerate(order)},
+            "skipped": {rel: list(v) for rel, v in skipped.items()},
+        }
         try:  # vectors first, then the index that points into them: a reader never sees one without the other
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             write_bytes(self.cache_path.with_suffix(".npy"), buf.getvalue())
@@ -447,15 +466,23 @@ class Index:
     # -- searching
 
     def status(self) -> dict:
-        return {"state": self.state, "done": self.done, "total": self.total, "reused": self.reused,
-                "skipped": len(self.skipped), "error": self.error, "seconds": round(self.seconds, 2)}
+        return {
+            "state": self.state,
+            "done": self.done,
+            "total": self.total,
+            "reused": self.reused,
+            "skipped": len(self.skipped),
+            "error": self.error,
+            "seconds": round(self.seconds, 2),
+        }
 
     def require_ready(self) -> None:
         if self.state == "ready":
             return
         if self.state in ("waiting", "building"):
-            raise Refused(503, f"the folder is still being embedded ({self.done} of {self.total} images); "
-                               "try again in a moment")
+            raise Refused(
+                503, f"the folder is still being embedded ({self.done} of {self.total} images); try again in a moment"
+            )
         raise Refused(503, f"the folder could not be indexed: {self.error or self.state}")
 
     def nearest(self, query, k: int, exclude: str | None = None) -> list[dict]:
@@ -473,23 +500,14 @@ class Index:
         if k <= 0:
             return []
         top = torch.topk(sims, k)
-        return [{"path": self.names[i], "similarity": round(float(s), 4)}
-                for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        return [
+            {"path": self.names[i], "similarity": round(float(s), 4)}
+            for s, i in zip(top.values.tolist(), top.indices.tolist())
+        ]
 
 
 # ----------------------------------------------------------------------------------------------
 # The app
-
-
-def patch_stats_note(norm_pix_loss: bool, patch_stats: bool) -> str | None:
-    """The note `maecli reconstruct` prints on stderr about what the prediction columns borrow."""
-    if not norm_pix_loss:
-        return None
-    if patch_stats:
-        return ("this model predicts normalized pixels; the prediction columns borrow each hidden patch's mean and "
-                "variance from the original (untick patch statistics to show it raw)")
-    return ("this model predicts normalized pixels, shown raw, with the dataset mean and spread: each patch's "
-            "brightness and contrast are not the model's")
 
 
 def page_zoom(img_size: int) -> int:
@@ -500,8 +518,18 @@ def page_zoom(img_size: int) -> int:
 class Server:
     """Everything a request needs: the model and its lock, the folder, its index, uploads, the run folder."""
 
-    def __init__(self, weights, images_dir=None, *, model=None, cache_dir=None, max_upload_bytes=MAX_UPLOAD_BYTES,
-                 max_pixels=MAX_PIXELS, index=True, log=None):
+    def __init__(
+        self,
+        weights,
+        images_dir=None,
+        *,
+        model=None,
+        cache_dir=None,
+        max_upload_bytes=MAX_UPLOAD_BYTES,
+        max_pixels=MAX_PIXELS,
+        index=True,
+        log=None,
+    ):
         self.log = log or (lambda message: None)
         self.weights = Path(weights)
         self.folder = Folder(images_dir) if images_dir is not None else None
@@ -527,8 +555,10 @@ class Server:
             cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.run)
             self.index = Index(self.folder, cache, log=self.log)
             if self.folder.left_out:
-                self.log(f"warning: {self.folder.left_out} file(s) of {self.folder.given} left out: links out of the "
-                         "folder or names that are not UTF-8")
+                self.log(
+                    f"warning: {self.folder.left_out} file(s) of {self.folder.given} left out: links out of the "
+                    "folder or names that are not UTF-8"
+                )
             self.indexing = self.index.start(self.model, self.model_lock, weights_digest(self.model))
 
     def close(self, wait: float = 10.0):
@@ -576,8 +606,9 @@ class Server:
     def upload(self, upload_id: str) -> dict:
         entry = self.uploads.get(upload_id)
         if entry is None:
-            raise Refused(404, "this upload is no longer on the server (restarted, or many uploads since): "
-                               "upload it again")
+            raise Refused(
+                404, "this upload is no longer on the server (restarted, or many uploads since): upload it again"
+            )
         return entry
 
     def source(self, path: str | None, upload: str | None):
@@ -594,8 +625,9 @@ class Server:
         from .reconstruct import png_bytes, reconstruct, render
 
         if not self.model.has_decoder:
-            raise Refused(409, "these weights hold only the encoder: reconstruction needs the decoder "
-                               "(similar images still work)")
+            raise Refused(
+                409, "these weights hold only the encoder: reconstruction needs the decoder (similar images still work)"
+            )
         name, x = self.source(path, upload)
         with self.model_lock:
             rec = reconstruct(self.model, x, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, names=[name])
@@ -609,10 +641,16 @@ class Server:
         if zoom > 1:
             command += ["--zoom", str(zoom)]
         return {
-            **record, "name": name, "zoom": zoom, "legend": rec.legend(),
-            "note": patch_stats_note(rec.norm_pix_loss, patch_stats),
-            "warning": (f"at mask {mask:g} none of the {patches} patches stays visible: the decoder sees nothing but "
-                        "position") if record["hidden"] == patches else None,
+            **record,
+            "name": name,
+            "zoom": zoom,
+            "legend": rec.legend(),
+            "note": rec.note("untick patch statistics"),
+            "warning": (
+                f"at mask {mask:g} none of the {patches} patches stays visible: the decoder sees nothing but position"
+            )
+            if record["hidden"] == patches
+            else None,
             "command": shlex.join(command),
             "image": "data:image/png;base64," + base64.b64encode(png).decode(),
         }, png
@@ -636,19 +674,31 @@ class Server:
     def info(self) -> dict:
         cfg = self.model.cfg
         return {
-            "weights": str(self.weights), "device": self.device, "has_decoder": self.model.has_decoder,
-            "model": {"img_size": cfg.img_size, "patch_size": cfg.patch_size, "in_chans": cfg.in_chans,
-                      "embed_dim": cfg.embed_dim, "depth": cfg.depth, "patches": cfg.num_patches,
-                      "norm_pix_loss": cfg.norm_pix_loss},
+            "weights": str(self.weights),
+            "device": self.device,
+            "has_decoder": self.model.has_decoder,
+            "model": {
+                "img_size": cfg.img_size,
+                "patch_size": cfg.patch_size,
+                "in_chans": cfg.in_chans,
+                "embed_dim": cfg.embed_dim,
+                "depth": cfg.depth,
+                "patches": cfg.num_patches,
+                "norm_pix_loss": cfg.norm_pix_loss,
+            },
             "images": str(self.folder.given) if self.folder is not None else None,
-            "zoom": self.zoom, "mask_range": [MASK_MIN, MASK_MAX],
+            "zoom": self.zoom,
+            "mask_range": [MASK_MIN, MASK_MAX],
             "limits": {"upload_bytes": self.max_upload_bytes, "pixels": self.max_pixels},
         }
 
     def progress(self) -> dict:
         metrics = self.run / "metrics.jsonl"
-        return {"run": str(self.run), "previews": list(preview_files(self.run)),
-                "metrics": read_metrics(metrics) if metrics.is_file() and inside(metrics, self.run.resolve()) else []}
+        return {
+            "run": str(self.run),
+            "previews": list(preview_files(self.run)),
+            "metrics": read_metrics(metrics) if metrics.is_file() and inside(metrics, self.run.resolve()) else [],
+        }
 
 
 def clean_name(name: str | None) -> str:
@@ -658,8 +708,18 @@ def clean_name(name: str | None) -> str:
     return name or "upload"
 
 
-def create_app(weights, images_dir=None, *, model=None, cache_dir=None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, allowed_hosts=None, index: bool = True, log=None):
+def create_app(
+    weights,
+    images_dir=None,
+    *,
+    model=None,
+    cache_dir=None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    allowed_hosts=None,
+    index: bool = True,
+    log=None,
+):
     """The FastAPI app for `maecli serve` (tests drive it with its TestClient).
 
     Loads the model from `weights` on the default device unless `model` is given (`weights` still names the run
@@ -675,8 +735,16 @@ def create_app(weights, images_dir=None, *, model=None, cache_dir=None, max_uplo
 
     from .serve_page import PAGE
 
-    server = Server(weights, images_dir, model=model, cache_dir=cache_dir, max_upload_bytes=max_upload_bytes,
-                    max_pixels=max_pixels, index=index, log=log)
+    server = Server(
+        weights,
+        images_dir,
+        model=model,
+        cache_dir=cache_dir,
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        index=index,
+        log=log,
+    )
     app = FastAPI(title="maecli serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -691,7 +759,8 @@ def create_app(weights, images_dir=None, *, model=None, cache_dir=None, max_uplo
         # the page is self-contained: nothing may load from elsewhere, and no other site may frame it
         response.headers["Content-Security-Policy"] = (
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'")
+            "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+        )
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
@@ -760,15 +829,27 @@ def create_app(weights, images_dir=None, *, model=None, cache_dir=None, max_uplo
         return server.reconstruction(path, upload, mask, seed, patch_stats, zoom or server.zoom)
 
     @app.get("/api/reconstruct")
-    def reconstruct_json(path: str | None = None, upload: str | None = None, mask: float = mask_query,
-                         seed: int = seed_query, patch_stats: bool = True, zoom: int | None = Query(None, ge=1, le=16)):
+    def reconstruct_json(
+        path: str | None = None,
+        upload: str | None = None,
+        mask: float = mask_query,
+        seed: int = seed_query,
+        patch_stats: bool = True,
+        zoom: int | None = Query(None, ge=1, le=16),
+    ):
         """The four tiles as one PNG (a data URL: the same bytes `maecli reconstruct` writes), the hidden-patch
         error, and what the prediction borrows."""
         return reconstruction(path, upload, mask, seed, patch_stats, zoom)[0]
 
     @app.get("/api/reconstruct.png")
-    def reconstruct_png(path: str | None = None, upload: str | None = None, mask: float = mask_query,
-                        seed: int = seed_query, patch_stats: bool = True, zoom: int | None = Query(None, ge=1, le=16)):
+    def reconstruct_png(
+        path: str | None = None,
+        upload: str | None = None,
+        mask: float = mask_query,
+        seed: int = seed_query,
+        patch_stats: bool = True,
+        zoom: int | None = Query(None, ge=1, le=16),
+    ):
         return Response(reconstruction(path, upload, mask, seed, patch_stats, zoom)[1], media_type="image/png")
 
     @app.get("/api/neighbours")
@@ -802,8 +883,9 @@ def create_app(weights, images_dir=None, *, model=None, cache_dir=None, max_uplo
 def listen(host: str, port: int) -> socket.socket:
     """A bound socket, so that a port in use is one line for the user before the model loads."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
     except socket.gaierror as e:
         raise UserError(f"cannot listen on {host}: {e.strerror}") from None
     sock = socket.socket(family, kind, proto)
@@ -827,8 +909,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(weights, images=None, host: str = "127.0.0.1", port: int = 8000, *, model=None, cache_dir=None, log=None,
-          ready=None) -> None:
+def serve(
+    weights, images=None, host: str = "127.0.0.1", port: int = 8000, *, model=None, cache_dir=None, log=None, ready=None
+) -> None:
     """Serve the page until Ctrl-C (or SIGTERM). Raises UserError (bad weights or folder, port taken) and,
     after a clean shutdown on Ctrl-C, KeyboardInterrupt.
 
@@ -845,8 +928,14 @@ def serve(weights, images=None, host: str = "127.0.0.1", port: int = 8000, *, mo
         loopback = is_loopback(host)
         if not loopback:
             log(f"warning: listening on {host}: anyone who can reach this machine can use the page (no login)")
-        app = create_app(weights, images, model=model, cache_dir=cache_dir, log=log,
-                         allowed_hosts=[*LOOPBACK, "[::1]"] if loopback else None)
+        app = create_app(
+            weights,
+            images,
+            model=model,
+            cache_dir=cache_dir,
+            log=log,
+            allowed_hosts=[*LOOPBACK, "[::1]"] if loopback else None,
+        )
         server = app.state.server
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host

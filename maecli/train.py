@@ -3,6 +3,7 @@
 A run is a pure function of its arguments: data order, crops and masks all derive from (seed, epoch, step, index),
 so resuming from a checkpoint continues exactly where the killed run was.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,24 +68,45 @@ class TrainArgs:
 
 
 # What a resumed run may change: none of these alter the model or the steps already taken.
-RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "previews",
-                     "probe", "log_with", "allow_data_change")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "steps",
+    "workers",
+    "log_every",
+    "save_every",
+    "keep",
+    "precision",
+    "previews",
+    "probe",
+    "log_with",
+    "allow_data_change",
+)
 
 
 def build_config(args: TrainArgs) -> MAEConfig:
     try:
         cfg = MAEConfig.preset(
-            args.model, img_size=args.img_size, patch_size=args.patch_size, in_chans=args.in_chans,
-            norm_pix_loss=args.norm_pix_loss, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-            decoder_heads=args.decoder_heads, embed_dim=args.embed_dim, depth=args.depth, num_heads=args.num_heads,
+            args.model,
+            img_size=args.img_size,
+            patch_size=args.patch_size,
+            in_chans=args.in_chans,
+            norm_pix_loss=args.norm_pix_loss,
+            decoder_dim=args.decoder_dim,
+            decoder_depth=args.decoder_depth,
+            decoder_heads=args.decoder_heads,
+            embed_dim=args.embed_dim,
+            depth=args.depth,
+            num_heads=args.num_heads,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not 0 < args.mask < 1:
         raise UsageError(f"--mask must lie strictly between 0 and 1, got {args.mask}")
     if num_visible(cfg.num_patches, args.mask) < 1:
-        raise UsageError(f"--mask {args.mask} leaves none of the {cfg.num_patches} patches visible; the encoder needs "
-                         f"at least one (at most {1 - 1 / cfg.num_patches:.4g} here)")
+        raise UsageError(
+            f"--mask {args.mask} leaves none of the {cfg.num_patches} patches visible; the encoder needs "
+            f"at least one (at most {1 - 1 / cfg.num_patches:.4g} here)"
+        )
     return cfg
 
 
@@ -118,49 +140,95 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         eff_batch = batch * args.accum_iter * world
         peak_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
         sampler = D.EpochBatches(per_epoch, batch, args.seed, epochs=1, rank=rank, world=world)
-        schedule = Schedule.plan(sampler.micro_per_epoch(), args.accum_iter, peak_lr, epochs=args.epochs,
-                                 steps=args.steps, warmup_epochs=args.warmup_epochs)
-        optimizer = make_optimizer(no_weight_decay_groups(model, args.weight_decay), peak_lr, acc.device,
-                                   betas=(0.9, 0.95))
-        state = (restore(args, out, model, optimizer, schedule, len(paths), world, files=files) if args.resume
-                 else TrainState())
+        schedule = Schedule.plan(
+            sampler.micro_per_epoch(),
+            args.accum_iter,
+            peak_lr,
+            epochs=args.epochs,
+            steps=args.steps,
+            warmup_epochs=args.warmup_epochs,
+        )
+        optimizer = make_optimizer(
+            no_weight_decay_groups(model, args.weight_decay), peak_lr, acc.device, betas=(0.9, 0.95)
+        )
+        state = (
+            restore(args, out, model, optimizer, schedule, len(paths), world, files=files)
+            if args.resume
+            else TrainState()
+        )
         state.total_steps, state.images, state.processes = schedule.total_steps, len(paths), world
         state.data = files.fingerprint()
         model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
         workers = default_workers() if args.workers is None else args.workers
-        sampler = replace(sampler, epochs=schedule.epochs, start_epoch=schedule.epoch_of(state.step),
-                          start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch)
+        sampler = replace(
+            sampler,
+            epochs=schedule.epochs,
+            start_epoch=schedule.epoch_of(state.step),
+            start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch,
+        )
         loader = torch.utils.data.DataLoader(
-            D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed), batch_sampler=sampler,
-            num_workers=workers, collate_fn=D.collate, worker_init_fn=D.worker_init,
-            pin_memory=acc.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None)
+            D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed),
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=D.collate,
+            worker_init_fn=D.worker_init,
+            pin_memory=acc.device.type == "cuda",
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
         if main:
             write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False})
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
-            console.print(f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
-                          f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
-                          f"{acc.mixed_precision}, {workers} loader workers")
+            console.print(
+                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
+                f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
+                f"{acc.mixed_precision}, {workers} loader workers"
+            )
             capped = f", capped at the {batch} images an epoch gives each process" if batch < args.batch_size else ""
-            console.print(f"effective batch {eff_batch} ({args.batch_size}{capped} x {args.accum_iter} accum x "
-                          f"{world} processes), lr {peak_lr:.3g}"
-                          + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
-                          + f", {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch, {schedule.epochs} "
-                            f"epochs), warmup {schedule.warmup_steps} steps")
+            console.print(
+                f"effective batch {eff_batch} ({args.batch_size}{capped} x {args.accum_iter} accum x "
+                f"{world} processes), lr {peak_lr:.3g}"
+                + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
+                + f", {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch, {schedule.epochs} "
+                f"epochs), warmup {schedule.warmup_steps} steps"
+            )
         hooks = EpochEnd(args, paths, out)
-        trainer = Trainer(acc, model, optimizer, schedule, out, state, loss_fn=mae_loss(args.seed, rank, args.mask, cfg.num_patches),
-                          settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad, "pretrain"),
-                          on_epoch_end=hooks, write_weights=lambda m: save_weights(m, out / WEIGHTS_NAME),
-                          checkpoint_files={DataList.NAME: files.compressed()} if main else None,
-                          hparams={"model": cfg.to_dict(), "train": asdict(args),
-                                   "run": {"images": len(paths), "processes": world, "effective_batch": eff_batch,
-                                           "peak_lr": peak_lr, "total_steps": schedule.total_steps}})
+        trainer = Trainer(
+            acc,
+            model,
+            optimizer,
+            schedule,
+            out,
+            state,
+            loss_fn=mae_loss(args.seed, rank, args.mask, cfg.num_patches),
+            settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad, "pretrain"),
+            on_epoch_end=hooks,
+            write_weights=lambda m: save_weights(m, out / WEIGHTS_NAME),
+            checkpoint_files={DataList.NAME: files.compressed()} if main else None,
+            hparams={
+                "model": cfg.to_dict(),
+                "train": asdict(args),
+                "run": {
+                    "images": len(paths),
+                    "processes": world,
+                    "effective_batch": eff_batch,
+                    "peak_lr": peak_lr,
+                    "total_steps": schedule.total_steps,
+                },
+            },
+        )
         result = trainer.fit(loader)
     finally:
         if lock is not None:
             lock.release()
-    summary = {"out": str(out), "total_steps": schedule.total_steps, "weights": str(out / WEIGHTS_NAME),
-               "preview": hooks.preview, **result, "skipped": len(result["skipped"])}
+    summary = {
+        "out": str(out),
+        "total_steps": schedule.total_steps,
+        "weights": str(out / WEIGHTS_NAME),
+        "preview": hooks.preview,
+        **result,
+        "skipped": len(result["skipped"]),
+    }
     if main:
         report(summary, args)
     acc.end_training()
@@ -203,16 +271,19 @@ def initial_model(args: TrainArgs, cfg: MAEConfig, out: Path) -> MAE:
         target = model.state_dict()
         wrong = [k for k, v in src.items() if k in target and v.shape != target[k].shape]
         if wrong:
-            raise TrainError(f"--init-from {args.init_from} does not fit this model: {wrong[0]} has shape "
-                             f"{tuple(src[wrong[0]].shape)}, the model expects {tuple(target[wrong[0]].shape)}")
+            raise TrainError(
+                f"--init-from {args.init_from} does not fit this model: {wrong[0]} has shape "
+                f"{tuple(src[wrong[0]].shape)}, the model expects {tuple(target[wrong[0]].shape)}"
+            )
         result = model.load_state_dict(src, strict=False)
         if result.unexpected_keys:
             raise TrainError(f"--init-from {args.init_from} does not fit this model ({result.unexpected_keys[:2]})")
     return model
 
 
-def restore(args, out: Path, model, optimizer, schedule: Schedule, images: int, world: int, *,
-            files: DataList | None = None) -> TrainState:
+def restore(
+    args, out: Path, model, optimizer, schedule: Schedule, images: int, world: int, *, files: DataList | None = None
+) -> TrainState:
     """Load the newest usable checkpoint into `model` and `optimizer` (every rank loads the one the main process
     chose) and return its TrainState; a fresh state when there is none.
 
@@ -243,18 +314,24 @@ def restore(args, out: Path, model, optimizer, schedule: Schedule, images: int, 
     ckpt, (weights, optim_state, state) = found
     change = files.changes_since(state.data, ckpt) if files is not None else None
     if change and not getattr(args, "allow_data_change", False):
-        raise TrainError(f"cannot resume {out}: {change}; restore the files to continue the same run, or pass "
-                         f"--allow-data-change to go on with these")
+        raise TrainError(
+            f"cannot resume {out}: {change}; restore the files to continue the same run, or pass "
+            f"--allow-data-change to go on with these"
+        )
     if change:
         warn(f"{change}; going on with these (--allow-data-change): the run is no longer the one it started as")
     model.load_state_dict(weights, strict=True)
     optimizer.load_state_dict(optim_state)
     if state.step > schedule.total_steps:
-        raise TrainError(f"the run in {out} is at step {state.step}, past the {schedule.total_steps} steps asked "
-                         f"for; pass a larger --steps or --epochs to extend it")
+        raise TrainError(
+            f"the run in {out} is at step {state.step}, past the {schedule.total_steps} steps asked "
+            f"for; pass a larger --steps or --epochs to extend it"
+        )
     if (state.images or images) != images or state.processes != world:
-        warn(f"the run was saved with {state.images} images and {state.processes} processes, now {images} and "
-             f"{world}: from here on it differs from an uninterrupted run")
+        warn(
+            f"the run was saved with {state.images} images and {state.processes} processes, now {images} and "
+            f"{world}: from here on it differs from an uninterrupted run"
+        )
     state.micro = schedule.micro_before(state.step)
     if main:
         console.print(f"resuming {out} from step {state.step} ({ckpt.name})")
@@ -301,9 +378,13 @@ def report(summary: dict, args: TrainArgs) -> None:
         console.print(f"[yellow]{summary['skipped']} unreadable file(s) skipped[/]")
     if summary["signal"] is not None:
         name = "SIGINT" if summary["signal"] == signal.SIGINT else "SIGTERM"
-        console.print(f"[yellow]{name}: stopped at step {summary['steps']}/{summary['total_steps']}; checkpoint "
-                      f"saved.[/] Continue with:\n  maecli pretrain {args.data} --out {args.out} --resume")
+        console.print(
+            f"[yellow]{name}: stopped at step {summary['steps']}/{summary['total_steps']}; checkpoint "
+            f"saved.[/] Continue with:\n  maecli pretrain {args.data} --out {args.out} --resume"
+        )
     else:
-        console.print(f"[green]done:[/] {summary['steps']} steps, {summary['images_seen']} images seen, "
-                      f"{summary['skipped']} files skipped, {summary['seconds']:.0f}s; weights in {summary['weights']}"
-                      + (f"; latest preview {summary['preview']}" if summary["preview"] else ""))
+        console.print(
+            f"[green]done:[/] {summary['steps']} steps, {summary['images_seen']} images seen, "
+            f"{summary['skipped']} files skipped, {summary['seconds']:.0f}s; weights in {summary['weights']}"
+            + (f"; latest preview {summary['preview']}" if summary["preview"] else "")
+        )

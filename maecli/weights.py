@@ -3,6 +3,7 @@ people's MAE and ViT weights too (their layouts are converted by formats.py).
 
 The model config also travels inside the safetensors header, so a lone weights file still loads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.b
 
 
 def write_config(run: Path, cfg: MAEConfig, train: dict, **sections) -> None:
-    """RUN/config.json: {"model": the MAEConfig, "train": the command's arguments, ...}, enough to rebuild and resume."""
+    """RUN/config.json: {"model": the MAEConfig, "train": the command's arguments, ...}: enough to rebuild, resume."""
     write_json(Path(run) / CONFIG_NAME, {"model": cfg.to_dict(), "train": train, **sections})
 
 
@@ -110,7 +111,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
             f"maecli reads .pth files only with torch.load(weights_only=True)"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise WeightsError(f"{path} is not a readable PyTorch checkpoint, truncated or corrupted? ({_gist(e)})") from None
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint, truncated or corrupted? ({_gist(e)})"
+        ) from None
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):  # {"model": ...} is the release's layout
             if isinstance(obj.get(key), dict):
@@ -118,8 +121,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 break
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
     if not state:
-        raise WeightsError(f"{path} holds no tensors (expected a state dict, or {{'model': state dict}} as the "
-                           f"original MAE release saves)")
+        raise WeightsError(
+            f"{path} holds no tensors (expected a state dict, or {{'model': state dict}} as the "
+            f"original MAE release saves)"
+        )
     if all(k.startswith("module.") for k in state):  # saved from inside a DistributedDataParallel wrapper
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
@@ -137,9 +142,11 @@ def _check_records(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return  # not a zip (a bare pickle), or a broken one: torch.load says what is wrong
     if claimed > 8 * size + (1 << 20):
-        raise WeightsError(f"refused {path}: its records claim {claimed / 2**20:.0f} MiB uncompressed, "
-                           f"{claimed / max(size, 1):.0f} times the file's {size / 2**20:.1f} MiB (a zip bomb?); "
-                           f"torch.save files are stored uncompressed")
+        raise WeightsError(
+            f"refused {path}: its records claim {claimed / 2**20:.0f} MiB uncompressed, "
+            f"{claimed / max(size, 1):.0f} times the file's {size / 2**20:.1f} MiB (a zip bomb?); "
+            f"torch.save files are stored uncompressed"
+        )
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -197,8 +204,10 @@ def read_config(path: Path | None, strict: bool = False) -> dict:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         if strict:
-            raise WeightsError(f"{path} is not readable JSON ({e}); fix it, or remove it if the weights file says "
-                               f"all (a maecli model.safetensors does)") from None
+            raise WeightsError(
+                f"{path} is not readable JSON ({e}); fix it, or remove it if the weights file says "
+                f"all (a maecli model.safetensors does)"
+            ) from None
         return {}
     if not isinstance(config, dict):
         if strict:
@@ -212,8 +221,10 @@ def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
     Names the first such tensor, in the file's own names."""
     for name, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise WeightsError(f"{source}: tensor {name} holds NaN or inf; these weights cannot be used (from a run "
-                               f"that diverged? its earlier checkpoints may be fine)")
+            raise WeightsError(
+                f"{source}: tensor {name} holds NaN or inf; these weights cannot be used (from a run "
+                f"that diverged? its earlier checkpoints may be fine)"
+            )
 
 
 def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str) -> MAE:
@@ -235,8 +246,10 @@ def model_from_state(state: dict[str, torch.Tensor], cfg: MAEConfig, source: str
                 f"{source}: tensor {k} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}"
             )
         if expected[k].is_floating_point() and not v.is_floating_point():
-            raise WeightsError(f"{source}: tensor {k} holds {str(v.dtype).removeprefix('torch.')} values; weights "
-                               f"must be floating point (float32, float16 or bfloat16)")
+            raise WeightsError(
+                f"{source}: tensor {k} holds {str(v.dtype).removeprefix('torch.')} values; weights "
+                f"must be floating point (float32, float16 or bfloat16)"
+            )
     model.load_state_dict(_owned(state), strict=True, assign=True)
     return model.eval()
 
@@ -290,8 +303,10 @@ def load(
             state = formats.clean_original(state, source)
     elif formats.is_hf_layout(state):
         if config.get("model_type", "vit_mae") not in ("vit_mae", "vit"):
-            raise WeightsError(f"{config_path} is a {config['model_type']!r} config, not a ViTMAE or ViT one; the "
-                               f"weights beside it cannot be read with it")
+            raise WeightsError(
+                f"{config_path} is a {config['model_type']!r} config, not a ViTMAE or ViT one; the "
+                f"weights beside it cannot be read with it"
+            )
         hf = formats.hf_settings(config, source)
         state = formats.from_hf(state, source)
         heads = hf.pop("num_heads") or num_heads

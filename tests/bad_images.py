@@ -4,6 +4,7 @@ and a hostile pickle, for every command that reads weights.
 `make_bad_images(root)` writes the folder and returns what each file is; `conftest.bad_images_dir` is the
 fixture. Files marked usable must decode (and train); the others must be skipped with a warning, never crash.
 """
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Shared fixtures: real images in temporary folders, and a tiny model config that trains in seconds."""
+
 import os
 import shutil
 from pathlib import Path
@@ -13,9 +14,30 @@ EXAMPLES = ROOT / "examples" / "images"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # A model small enough that a few CLI steps take seconds on 2 cores.
-TINY = ["--model", "vit-tiny", "--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "2",
-        "--num-heads", "2", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
-        "--batch-size", "4", "--workers", "0"]
+TINY = [
+    "--model",
+    "vit-tiny",
+    "--img-size",
+    "32",
+    "--patch-size",
+    "8",
+    "--embed-dim",
+    "32",
+    "--depth",
+    "2",
+    "--num-heads",
+    "2",
+    "--decoder-dim",
+    "32",
+    "--decoder-depth",
+    "1",
+    "--decoder-heads",
+    "2",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+]
 
 
 def invoke(*args, input=None):
@@ -72,8 +94,9 @@ def tiny_weights(tmp_path_factory) -> Path:
     from maecli.weights import save_weights
 
     torch.manual_seed(0)
-    cfg = MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32,
-                    decoder_depth=1, decoder_heads=2)
+    cfg = MAEConfig(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     path = tmp_path_factory.mktemp("weights") / "model.safetensors"
     save_weights(MAE(cfg), path)
     return path

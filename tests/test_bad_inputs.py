@@ -1,5 +1,6 @@
 """Bad input files: the image corpus of tests/bad_images.py through the data layer and pretrain, and
 broken or hostile weights files through `maecli.load` and `pretrain --init-from`."""
+
 import os
 import pickle
 import shutil
@@ -35,6 +36,7 @@ REASONS = {  # why pretrain skips a file, as its warning says
 @pytest.fixture
 def alarm():
     """Fail instead of hanging if a read blocks (a FIFO opened for reading waits for a writer forever)."""
+
     def timeout(signum, frame):
         raise TimeoutError("a read blocked")
 
@@ -124,14 +126,31 @@ def test_pretrain_skips_what_it_cannot_use(tmp_path, bad_images_dir, monkeypatch
     monkeypatch.setattr(D, "find_images", find_then_delete)
     out = tmp_path / "run"
     # one batch holds every file: each is read at least once
-    r = invoke("pretrain", bad_images_dir, "--out", out, *TINY, "--batch-size", len(B.LISTED), "--steps", "2",
-               "--in-chans", in_chans)
+    r = invoke(
+        "pretrain",
+        bad_images_dir,
+        "--out",
+        out,
+        *TINY,
+        "--batch-size",
+        len(B.LISTED),
+        "--steps",
+        "2",
+        "--in-chans",
+        in_chans,
+    )
     assert r.exit_code == 0, r.output + "\n" + B.describe(bad_images_dir)
     assert "Traceback" not in r.output
     bad = B.unusable()
     for name in bad:
-        line = next((x for x in r.stderr.splitlines()
-                     if x.startswith("warning: skipped") and f"/{name}: " in x and REASONS.get(name, "") in x), None)
+        line = next(
+            (
+                x
+                for x in r.stderr.splitlines()
+                if x.startswith("warning: skipped") and f"/{name}: " in x and REASONS.get(name, "") in x
+            ),
+            None,
+        )
         assert line, f"no warning for {name} ({B.CORPUS[name].what}):\n{r.stderr}"
     for name in B.usable():
         assert f"/{name}:" not in r.stderr, f"{name} ({B.CORPUS[name].what}) was skipped:\n{r.stderr}"
@@ -158,8 +177,18 @@ def test_reconstruct_names_each_unusable_file(tmp_path, bad_images_dir, alarm):
 
 
 def tiny_model(embed_dim=32) -> MAE:
-    return MAE(MAEConfig(img_size=32, patch_size=8, embed_dim=embed_dim, depth=2, num_heads=2, decoder_dim=32,
-                         decoder_depth=1, decoder_heads=2))
+    return MAE(
+        MAEConfig(
+            img_size=32,
+            patch_size=8,
+            embed_dim=embed_dim,
+            depth=2,
+            num_heads=2,
+            decoder_dim=32,
+            decoder_depth=1,
+            decoder_heads=2,
+        )
+    )
 
 
 def hostile_files(tmp_path):
@@ -187,8 +216,7 @@ def test_malicious_pickles_are_refused_and_never_run(tmp_path):
             maecli.load(path)
         assert str(path) in str(e.value) or path.name in str(e.value), name
         assert not marker.exists(), f"loading {name} ran code"
-    r = invoke("pretrain", tmp_path, "--out", tmp_path / "run", *TINY, "--steps", "1", "--init-from",
-               files["evil.pth"])
+    r = invoke("pretrain", tmp_path, "--out", tmp_path / "run", *TINY, "--steps", "1", "--init-from", files["evil.pth"])
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert not marker.exists()
 
@@ -224,8 +252,10 @@ def test_broken_weights_are_one_clear_error(tmp_path, photo_dir):
     assert maecli.load(good).cfg.embed_dim == 32
 
 
-@pytest.mark.parametrize("header,message", [("{not json", "not valid JSON"),
-                                            ('{"img_size": 32, "patch_size": 0}', "patch_size must be a positive")])
+@pytest.mark.parametrize(
+    "header,message",
+    [("{not json", "not valid JSON"), ('{"img_size": 32, "patch_size": 0}', "patch_size must be a positive")],
+)
 def test_broken_config_in_the_weights_header(tmp_path, header, message):
     from safetensors.torch import save_file
 

@@ -1,5 +1,6 @@
 """Images to model input: the one-pass normalization, the seeded training crops, and batch-at-once decoding that
 gives what image-by-image decoding gives (training and inference paths alike)."""
+
 import pytest
 import torch
 from conftest import EXAMPLES
@@ -22,10 +23,14 @@ def test_training_crops_are_the_seeded_torchvision_ones(c):
     """Seeding only the CPU generator draws the same crops as torch.manual_seed, and leaves the caller's RNG alone."""
     paths = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png"))[:3]
     ds = D.PretrainDataset(paths, 32, c, seed=7)
-    reference = v2.Compose([
-        v2.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*D.mean_std(c)),
-    ])
+    reference = v2.Compose(
+        [
+            v2.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(*D.mean_std(c)),
+        ]
+    )
     state = torch.get_rng_state()
     for i, p in enumerate(paths):
         x, failed = ds[(2, i)]
@@ -39,8 +44,12 @@ def test_training_crops_are_the_seeded_torchvision_ones(c):
 
 def test_float_image_tensors_are_taken_as_0_to_1():
     x = torch.rand(3, 8, 8)
-    torch.testing.assert_close(D.ToModelInput(3)((x * 255).round().to(torch.uint8)),
-                               D.ToModelInput(3)((x * 255).round() / 255), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        D.ToModelInput(3)((x * 255).round().to(torch.uint8)),
+        D.ToModelInput(3)((x * 255).round() / 255),
+        atol=1e-5,
+        rtol=0,
+    )
     assert torch.equal(x, x.clone())  # the input is not changed in place
 
 
@@ -87,8 +96,10 @@ def test_embed_reads_a_batch_as_it_reads_each_source(bad_images_dir):
     from PIL import Image
 
     ds = D.EvalImages(32, 3)
-    sources = list(D.find_images(bad_images_dir)) + [Image.new("RGB", (40, 30), (200, 10, 10)),
-                                                    torch.zeros(1, 8, 8, dtype=torch.uint8)]
+    sources = list(D.find_images(bad_images_dir)) + [
+        Image.new("RGB", (40, 30), (200, 10, 10)),
+        torch.zeros(1, 8, 8, dtype=torch.uint8),
+    ]
     items = list(enumerate(sources))
     batch = ds.__getitems__(items)
     assert [p for p, _, _ in batch] == list(range(len(sources)))

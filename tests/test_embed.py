@@ -1,4 +1,5 @@
 """`maecli embed` in real pipes (stdin in, stdout parsed), its formats and failures, and `maecli.embed`."""
+
 import json
 import os
 import select
@@ -49,9 +50,13 @@ def test_stdin_pipe_streams_in_order_and_skips_a_bad_image(tmp_path, paths, tiny
     bad.write_bytes(b"not a jpeg at all")
     first, rest = paths[:2], paths[2:]
     # without decoding workers nothing is read ahead, so the first batch must come out at once
-    proc = subprocess.Popen([*MAECLI, "embed", "-", "--weights", tiny_weights, "--batch-size", "2",
-                             "--workers", "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*MAECLI, "embed", "-", "--weights", tiny_weights, "--batch-size", "2", "--workers", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.stdin.write("\n".join(first) + "\n")
     proc.stdin.flush()
     # streaming: the first batch comes out while stdin is still open
@@ -72,8 +77,10 @@ def test_stdin_pipe_streams_in_order_and_skips_a_bad_image(tmp_path, paths, tiny
 def test_head_closes_the_pipe_quietly(tmp_path, paths, tiny_weights):
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(paths * 60) + "\n")
-    cmd = (f"{sys.executable} -m maecli embed - -w {tiny_weights} --batch-size 1 --workers 1 < {listing} "
-           f"| head -n 1; echo \"status=${{PIPESTATUS[0]}}\"")
+    cmd = (
+        f"{sys.executable} -m maecli embed - -w {tiny_weights} --batch-size 1 --workers 1 < {listing} "
+        f'| head -n 1; echo "status=${{PIPESTATUS[0]}}"'
+    )
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
     lines = r.stdout.splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["path"] == paths[0]
@@ -160,10 +167,12 @@ def test_api_takes_paths_images_and_tensors(paths, model):
 
 
 def test_embed_help_does_not_import_torch():
-    code = ("import sys\nfrom maecli.cli import app\n"
-            "for cmd in ('embed', 'probe'):\n"
-            "    try:\n        app([cmd, '--help'])\n    except SystemExit:\n        pass\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    code = (
+        "import sys\nfrom maecli.cli import app\n"
+        "for cmd in ('embed', 'probe'):\n"
+        "    try:\n        app([cmd, '--help'])\n    except SystemExit:\n        pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "--weights" in r.stdout and "--baseline" in r.stdout

@@ -1,5 +1,6 @@
 """`maecli finetune` and `maecli predict`: a real tiny model end to end through the CLI, exact resume, bad input,
 and the timm export of a classifier."""
+
 import json
 import os
 import shutil
@@ -59,8 +60,9 @@ def pretrained(tmp_path_factory, labelled):
 def finetuned(tmp_path_factory, labelled, pretrained):
     """Two epochs of fine-tuning with --baseline and --json; returns (run folder, CLI result)."""
     out = tmp_path_factory.mktemp("ft") / "run"
-    r = invoke("finetune", labelled, "--weights", pretrained, "--out", out, "--epochs", "2", "--baseline", "--json",
-               *FAST)
+    r = invoke(
+        "finetune", labelled, "--weights", pretrained, "--out", out, "--epochs", "2", "--baseline", "--json", *FAST
+    )
     assert r.exit_code == 0, r.output
     return out, r
 
@@ -132,8 +134,11 @@ def test_export_to_timm_gives_the_same_logits(finetuned, tmp_path):
     target = tmp_path / "classifier.safetensors"
     r = invoke("export", out, target, "--format", "timm")
     assert r.exit_code == 0, r.output
-    snippet = "\n".join(line for line in (r.stdout + "\n" + r.stderr).splitlines()
-                        if line.startswith(("import ", "model = ", "model.load_state_dict", "classes = ")))
+    snippet = "\n".join(
+        line
+        for line in (r.stdout + "\n" + r.stderr).splitlines()
+        if line.startswith(("import ", "model = ", "model.load_state_dict", "classes = "))
+    )
     assert "num_classes=3" in snippet and "global_pool='avg'" in snippet
     scope = {}
     exec(snippet, scope)  # strict load: every tensor has its place in timm's model
@@ -160,8 +165,21 @@ def uninterrupted(tmp_path_factory, tiny_weights):
     """A 3-epoch run (9 steps) with a checkpoint every 2 steps and at each epoch end: (data, run folder)."""
     root = tmp_path_factory.mktemp("resume")
     data = make_labelled(root / "data")
-    r = invoke("finetune", data, "--out", root / "a", "--weights", tiny_weights, "--epochs", "3", "--save-every", "2",
-               "--keep", "10", *FAST)
+    r = invoke(
+        "finetune",
+        data,
+        "--out",
+        root / "a",
+        "--weights",
+        tiny_weights,
+        "--epochs",
+        "3",
+        "--save-every",
+        "2",
+        "--keep",
+        "10",
+        *FAST,
+    )
     assert r.exit_code == 0, r.output
     return data, root / "a"
 
@@ -186,8 +204,10 @@ def test_resume_after_a_kill_is_exact(tmp_path, uninterrupted, resume_from):
 
     def rows(run):
         keep = ("step", "epoch", "loss", "lr", "val_top1", "val_top5", "val_loss")
-        return [{k: v for k, v in json.loads(line).items() if k in keep}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k in keep}
+            for line in (run / "metrics.jsonl").read_text().splitlines()
+        ]
 
     assert rows(a) == rows(b)  # no validation row lost or repeated
 
@@ -229,12 +249,15 @@ def unknown_val_class(root):
     shutil.copytree(root / "val" / "red", root / "val" / "purple")
 
 
-@pytest.mark.parametrize("layout, extra, message", [
-    (one_class, [], "class folder"),
-    (empty_class, [], "no images"),
-    (unknown_val_class, [], "only in val: purple"),
-    (make_labelled, ["--fraction", "0.01"], "leaves class blue"),
-])
+@pytest.mark.parametrize(
+    "layout, extra, message",
+    [
+        (one_class, [], "class folder"),
+        (empty_class, [], "no images"),
+        (unknown_val_class, [], "only in val: purple"),
+        (make_labelled, ["--fraction", "0.01"], "leaves class blue"),
+    ],
+)
 def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_weights, layout, extra, message):
     layout(tmp_path / "data")
     out = tmp_path / "run"

@@ -1,4 +1,5 @@
 """Weights in and out: the original release's checkpoints, timm and Hugging Face transformers, compared numerically."""
+
 import argparse
 import re
 import warnings
@@ -18,8 +19,9 @@ TOL = 1e-4
 
 
 def tiny_cfg(**kw):
-    base = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1,
-                decoder_heads=2)
+    base = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     base.update(kw)
     return MAEConfig(**base)
 
@@ -37,8 +39,9 @@ def scramble(module: torch.nn.Module, seed: int = 0):
 
 def inputs(cfg: MAEConfig, n: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g), torch.rand(n, cfg.num_patches,
-                                                                                           generator=g)
+    return torch.randn(n, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g), torch.rand(
+        n, cfg.num_patches, generator=g
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,25 +53,42 @@ def release_state(dim, depth, *, p=8, grid=4, c=3, decoder_dim=None, decoder_dep
     shapes = {"cls_token": (1, 1, dim), "patch_embed.proj.weight": (dim, c, p, p), "patch_embed.proj.bias": (dim,)}
 
     def block(prefix, d):
-        return {f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,), f"{prefix}.attn.qkv.weight": (3 * d, d),
-                f"{prefix}.attn.qkv.bias": (3 * d,), f"{prefix}.attn.proj.weight": (d, d),
-                f"{prefix}.attn.proj.bias": (d,), f"{prefix}.norm2.weight": (d,), f"{prefix}.norm2.bias": (d,),
-                f"{prefix}.mlp.fc1.weight": (4 * d, d), f"{prefix}.mlp.fc1.bias": (4 * d,),
-                f"{prefix}.mlp.fc2.weight": (d, 4 * d), f"{prefix}.mlp.fc2.bias": (d,)}
+        return {
+            f"{prefix}.norm1.weight": (d,),
+            f"{prefix}.norm1.bias": (d,),
+            f"{prefix}.attn.qkv.weight": (3 * d, d),
+            f"{prefix}.attn.qkv.bias": (3 * d,),
+            f"{prefix}.attn.proj.weight": (d, d),
+            f"{prefix}.attn.proj.bias": (d,),
+            f"{prefix}.norm2.weight": (d,),
+            f"{prefix}.norm2.bias": (d,),
+            f"{prefix}.mlp.fc1.weight": (4 * d, d),
+            f"{prefix}.mlp.fc1.bias": (4 * d,),
+            f"{prefix}.mlp.fc2.weight": (d, 4 * d),
+            f"{prefix}.mlp.fc2.bias": (d,),
+        }
 
     for i in range(depth):
         shapes.update(block(f"blocks.{i}", dim))
     shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
     if decoder_dim:
-        shapes.update({"mask_token": (1, 1, decoder_dim), "decoder_embed.weight": (decoder_dim, dim),
-                       "decoder_embed.bias": (decoder_dim,), "decoder_norm.weight": (decoder_dim,),
-                       "decoder_norm.bias": (decoder_dim,), "decoder_pred.weight": (p * p * c, decoder_dim),
-                       "decoder_pred.bias": (p * p * c,)})
+        shapes.update(
+            {
+                "mask_token": (1, 1, decoder_dim),
+                "decoder_embed.weight": (decoder_dim, dim),
+                "decoder_embed.bias": (decoder_dim,),
+                "decoder_norm.weight": (decoder_dim,),
+                "decoder_norm.bias": (decoder_dim,),
+                "decoder_pred.weight": (p * p * c, decoder_dim),
+                "decoder_pred.bias": (p * p * c,),
+            }
+        )
         for i in range(decoder_depth):
             shapes.update(block(f"decoder_blocks.{i}", decoder_dim))
     g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(s, generator=g) * 0.2 + (1.0 if k.endswith("norm1.weight") else 0.0)
-             for k, s in shapes.items()}
+    state = {
+        k: torch.randn(s, generator=g) * 0.2 + (1.0 if k.endswith("norm1.weight") else 0.0) for k, s in shapes.items()
+    }
     state["pos_embed"] = sincos_pos_embed(dim, grid)[None]
     if decoder_dim:
         state["decoder_pos_embed"] = sincos_pos_embed(decoder_dim, grid)[None]
@@ -80,15 +100,16 @@ def ref_blocks(sd, prefix, x, heads, eps):
     N, T, D = x.shape
     i = 0
     while f"{prefix}.{i}.attn.qkv.weight" in sd:
-        w = lambda name: sd[f"{prefix}.{i}.{name}"]  # noqa: E731
+        w = lambda name, i=i: sd[f"{prefix}.{i}.{name}"]  # noqa: E731
         h = F.layer_norm(x, (D,), w("norm1.weight"), w("norm1.bias"), eps)
         q, k, v = F.linear(h, w("attn.qkv.weight"), w("attn.qkv.bias")).reshape(N, T, 3, heads, D // heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (N, heads, T, D/heads)
         a = torch.softmax(q @ k.transpose(-2, -1) / (D // heads) ** 0.5, dim=-1) @ v
         x = x + F.linear(a.transpose(1, 2).reshape(N, T, D), w("attn.proj.weight"), w("attn.proj.bias"))
         h = F.layer_norm(x, (D,), w("norm2.weight"), w("norm2.bias"), eps)
-        x = x + F.linear(F.gelu(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))), w("mlp.fc2.weight"),
-                         w("mlp.fc2.bias"))
+        x = x + F.linear(
+            F.gelu(F.linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))), w("mlp.fc2.weight"), w("mlp.fc2.bias")
+        )
         i += 1
     return x
 
@@ -162,7 +183,7 @@ def test_loaded_parameters_own_their_memory(tmp_path):
     flat = torch.cat([v.flatten() for v in sd.values()]).half()
     views, at = {}, 0
     for k, v in sd.items():  # every tensor a view into one fp16 buffer, as torch.save keeps them
-        views[k] = flat[at:at + v.numel()].view(v.shape)
+        views[k] = flat[at : at + v.numel()].view(v.shape)
         at += v.numel()
     path = tmp_path / "views.pth"
     torch.save({"model": views}, path)
@@ -216,9 +237,19 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
 def hf_tiny(**kw):
     import transformers
 
-    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
-                patch_size=8, decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-                decoder_intermediate_size=64, norm_pix_loss=True)
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        image_size=32,
+        patch_size=8,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        norm_pix_loss=True,
+    )
     base.update(kw)
     return transformers.ViTMAEConfig(**base)
 
@@ -304,7 +335,8 @@ def test_timm_calls_for_the_presets():
     assert timm_create_call(MAEConfig.preset("vit-base")) == "timm.create_model('vit_base_patch16_224', num_classes=0)"
     assert timm_create_call(MAEConfig.preset("vit-huge")) == "timm.create_model('vit_huge_patch14_224', num_classes=0)"
     assert timm_create_call(MAEConfig.preset("vit-tiny", img_size=384)) == (
-        "timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=384)")
+        "timm.create_model('vit_tiny_patch16_224', num_classes=0, img_size=384)"
+    )
 
 
 def test_vit_base_encoder_fits_timm_vit_base():
@@ -400,8 +432,24 @@ def test_pretrain_init_from_release_encoder(tmp_path, photo_dir):
     sd = release_state(32, 2)
     torch.save({"model": sd}, tmp_path / "mae_pretrain.pth")
     out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["pretrain", str(photo_dir), "--out", str(out), "--steps", "1", "--lr", "0",
-                                      "--weight-decay", "0", "--init-from", str(tmp_path / "mae_pretrain.pth"), *TINY])
+    result = CliRunner().invoke(
+        app,
+        [
+            "pretrain",
+            str(photo_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--lr",
+            "0",
+            "--weight-decay",
+            "0",
+            "--init-from",
+            str(tmp_path / "mae_pretrain.pth"),
+            *TINY,
+        ],
+    )
     assert result.exit_code == 0, result.output
     trained = load(out).state_dict()
     assert all(torch.equal(trained[k], v) for k, v in sd.items())  # lr 0: the encoder is exactly the release's

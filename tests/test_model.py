@@ -1,4 +1,5 @@
 """The math: patching, masking, the loss, position embeddings, and the config's checks."""
+
 import math
 
 import pytest
@@ -8,8 +9,9 @@ from maecli.model import MAE, MAEConfig, num_visible, patchify, random_masking, 
 
 
 def tiny_cfg(**kw):
-    base = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1,
-                decoder_heads=2)
+    base = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     base.update(kw)
     return MAEConfig(**base)
 
@@ -97,10 +99,23 @@ def test_forward_shapes_and_encoder_sees_visible_only():
 
 def test_original_parameter_names():
     names = set(MAE(tiny_cfg()).state_dict())
-    for key in ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "blocks.0.norm1.weight",
-                "blocks.1.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.0.mlp.fc1.weight", "norm.weight",
-                "mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.attn.qkv.bias",
-                "decoder_norm.bias", "decoder_pred.weight"]:
+    for key in [
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        "blocks.0.norm1.weight",
+        "blocks.1.attn.qkv.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.0.mlp.fc1.weight",
+        "norm.weight",
+        "mask_token",
+        "decoder_embed.weight",
+        "decoder_pos_embed",
+        "decoder_blocks.0.attn.qkv.bias",
+        "decoder_norm.bias",
+        "decoder_pred.weight",
+    ]:
         assert key in names
 
 
@@ -112,8 +127,16 @@ def test_sincos_matches_closed_form():
     row, col = 1, 2
     e = emb[1 + row * 3 + col]
     omega = [1.0, 1.0 / 100.0]
-    expect = [math.sin(col * omega[0]), math.sin(col * omega[1]), math.cos(col * omega[0]), math.cos(col * omega[1]),
-              math.sin(row * omega[0]), math.sin(row * omega[1]), math.cos(row * omega[0]), math.cos(row * omega[1])]
+    expect = [
+        math.sin(col * omega[0]),
+        math.sin(col * omega[1]),
+        math.cos(col * omega[0]),
+        math.cos(col * omega[1]),
+        math.sin(row * omega[0]),
+        math.sin(row * omega[1]),
+        math.cos(row * omega[0]),
+        math.cos(row * omega[1]),
+    ]
     assert torch.allclose(e, torch.tensor(expect), atol=1e-6)
 
 

@@ -1,5 +1,6 @@
 """`maecli plot` and `maecli info` on run folders written by hand (config.json, metrics.jsonl, checkpoints and a
 real tiny model's weights), so they test the reading, not the training loop."""
+
 import json
 import math
 import os
@@ -13,8 +14,16 @@ from maecli.errors import UserError
 from maecli.info import format_info, preset_name, run_info
 from maecli.plot import metric_series, read_metrics
 
-CFG = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "decoder_dim": 32,
-       "decoder_depth": 1, "decoder_heads": 2}
+CFG = {
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "decoder_dim": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+}
 TOTAL = 40  # steps of a whole hand-made run: 4 epochs of 10
 
 
@@ -39,9 +48,17 @@ def train_rows(first: int, last: int, every: int = 2, scale: float = 1.0) -> lis
     """Training rows as pretrain logs them: the loss falls through two decades, the lr warms up then decays."""
     rows = []
     for step in range(first, last + 1, every):
-        rows.append({"step": step, "epoch": step / 10, "loss": scale * math.exp(-step / 8.0),
-                     "lr": 1e-3 * min(step / 10, 1.0) * (1 + math.cos(math.pi * step / TOTAL)) / 2,
-                     "images_per_sec": 100.0, "images_seen": step * 4, "time": step * 0.5})
+        rows.append(
+            {
+                "step": step,
+                "epoch": step / 10,
+                "loss": scale * math.exp(-step / 8.0),
+                "lr": 1e-3 * min(step / 10, 1.0) * (1 + math.cos(math.pi * step / TOTAL)) / 2,
+                "images_per_sec": 100.0,
+                "images_seen": step * 4,
+                "time": step * 0.5,
+            }
+        )
     return rows
 
 
@@ -54,14 +71,36 @@ def write_metrics(run, rows, tail: str = ""):
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
 
 
-def make_run(root, weights, *, logged=TOTAL, checkpoints=(20, 40), rows=None, data=None, with_weights=True,
-             skipped=None, config_extra=None):
+def make_run(
+    root,
+    weights,
+    *,
+    logged=TOTAL,
+    checkpoints=(20, 40),
+    rows=None,
+    data=None,
+    with_weights=True,
+    skipped=None,
+    config_extra=None,
+):
     """A pretrain run folder: config.json, metrics.jsonl up to step `logged`, complete checkpoints at the given
     steps, the weights file."""
     root.mkdir(parents=True, exist_ok=True)
-    train = {"data": str(data or root / "no-such-photos"), "out": str(root), "model": "vit-tiny", "img_size": 32,
-             "epochs": 4, "steps": None, "batch_size": 4, "blr": 1.5e-4, "lr": None, "mask": 0.75, "seed": 0,
-             "warmup_epochs": 1, "accum_iter": 1}
+    train = {
+        "data": str(data or root / "no-such-photos"),
+        "out": str(root),
+        "model": "vit-tiny",
+        "img_size": 32,
+        "epochs": 4,
+        "steps": None,
+        "batch_size": 4,
+        "blr": 1.5e-4,
+        "lr": None,
+        "mask": 0.75,
+        "seed": 0,
+        "warmup_epochs": 1,
+        "accum_iter": 1,
+    }
     config = {"model": model_config(), "train": train, **(config_extra or {})}
     (root / "config.json").write_text(json.dumps(config))
     write_metrics(root, train_rows(2, logged) + probe_rows(range(1, logged // 10 + 1)) if rows is None else rows)
@@ -80,8 +119,16 @@ def add_checkpoint(run, weights, step, skipped=None, files=("model.safetensors",
     if "optimizer.pt" in files:
         (ckpt / "optimizer.pt").write_bytes(b"\0" * 1000)
     if "state.json" in files:
-        state = {"step": step, "epoch": step / 10, "images_seen": step * 4, "total_steps": TOTAL,
-                 "seconds": step * 0.5, "images": 8, "processes": 1, "skipped": skipped or {}}
+        state = {
+            "step": step,
+            "epoch": step / 10,
+            "images_seen": step * 4,
+            "total_steps": TOTAL,
+            "seconds": step * 0.5,
+            "images": 8,
+            "processes": 1,
+            "skipped": skipped or {},
+        }
         (ckpt / "state.json").write_text(json.dumps(state))
     return ckpt
 
@@ -105,8 +152,7 @@ def test_resumed_metrics_keep_the_newer_rows(tmp_path):
     assert losses[steps.index(20)] == pytest.approx(math.exp(-20 / 8))
     assert metric_series(rows)["knn_top1"][0] == [10, 20, 30, 40]
     # rows without an integer step, and values that are not finite numbers, are not series
-    series = metric_series([{"step": "x", "loss": 1.0}, {"step": 3, "loss": float("nan"), "note": "hi",
-                                                        "flag": True}])
+    series = metric_series([{"step": "x", "loss": 1.0}, {"step": 3, "loss": float("nan"), "note": "hi", "flag": True}])
     assert series == {}
 
 
@@ -151,12 +197,24 @@ def test_a_narrow_loss_stays_linear(tmp_path, mpl):
 def test_two_runs_overlay_with_a_legend(tmp_path, weights, mpl):
     """Two recipes whose folders share a name; the second also logs finetune-style validation rows."""
     a = make_run(tmp_path / "a" / "run", weights)
-    b = make_run(tmp_path / "b" / "run", weights, rows=train_rows(2, 30) + [
-        {"step": 10, "epoch": 1, "val_top1": 0.5, "val_loss": 1.2}, {"step": 20, "epoch": 2, "val_top1": 0.6,
-                                                                     "val_loss": 1.0}])
+    b = make_run(
+        tmp_path / "b" / "run",
+        weights,
+        rows=train_rows(2, 30)
+        + [
+            {"step": 10, "epoch": 1, "val_top1": 0.5, "val_loss": 1.2},
+            {"step": 20, "epoch": 2, "val_top1": 0.6, "val_loss": 1.0},
+        ],
+    )
     fig = figure([a, b])
-    assert [ax.get_title() for ax in fig.axes] == ["loss", "learning rate", "kNN top-1", "kNN top-5",
-                                                   "validation loss", "validation top-1"]
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss",
+        "learning rate",
+        "kNN top-1",
+        "kNN top-5",
+        "validation loss",
+        "validation top-1",
+    ]
     loss = fig.axes[0]
     assert [t.get_text() for t in loss.get_legend().get_texts()] == ["a/run", "b/run"]
     assert [line.get_label() for line in loss.lines] == ["a/run", "b/run"]
@@ -271,9 +329,17 @@ def test_info_finished_run(tmp_path, weights):
     assert [(c["step"], c["resumable"]) for c in info["checkpoints"]] == [(20, True), (40, True)]
     assert info["weights"]["bytes"] == weights.stat().st_size and info["weights"]["has_decoder"]
     text = said(info)
-    for part in ("pretrain run, finished", "custom: 32 wide, 2 deep, 2 heads", "3 images; 8 when the run started",
-                 "4 epochs, batch 4, blr 0.00015, mask 0.75", "step 40 of 40, epoch 4 of 4, 160 images seen",
-                 "knn_top1", "step-00000040", "resumable (newest)", str(run / "model.safetensors")):
+    for part in (
+        "pretrain run, finished",
+        "custom: 32 wide, 2 deep, 2 heads",
+        "3 images; 8 when the run started",
+        "4 epochs, batch 4, blr 0.00015, mask 0.75",
+        "step 40 of 40, epoch 4 of 4, 160 images seen",
+        "knn_top1",
+        "step-00000040",
+        "resumable (newest)",
+        str(run / "model.safetensors"),
+    ):
         assert part in text, (part, text)
     assert "--resume" not in text
 
@@ -295,10 +361,19 @@ def test_info_in_progress_run(tmp_path, weights):
     assert info["model"]["parameters"]["total"] == state_dict_size()  # from the config, on the meta device
     assert info["data"]["exists"] is False and info["data"]["images"] is None
     assert [(c["name"], c["complete"], c["resumable"]) for c in info["checkpoints"]] == [
-        ("step-00000020", True, True), (".tmp-step-00000030-123", False, False)]
+        ("step-00000020", True, True),
+        (".tmp-step-00000030-123", False, False),
+    ]
     text = said(info)
-    for part in ("unfinished (in progress, or stopped; last write", "step 24 of 40", "resumes from step 20",
-                 "--resume", "incomplete: an unfinished save", "weights none yet", "(not found here)"):
+    for part in (
+        "unfinished (in progress, or stopped; last write",
+        "step 24 of 40",
+        "resumes from step 20",
+        "--resume",
+        "incomplete: an unfinished save",
+        "weights none yet",
+        "(not found here)",
+    ):
         assert part in text, (part, text)
 
 
@@ -308,8 +383,7 @@ def test_info_killed_run(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, logged=30, checkpoints=[10, 20], skipped=skipped)
     add_checkpoint(run, weights, 30, files=("model.safetensors", "state.json"))
     old = 1_000_000_000
-    for p in [run / "metrics.jsonl", run / "model.safetensors", run / "checkpoints",
-              *(run / "checkpoints").iterdir()]:
+    for p in [run / "metrics.jsonl", run / "model.safetensors", run / "checkpoints", *(run / "checkpoints").iterdir()]:
         os.utime(p, (old, old))
     info = run_info(run)
     assert info["status"] == "unfinished" and info["progress"]["checkpoint_step"] == 20
@@ -317,8 +391,12 @@ def test_info_killed_run(tmp_path, weights):
     assert info["skipped"] == skipped
     assert info["checkpoints"][-1]["step"] == 30 and not info["checkpoints"][-1]["resumable"]
     text = said(info)
-    for part in ("h ", "2 unreadable files: photos/bad.jpg (truncated file)", "incomplete: missing optimizer.pt",
-                 "resumes from step 20"):
+    for part in (
+        "h ",
+        "2 unreadable files: photos/bad.jpg (truncated file)",
+        "incomplete: missing optimizer.pt",
+        "resumes from step 20",
+    ):
         assert part in text, (part, text)
 
 
@@ -333,14 +411,19 @@ def test_info_finetune_run(tmp_path, weights):
     """A finetune-style run: its args under "finetune", class names, validation rows, keys info does not know."""
     run = tmp_path / "ft"
     run.mkdir()
-    config = {"model": {**model_config(), "num_classes": 2, "global_pool": True}, "classes": ["cat", "dog"],
-              "finetune": {"data": str(tmp_path / "pets"), "epochs": 2, "batch_size": 8, "lr": 1e-3,
-                           "label_smoothing": 0.1}, "head": {"something": "new"}}
+    config = {
+        "model": {**model_config(), "num_classes": 2, "global_pool": True},
+        "classes": ["cat", "dog"],
+        "finetune": {"data": str(tmp_path / "pets"), "epochs": 2, "batch_size": 8, "lr": 1e-3, "label_smoothing": 0.1},
+        "head": {"something": "new"},
+    }
     (run / "config.json").write_text(json.dumps(config))
-    rows = [{"step": 5, "epoch": 1, "loss": 0.9, "lr": 1e-3}, {"step": 5, "epoch": 1, "val_top1": 0.7,
-                                                                "val_loss": 0.8},
-            {"step": 10, "epoch": 2, "loss": 0.5, "lr": 1e-4}, {"step": 10, "epoch": 2, "val_top1": 0.65,
-                                                                 "val_loss": 0.6}]
+    rows = [
+        {"step": 5, "epoch": 1, "loss": 0.9, "lr": 1e-3},
+        {"step": 5, "epoch": 1, "val_top1": 0.7, "val_loss": 0.8},
+        {"step": 10, "epoch": 2, "loss": 0.5, "lr": 1e-4},
+        {"step": 10, "epoch": 2, "val_top1": 0.65, "val_loss": 0.6},
+    ]
     write_metrics(run, rows)
     shutil.copy(weights, run / "model.safetensors")
     info = run_info(run)
@@ -350,8 +433,15 @@ def test_info_finetune_run(tmp_path, weights):
     assert info["metrics"]["val_loss"]["best"] == 0.6 and info["metrics"]["val_loss"]["best_step"] == 10
     assert info["recipe"]["label_smoothing"] == 0.1
     text = said(info)
-    for part in ("finetune run", "classes 2: cat, dog", "val_top1", "best 0.7000 (step 5, epoch 1)",
-                 "val_loss", "lowest 0.6000", "2 epochs, batch 8, lr 0.001"):
+    for part in (
+        "finetune run",
+        "classes 2: cat, dog",
+        "val_top1",
+        "best 0.7000 (step 5, epoch 1)",
+        "val_loss",
+        "lowest 0.6000",
+        "2 epochs, batch 8, lr 0.001",
+    ):
         assert part in text, (part, text)
 
 

@@ -1,4 +1,5 @@
 """`maecli pretrain` end to end through the CLI on real images, plus the data layer it stands on."""
+
 import json
 import shutil
 import subprocess
@@ -33,8 +34,25 @@ def test_run_folder_is_complete(tiny_run):
 
 def test_loss_falls(tmp_path, photo_dir):
     out = tmp_path / "run"
-    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "40", "--lr", "2e-3", "--warmup-epochs", "2",
-               "--log-every", "5", "--previews", "0", *TINY, "--batch-size", "8")
+    r = invoke(
+        "pretrain",
+        photo_dir,
+        "--out",
+        out,
+        "--steps",
+        "40",
+        "--lr",
+        "2e-3",
+        "--warmup-epochs",
+        "2",
+        "--log-every",
+        "5",
+        "--previews",
+        "0",
+        *TINY,
+        "--batch-size",
+        "8",
+    )
     assert r.exit_code == 0, r.output
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
@@ -76,8 +94,7 @@ def test_broken_files_are_skipped_and_counted(tmp_path, photo_dir):
     (photo_dir / "a" / "truncated.jpg").write_bytes(good.read_bytes()[:300])
     (photo_dir / "readme.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "run"
-    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "3", "--batch-size", "11", *TINY[:-4],
-               "--workers", "0")
+    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "3", "--batch-size", "11", *TINY[:-4], "--workers", "0")
     assert r.exit_code == 0, r.output
     for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
         assert "skipped" in r.stderr and name in r.stderr
@@ -95,14 +112,17 @@ def test_no_images_is_a_clear_error(tmp_path):
     assert r.exit_code == 1 and "could be read" in r.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--mask", "1.0"], "strictly between 0 and 1"),
-    (["--mask", "0"], "strictly between 0 and 1"),
-    (["--img-size", "30"], "image size 30 is not divisible by patch size 8"),
-    (["--in-chans", "2"], "--in-chans must be 1 or 3"),
-    (["--model", "vit-gigantic"], "vit-gigantic"),
-    (["--batch-size", "0"], "batch-size"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mask", "1.0"], "strictly between 0 and 1"),
+        (["--mask", "0"], "strictly between 0 and 1"),
+        (["--img-size", "30"], "image size 30 is not divisible by patch size 8"),
+        (["--in-chans", "2"], "--in-chans must be 1 or 3"),
+        (["--model", "vit-gigantic"], "vit-gigantic"),
+        (["--batch-size", "0"], "batch-size"),
+    ],
+)
 def test_bad_flags(tmp_path, photo_dir, args, message):
     r = invoke("pretrain", photo_dir, "--out", tmp_path / "run", *TINY, *args)
     assert r.exit_code != 0
@@ -168,7 +188,7 @@ def test_epoch_batches_are_disjoint_across_ranks_and_resumable():
     ranks = [[i for b in EpochBatches(10, 2, seed=1, epochs=1, rank=r, world=2) for _, i in b] for r in (0, 1)]
     assert set(ranks[0]).isdisjoint(ranks[1]) and set(ranks[0]) | set(ranks[1]) == set(range(10))
     tail = [list(b) for b in EpochBatches(10, 3, seed=1, epochs=2, start_epoch=1, start_micro=2)]
-    assert tail == full[4 + 2:]
+    assert tail == full[4 + 2 :]
     assert len(EpochBatches(10, 3, seed=1, epochs=2)) == 8
 
 

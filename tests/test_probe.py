@@ -1,4 +1,5 @@
 """`maecli probe` on tiny labelled folders of real images, the probes' math, and `pretrain --probe`."""
+
 import json
 import shutil
 
@@ -82,14 +83,17 @@ def test_layouts(tmp_path, classes_dir):
     assert (len(d.train.paths), len(d.val.paths)) == (4, 3)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("one class", "holds 1 class folder(s) (only); a probe needs one subfolder per class, at least two"),
-    ("empty class", "class folder(s) with no images in"),
-    ("mismatch", "classes differ between train and val: only in train: b; only in val: c"),
-    ("train only", "holds train/ but no val/ or test/"),
-    ("val twice", "already holds train/ and val/; drop --val/--val-split"),
-    ("tiny class", "class b has only 1 image; --val-split needs at least 2 per class"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("one class", "holds 1 class folder(s) (only); a probe needs one subfolder per class, at least two"),
+        ("empty class", "class folder(s) with no images in"),
+        ("mismatch", "classes differ between train and val: only in train: b; only in val: c"),
+        ("train only", "holds train/ but no val/ or test/"),
+        ("val twice", "already holds train/ and val/; drop --val/--val-split"),
+        ("tiny class", "class b has only 1 image; --val-split needs at least 2 per class"),
+    ],
+)
 def test_bad_layouts_are_refused_clearly(tmp_path, tiny_weights, case, message):
     root = tmp_path / "data"
     extra = []
@@ -125,8 +129,20 @@ def test_flag_errors(classes_dir, tiny_weights):
 
 
 def test_probe_both_methods_with_baseline_as_json(classes_dir, tiny_weights):
-    r = invoke("probe", classes_dir, "-w", tiny_weights, "--val-split", "0.5", "--baseline", "--json",
-               "--epochs", "5", "--k", "3")
+    r = invoke(
+        "probe",
+        classes_dir,
+        "-w",
+        tiny_weights,
+        "--val-split",
+        "0.5",
+        "--baseline",
+        "--json",
+        "--epochs",
+        "5",
+        "--k",
+        "3",
+    )
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)  # stdout holds only the JSON
     assert set(result) == {"knn", "linear", "baseline", "n_train", "n_val", "classes"}

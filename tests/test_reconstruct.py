@@ -1,4 +1,5 @@
 """`maecli reconstruct` and the pretraining previews, end to end on a tiny pretrained model and real photos."""
+
 import io
 import json
 import math
@@ -29,8 +30,9 @@ def run(tmp_path_factory):
 
 
 def tiny_cfg(**kw):
-    base = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1,
-                decoder_heads=2)
+    base = dict(
+        img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     return MAEConfig(**{**base, **kw})
 
 
@@ -194,8 +196,9 @@ def test_one_channel_model_gives_grayscale_tiles(tmp_path):
 
 def test_encoder_only_weights_are_refused(run, tmp_path):
     model = maecli.load(run[0])
-    state = {k: v for k, v in state_dict_for_saving(model).items()
-             if not (k.startswith("decoder_") or k == "mask_token")}
+    state = {
+        k: v for k, v in state_dict_for_saving(model).items() if not (k.startswith("decoder_") or k == "mask_token")
+    }
     path = tmp_path / "encoder.safetensors"
     save_file(state, str(path), metadata={"format": "pt", "maecli_config": json.dumps(model.cfg.to_dict())})
     assert maecli.load(path).has_decoder is False

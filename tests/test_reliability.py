@@ -3,6 +3,7 @@
 The kill tests run the real CLI in a subprocess, stop it mid-run, resume it and compare the final weights
 bit for bit with an uninterrupted run of the same seed (every uninterrupted reference runs in-process).
 """
+
 import json
 import os
 import shutil
@@ -23,8 +24,21 @@ from safetensors.torch import load_file
 import maecli
 
 # 24 images in batches of 2: 12 steps an epoch, 5 epochs; a checkpoint every 5 steps lands mid-epoch.
-RUN = [*TINY, "--batch-size", "2", "--steps", "60", "--save-every", "5", "--log-every", "1", "--lr", "1e-3",
-       "--warmup-epochs", "1"]
+RUN = [
+    *TINY,
+    "--batch-size",
+    "2",
+    "--steps",
+    "60",
+    "--save-every",
+    "5",
+    "--log-every",
+    "1",
+    "--lr",
+    "1e-3",
+    "--warmup-epochs",
+    "1",
+]
 STEPS = 60
 
 
@@ -96,15 +110,21 @@ def last_step(out: Path) -> int:
 
 def start(args, log: Path) -> subprocess.Popen:
     # A session of its own: the test can signal the whole process group, as a terminal or scheduler does.
-    return subprocess.Popen([sys.executable, "-m", "maecli", *map(str, args)], env=env(), stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"), start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "maecli", *map(str, args)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),
+        start_new_session=True,
+    )
 
 
 def stop_midway(proc: subprocess.Popen, out: Path, sig: int, group: bool, after_step: int = 8) -> int:
     """Once a --save-every checkpoint exists and a later step is logged, send `sig`; returns the exit code."""
     deadline = time.time() + 120
-    while not ((out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*"))
-               and last_step(out) >= after_step):
+    while not (
+        (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")) and last_step(out) >= after_step
+    ):
         assert proc.poll() is None, f"the run ended before it could be stopped:\n{(out.parent / 'log').read_text()}"
         assert time.time() < deadline, "the run never got going"
         time.sleep(0.01)
@@ -208,14 +228,21 @@ def test_death_during_a_write_keeps_the_previous_files(tmp_path, small_dir, refe
     """The process dies halfway through writing a checkpoint, or the weights at an epoch end."""
     out = tmp_path / "run"
     args = ["pretrain", str(small_dir), "--out", str(out), *RUN, "--keep", "5"]
-    p = subprocess.run([sys.executable, "-c", DYING_WRITE, moment, str(out), *args], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", DYING_WRITE, moment, str(out), *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 137, p.stderr
     ckpts = sorted(c.name for c in (out / "checkpoints").glob("step-*"))
     assert ckpts[-1] == f"step-{resumes_from:08d}"
     if moment == "weights":  # the weights of the epoch before are still whole
-        assert torch.equal(load_file(out / "model.safetensors")["pos_embed"],
-                           load_file(out / "checkpoints/step-00000012/model.safetensors")["pos_embed"])
+        assert torch.equal(
+            load_file(out / "model.safetensors")["pos_embed"],
+            load_file(out / "checkpoints/step-00000012/model.safetensors")["pos_embed"],
+        )
         assert maecli.load(out) is not None
     r = invoke("pretrain", small_dir, "--out", out, "--resume")
     assert r.exit_code == 0, r.output
@@ -278,8 +305,10 @@ def test_a_malicious_optimizer_pickle_is_not_run(tmp_path, small_dir):
     assert r.exit_code == 0, r.output
     marker = tmp_path / "pwned"
     # an optimizer.pt whose unpickling would run a shell command
-    torch.save({"state": {}, "param_groups": [], "payload": WritesAFile(marker)},
-               out / "checkpoints" / "step-00000005" / "optimizer.pt")
+    torch.save(
+        {"state": {}, "param_groups": [], "payload": WritesAFile(marker)},
+        out / "checkpoints" / "step-00000005" / "optimizer.pt",
+    )
     r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "6")
     assert r.exit_code == 1 and "none of the 1 checkpoints" in r.stderr and "is unusable" in r.stderr
     assert not marker.exists()
@@ -289,8 +318,26 @@ def test_a_malicious_optimizer_pickle_is_not_run(tmp_path, small_dir):
 def test_non_finite_loss_stops_naming_the_step(tmp_path, small_dir, precision):
     out = tmp_path / "run"
     # lr 1e30 moves every weight by ~1e30 in the first step: the second step's activations overflow
-    r = invoke("pretrain", small_dir, "--out", out, *TINY, "--steps", "6", "--save-every", "1", "--log-every", "3",
-               "--lr", "1e30", "--warmup-epochs", "0", "--precision", precision, "--no-norm-pix-loss")
+    r = invoke(
+        "pretrain",
+        small_dir,
+        "--out",
+        out,
+        *TINY,
+        "--steps",
+        "6",
+        "--save-every",
+        "1",
+        "--log-every",
+        "3",
+        "--lr",
+        "1e30",
+        "--warmup-epochs",
+        "0",
+        "--precision",
+        precision,
+        "--no-norm-pix-loss",
+    )
     assert r.exit_code == 1, r.output
     assert "Traceback" not in r.output
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -305,8 +352,11 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, small_dir, precision):
 def test_unwritable_output_is_refused_before_training(tmp_path, small_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for out, why in [(blocker / "run", "cannot write to output folder"), (blocker, "it is a file"),
-                     (Path("/proc/maecli-run"), "cannot write to output folder")]:
+    for out, why in [
+        (blocker / "run", "cannot write to output folder"),
+        (blocker, "it is a file"),
+        (Path("/proc/maecli-run"), "cannot write to output folder"),
+    ]:
         r = invoke("pretrain", small_dir, "--out", out, *TINY, "--steps", "2")
         assert r.exit_code == 1 and why in r.stderr and "Traceback" not in r.output, r.output
         assert "maecli pretrain:" not in r.stderr  # refused before training starts
@@ -351,9 +401,27 @@ def accelerate_launch(args, timeout=240, stop_at: int | None = None, out: Path |
     """
     e = env()
     e["CUDA_VISIBLE_DEVICES"] = ""  # CPU even on a GPU machine: the test is about processes, not devices
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()), "-m", "maecli", *map(str, args)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "maecli",
+        *map(str, args),
+    ]
     with open(Path(out or ".").parent / "launch.log", "w+") as log:
         proc = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         try:
@@ -372,8 +440,10 @@ def accelerate_launch(args, timeout=240, stop_at: int | None = None, out: Path |
         return code, log.read()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="this torch build has no gloo backend for CPU processes")
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="this torch build has no gloo backend for CPU processes",
+)
 def test_two_processes_split_the_data_write_once_stop_together_and_resume(tmp_path, small_dir):
     pytest.importorskip("accelerate.commands.launch", reason="the accelerate launcher is not installed")
     data = tmp_path / "data"
@@ -385,8 +455,21 @@ def test_two_processes_split_the_data_write_once_stop_together_and_resume(tmp_pa
     (data / "09.jpg").write_bytes(b"")  # two unreadable files, not neighbours in the sorted order
     (data / "27.png").write_text("not a picture")
     # 40 files, 20 a rank, batches of 2: 10 steps make one epoch, and every file is read by exactly one rank
-    args = ["pretrain", data, *TINY, "--batch-size", "2", "--steps", "10", "--save-every", "2",
-            "--log-every", "1", "--lr", "1e-3"]
+    args = [
+        "pretrain",
+        data,
+        *TINY,
+        "--batch-size",
+        "2",
+        "--steps",
+        "10",
+        "--save-every",
+        "2",
+        "--log-every",
+        "1",
+        "--lr",
+        "1e-3",
+    ]
     whole = tmp_path / "whole" / "run"
     whole.parent.mkdir()
     code, err = accelerate_launch([*args, "--out", whole], out=whole)
@@ -397,8 +480,15 @@ def test_two_processes_split_the_data_write_once_stop_together_and_resume(tmp_pa
     assert "2 unreadable file(s) skipped" in err  # counted over both ranks
     assert err.count("done:") == 1 and "40 images seen" in err
     # only the main process writes: one set of files, one row a step
-    assert {f.name for f in whole.iterdir()} <= {"config.json", "model.safetensors", "metrics.jsonl", "checkpoints",
-                                                 "previews", ".lock"}
+    assert {f.name for f in whole.iterdir()} <= {
+        "config.json",
+        "model.safetensors",
+        "metrics.jsonl",
+        "checkpoints",
+        "previews",
+        "curves.png",
+        ".lock",
+    }
     assert [r["step"] for r in rows(whole)] == list(range(1, 11)) and rows(whole)[-1]["images_seen"] == 40
     assert maecli.load(whole).cfg.depth == 2
 

@@ -4,6 +4,7 @@ nonsense, changed data on resume, flag abuse, hostile stdin, signals in teardown
 Each test covers a class of failure through the real CLI where it can, and checks the promise: one line on stderr,
 the exit status of the README's table, nothing the user made replaced or left half-written.
 """
+
 import errno
 import json
 import os
@@ -47,8 +48,14 @@ def env(**extra) -> dict:
 
 def cli(*args, stdin=None, **kwargs) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process (signals, file-size limits, stdin bytes and stdout devices need one)."""
-    return subprocess.run([sys.executable, "-m", "maecli", *map(str, args)], env=env(), capture_output=True,
-                          input=stdin, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "maecli", *map(str, args)],
+        env=env(),
+        capture_output=True,
+        input=stdin,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def mode(path) -> int:
@@ -116,8 +123,7 @@ def test_cli_outputs_to_devices_links_and_missing_folders(tmp_path, tiny_weights
     r = invoke("reconstruct", PHOTO, "-w", tiny_run, "-o", "/dev/null")
     assert r.exit_code == 0, r.output
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
-    one_line_error(invoke("reconstruct", PHOTO, "-w", tiny_run, "-o", "/dev/full"), 1, "/dev/full",
-                   "No space left")
+    one_line_error(invoke("reconstruct", PHOTO, "-w", tiny_run, "-o", "/dev/full"), 1, "/dev/full", "No space left")
 
     picture = tmp_path / "pictures" / "mine.png"
     picture.parent.mkdir()
@@ -128,8 +134,9 @@ def test_cli_outputs_to_devices_links_and_missing_folders(tmp_path, tiny_weights
     assert link.is_symlink() and picture.read_bytes()[:4] == b"\x89PNG"
 
     for fmt in ("jsonl", "npy"):
-        one_line_error(invoke("embed", PHOTO, "-w", tiny_weights, "-f", fmt, "-o", "/dev/full"), 1,
-                       "cannot write /dev/full")
+        one_line_error(
+            invoke("embed", PHOTO, "-w", tiny_weights, "-f", fmt, "-o", "/dev/full"), 1, "cannot write /dev/full"
+        )
     assert invoke("embed", PHOTO, "-w", tiny_weights, "-o", "/dev/null").exit_code == 0
 
     export = tmp_path / "no" / "such" / "encoder.safetensors"
@@ -157,18 +164,21 @@ def test_a_full_disk_is_one_line_everywhere(tmp_path, tiny_weights, photo_dir):
     """Real write errors from every writer (safetensors, torch.save, PNG, npy, text, metrics), not mocks."""
     out = tmp_path / "run"
     # the tiny model's weights (~150 kB) fit; its optimizer state (~300 kB) does not
-    r = cli("pretrain", photo_dir, "--out", out, "--steps", "4", "--save-every", "2", *TINY,
-            preexec_fn=limited(200_000))
+    r = cli(
+        "pretrain", photo_dir, "--out", out, "--steps", "4", "--save-every", "2", *TINY, preexec_fn=limited(200_000)
+    )
     assert r.returncode == 1, r.stderr
     err = r.stderr.decode()
     assert "error: cannot write to" in err and "File too large" in err and "Traceback" not in err, err
     assert not list((out / "checkpoints").glob("step-*")) and not list(out.rglob("*.tmp"))
 
     # (--workers 0: workers pass images through shared memory files, which the limit would cut too)
-    for args in (["reconstruct", PHOTO, "-w", tiny_weights, "-o", tmp_path / "r.png"],
-                 ["embed", photo_dir, "-w", tiny_weights, "--workers", "0", "-o", tmp_path / "e.jsonl"],
-                 ["embed", photo_dir, "-w", tiny_weights, "--workers", "0", "-f", "npy", "-o", tmp_path / "e.npy"],
-                 ["export", tiny_weights, tmp_path / "x.safetensors", "-f", "timm"]):
+    for args in (
+        ["reconstruct", PHOTO, "-w", tiny_weights, "-o", tmp_path / "r.png"],
+        ["embed", photo_dir, "-w", tiny_weights, "--workers", "0", "-o", tmp_path / "e.jsonl"],
+        ["embed", photo_dir, "-w", tiny_weights, "--workers", "0", "-f", "npy", "-o", tmp_path / "e.npy"],
+        ["export", tiny_weights, tmp_path / "x.safetensors", "-f", "timm"],
+    ):
         r = cli(*args, preexec_fn=limited(500))
         err = r.stderr.decode()
         assert r.returncode == 1 and err.count("error: ") == 1 and "Traceback" not in err, (args, err)
@@ -177,10 +187,17 @@ def test_a_full_disk_is_one_line_everywhere(tmp_path, tiny_weights, photo_dir):
 
     # stdout on a full device: one line, exit 1, no "Exception ignored" at exit
     with open("/dev/full", "wb") as full:
-        for args in (["embed", photo_dir, "-w", tiny_weights, "--workers", "0"],
-                     ["reconstruct", PHOTO, "-w", tiny_weights, "-o", "-"]):
-            r = subprocess.run([sys.executable, "-m", "maecli", *map(str, args)], env=env(), stdout=full,
-                               stderr=subprocess.PIPE, timeout=300)
+        for args in (
+            ["embed", photo_dir, "-w", tiny_weights, "--workers", "0"],
+            ["reconstruct", PHOTO, "-w", tiny_weights, "-o", "-"],
+        ):
+            r = subprocess.run(
+                [sys.executable, "-m", "maecli", *map(str, args)],
+                env=env(),
+                stdout=full,
+                stderr=subprocess.PIPE,
+                timeout=300,
+            )
             err = r.stderr.decode()
             assert r.returncode == 1 and "error: cannot write standard output: No space left" in err, err
             assert "Exception ignored" not in err and "Traceback" not in err
@@ -194,10 +211,14 @@ def test_weights_that_cannot_compute_are_refused(tmp_path, tiny_weights):
     state = load_file(tiny_weights)
     meta = {"maecli_config": json.dumps(maecli.load(tiny_weights).cfg.to_dict())}
     cases = {
-        "nan": ({**state, "blocks.1.attn.qkv.weight": state["blocks.1.attn.qkv.weight"].clone().fill_(float("nan"))},
-                "tensor blocks.1.attn.qkv.weight holds NaN or inf"),
-        "inf": ({**state, "norm.bias": torch.full_like(state["norm.bias"], float("inf"))},
-                "tensor norm.bias holds NaN"),
+        "nan": (
+            {**state, "blocks.1.attn.qkv.weight": state["blocks.1.attn.qkv.weight"].clone().fill_(float("nan"))},
+            "tensor blocks.1.attn.qkv.weight holds NaN or inf",
+        ),
+        "inf": (
+            {**state, "norm.bias": torch.full_like(state["norm.bias"], float("inf"))},
+            "tensor norm.bias holds NaN",
+        ),
         "int": ({k: v.to(torch.int64) for k, v in state.items()}, "holds int64 values"),
         "bool": ({**state, "cls_token": state["cls_token"] > 0}, "tensor cls_token holds bool values"),
     }
@@ -284,8 +305,14 @@ FLAGS = list(numeric_flags())
 
 def test_the_flag_sweep_finds_the_flags():
     found = {(name, p.opts[0]) for name, _, p, _ in FLAGS}
-    assert {("pretrain", "--seed"), ("pretrain", "--warmup-epochs"), ("probe", "--val-split"),
-            ("reconstruct", "--zoom"), ("serve", "--port"), ("embed", "--batch-size")} <= found
+    assert {
+        ("pretrain", "--seed"),
+        ("pretrain", "--warmup-epochs"),
+        ("probe", "--val-split"),
+        ("reconstruct", "--zoom"),
+        ("serve", "--port"),
+        ("embed", "--batch-size"),
+    } <= found
 
 
 @pytest.mark.parametrize("name, required, param, kind", FLAGS, ids=[f"{n} {p.opts[0]}" for n, _, p, _ in FLAGS])
@@ -303,8 +330,11 @@ def test_every_numeric_flag_is_range_checked(name, required, param, kind):
 
 
 def test_settings_that_cannot_work_together_are_a_bad_command_line(photo_dir, tmp_path):
-    for extra in (["--img-size", "30", "--patch-size", "8"], ["--decoder-dim", "30", "--decoder-heads", "4"],
-                  ["--mask", "0.999"]):
+    for extra in (
+        ["--img-size", "30", "--patch-size", "8"],
+        ["--decoder-dim", "30", "--decoder-heads", "4"],
+        ["--mask", "0.999"],
+    ):
         args = [*TINY]
         for flag, value in zip(extra[::2], extra[1::2]):
             if flag in args:
@@ -332,16 +362,21 @@ def test_resume_refuses_changed_data_unless_allowed(tmp_path, photo_dir):
 
     first = sorted(p for p in moved.rglob("*") if p.is_file())[0]
     first.rename(first.with_name("renamed" + first.suffix))
-    line = one_line_error(invoke("pretrain", moved, "--out", out, "--resume", "--steps", "8"), 1,
-                          "1 file added", "'a/renamed", "1 file removed", "--allow-data-change")
+    line = one_line_error(
+        invoke("pretrain", moved, "--out", out, "--resume", "--steps", "8"),
+        1,
+        "1 file added",
+        "'a/renamed",
+        "1 file removed",
+        "--allow-data-change",
+    )
     assert "cannot resume" in line
 
     other = tmp_path / "other"
     shutil.copytree(photo_dir, other)
     for p in sorted(p for p in other.rglob("*") if p.is_file())[:3]:
         p.write_bytes(p.read_bytes() + b"\0" * 10)  # same names and count, other contents
-    one_line_error(invoke("pretrain", other, "--out", out, "--resume", "--steps", "8"), 1,
-                   "3 files changed in size")
+    one_line_error(invoke("pretrain", other, "--out", out, "--resume", "--steps", "8"), 1, "3 files changed in size")
 
     r = invoke("pretrain", other, "--out", out, "--resume", "--steps", "8", "--allow-data-change")
     assert r.exit_code == 0 and "warning: the data differs" in r.stderr, r.output
@@ -362,15 +397,24 @@ def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
     with open(odd, "wb") as f:
         f.write(PHOTO.read_bytes())
     stdin = odd + b"\n" + str(PHOTO).encode() + b"\n"
-    r = subprocess.run([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
-                       input=stdin, capture_output=True, env=env(PYTHONIOENCODING="utf-8"), timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+        input=stdin,
+        capture_output=True,
+        env=env(PYTHONIOENCODING="utf-8"),
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr.decode()
     paths = [os.fsencode(json.loads(line)["path"]) for line in r.stdout.decode().splitlines()]
     assert paths == [odd, str(PHOTO).encode()]
 
-    r = subprocess.run([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
-                       input=stdin + b"/no/such.jpg\n", capture_output=True, env=env(PYTHONIOENCODING="utf-8"),
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+        input=stdin + b"/no/such.jpg\n",
+        capture_output=True,
+        env=env(PYTHONIOENCODING="utf-8"),
+        timeout=120,
+    )
     assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()
 
 
@@ -400,9 +444,27 @@ def test_loader_workers_stop_when_the_sources_fail():
 
 def test_sigterm_in_teardown_exits_143(tmp_path, photo_dir):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", str(photo_dir), "--out", str(out),
-                             "--steps", "200", "--log-every", "1", "--previews", "0", *TINY], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maecli",
+            "pretrain",
+            str(photo_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "200",
+            "--log-every",
+            "1",
+            "--previews",
+            "0",
+            *TINY,
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 200
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
@@ -417,9 +479,13 @@ def test_sigterm_in_teardown_exits_143(tmp_path, photo_dir):
 
 def test_sigterm_removes_a_half_written_output(tmp_path, tiny_weights):
     target = tmp_path / "emb.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "-o",
-                             str(target), "--workers", "0"], env=env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "-o", str(target), "--workers", "0"],
+        env=env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     proc.stdin.write(f"{PHOTO}\n".encode())
     proc.stdin.flush()  # then nothing more: it waits for the next path with its output half written
     deadline = time.time() + 120
@@ -462,17 +528,39 @@ def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
 
 def test_a_second_writer_is_refused_while_a_run_holds_its_folder(tmp_path, photo_dir):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "maecli", "pretrain", str(photo_dir), "--out", str(out),
-                             "--steps", "100000", "--log-every", "1", "--previews", "0", *TINY], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maecli",
+            "pretrain",
+            str(photo_dir),
+            "--out",
+            str(out),
+            "--steps",
+            "100000",
+            "--log-every",
+            "1",
+            "--previews",
+            "0",
+            *TINY,
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 200
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.05)
         for extra in (["--overwrite"], ["--resume"]):
-            one_line_error(invoke("pretrain", photo_dir, "--out", out, *extra, *TINY), 1,
-                           "in use by another maecli run", f"process {proc.pid}")
+            one_line_error(
+                invoke("pretrain", photo_dir, "--out", out, *extra, *TINY),
+                1,
+                "in use by another maecli run",
+                f"process {proc.pid}",
+            )
         assert proc.poll() is None and (out / "config.json").exists()  # the running one goes on, its folder whole
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -482,8 +570,23 @@ def test_a_second_writer_is_refused_while_a_run_holds_its_folder(tmp_path, photo
 
 def test_a_diverged_run_never_saves_or_names_a_non_finite_checkpoint(tmp_path, photo_dir):
     out = tmp_path / "run"
-    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "20", "--save-every", "1", "--lr", "1e30",
-               "--warmup-epochs", "0", "--previews", "0", *TINY)
+    r = invoke(
+        "pretrain",
+        photo_dir,
+        "--out",
+        out,
+        "--steps",
+        "20",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e30",
+        "--warmup-epochs",
+        "0",
+        "--previews",
+        "0",
+        *TINY,
+    )
     line = one_line_error(r, 1, "non-finite")
     for ckpt in (out / "checkpoints").glob("step-*"):
         maecli.load(ckpt / "model.safetensors")  # refuses NaN or inf weights

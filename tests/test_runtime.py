@@ -1,5 +1,6 @@
 """Where and how the model runs: precision resolution, loader workers, the help screen's speed, and the host tuning
 the command line applies on CPUs (and only there). Speed itself is measured in benchmarks/, never here."""
+
 import os
 import subprocess
 import sys
@@ -49,16 +50,19 @@ def cli_env(**extra):
     return {**env, **extra}
 
 
-@pytest.mark.parametrize("environ, others, expected", [
-    ({}, 0.0, {"GOMP_SPINCOUNT": "10000"}),  # idle cores: spin briefly
-    ({}, 0.4, {"GOMP_SPINCOUNT": "10000"}),
-    ({}, 1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # someone else is computing: sleep
-    ({}, None, {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: sleep
-    ({"LOCAL_WORLD_SIZE": "2"}, 0.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # launched processes share the cores
-    ({"LOCAL_WORLD_SIZE": "1"}, 0.0, {"GOMP_SPINCOUNT": "10000"}),
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, 0.0, {}),  # the user's choice wins
-    ({"GOMP_SPINCOUNT": "1000"}, 5.0, {}),
-])
+@pytest.mark.parametrize(
+    "environ, others, expected",
+    [
+        ({}, 0.0, {"GOMP_SPINCOUNT": "10000"}),  # idle cores: spin briefly
+        ({}, 0.4, {"GOMP_SPINCOUNT": "10000"}),
+        ({}, 1.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # someone else is computing: sleep
+        ({}, None, {"OMP_WAIT_POLICY": "PASSIVE"}),  # cannot tell: sleep
+        ({"LOCAL_WORLD_SIZE": "2"}, 0.0, {"OMP_WAIT_POLICY": "PASSIVE"}),  # launched processes share the cores
+        ({"LOCAL_WORLD_SIZE": "1"}, 0.0, {"GOMP_SPINCOUNT": "10000"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, 0.0, {}),  # the user's choice wins
+        ({"GOMP_SPINCOUNT": "1000"}, 5.0, {}),
+    ],
+)
 def test_openmp_wait_policy(environ, others, expected):
     assert host.openmp_wait_env(environ, others) == expected
 
@@ -70,39 +74,68 @@ def test_others_running_counts_the_runnable_threads_besides_this_one(tmp_path):
     assert host.others_running(samples=1, gap_s=0, loadavg=str(tmp_path / "missing")) is None
 
 
-@pytest.mark.parametrize("extra, expected", [({}, ("PASSIVE", "10000")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE",)),
-                                             ({"GOMP_SPINCOUNT": "1000"}, ("1000",))])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [({}, ("PASSIVE", "10000")), ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE",)), ({"GOMP_SPINCOUNT": "1000"}, ("1000",))],
+)
 def test_cli_sets_the_wait_policy_before_torch_unless_told(extra, expected):
-    code = ("import os, sys, maecli.host as h; h.gpu_present = lambda: False; h.configure_openmp(); import torch; "
-            "print(os.environ.get('OMP_WAIT_POLICY') or os.environ.get('GOMP_SPINCOUNT'))")
+    code = (
+        "import os, sys, maecli.host as h; h.gpu_present = lambda: False; h.configure_openmp(); import torch; "
+        "print(os.environ.get('OMP_WAIT_POLICY') or os.environ.get('GOMP_SPINCOUNT'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(**extra), capture_output=True, text=True, check=True)
     assert out.stdout.strip() in expected
 
 
 def test_help_shows_bracketed_defaults_literally():
-    out = subprocess.run([sys.executable, "-m", "maecli", "pretrain", "--help"], env=cli_env(COLUMNS="200"),
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "maecli", "pretrain", "--help"],
+        env=cli_env(COLUMNS="200"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "[default: runs/<date-time>]" in out.stdout
     # typer's rich help formatter costs ~0.2 s of imports (rich.markdown, pygments); plain click help does not
-    code = ("import sys; from maecli.cli import main; sys.argv = ['maecli', '--help']\n"
-            "try: main()\nexcept SystemExit: pass\n"
-            "assert 'rich' not in sys.modules and 'torch' not in sys.modules, 'help loaded rich or torch'")
+    code = (
+        "import sys; from maecli.cli import main; sys.argv = ['maecli', '--help']\n"
+        "try: main()\nexcept SystemExit: pass\n"
+        "assert 'rich' not in sys.modules and 'torch' not in sys.modules, 'help loaded rich or torch'"
+    )
     subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, check=True)
 
 
 def test_pretrain_optimizer_is_fused_adamw_with_the_papers_betas():
-    model = MAE(MAEConfig(img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, decoder_dim=8,
-                          decoder_depth=1, decoder_heads=2))
+    model = MAE(
+        MAEConfig(
+            img_size=16,
+            patch_size=8,
+            embed_dim=8,
+            depth=1,
+            num_heads=2,
+            decoder_dim=8,
+            decoder_depth=1,
+            decoder_heads=2,
+        )
+    )
     opt = make_optimizer(no_weight_decay_groups(model, 0.05), 1e-3, torch.device("cpu"), betas=(0.9, 0.95))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
 
 
-@pytest.mark.parametrize("cpus, procs, cuda, expected", [
-    (2, None, False, 1), (16, None, False, 4), (64, None, False, 4),  # CPU training: the model keeps the cores
-    (16, None, True, 15), (128, None, True, 16),  # one GPU: every core but one decodes, up to 16
-    (16, "8", True, 1), (128, "8", True, 15), (128, "bad", True, 16),  # cores shared by the launched processes
-])
+@pytest.mark.parametrize(
+    "cpus, procs, cuda, expected",
+    [
+        (2, None, False, 1),
+        (16, None, False, 4),
+        (64, None, False, 4),  # CPU training: the model keeps the cores
+        (16, None, True, 15),
+        (128, None, True, 16),  # one GPU: every core but one decodes, up to 16
+        (16, "8", True, 1),
+        (128, "8", True, 15),
+        (128, "bad", True, 16),  # cores shared by the launched processes
+    ],
+)
 def test_default_workers(monkeypatch, cpus, procs, cuda, expected):
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -134,9 +167,19 @@ print(faults)
 @pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 def test_kept_memory_is_reused_without_page_faults():
     env = {k: v for k, v in os.environ.items() if not host.malloc_tuned_by_user({k: v})}
-    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS_PER_ROUND, mode], env=env, cwd=ROOT,
-                                       capture_output=True, text=True, check=True).stdout)
-              for mode in ("default", "keep")}
+    faults = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", FAULTS_PER_ROUND, mode],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        for mode in ("default", "keep")
+    }
     pages = (64 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert faults["default"] > pages // 2  # glibc maps and unmaps such a block each time: every page faults
     assert faults["keep"] < pages // 20  # kept on the heap: the pages are already there
@@ -174,6 +217,8 @@ def test_host_tuning_is_the_cli_s_and_only_on_a_cpu(monkeypatch, tiny_weights, t
 
 
 def test_importing_maecli_changes_no_process_setting():
-    code = ("import os; before = dict(os.environ); import maecli, maecli.cli, maecli.train, maecli.embedding; "
-            "assert dict(os.environ) == before")
+    code = (
+        "import os; before = dict(os.environ); import maecli, maecli.cli, maecli.train, maecli.embedding; "
+        "assert dict(os.environ) == before"
+    )
     subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, check=True)

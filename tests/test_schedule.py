@@ -1,4 +1,5 @@
 """The schedule's arithmetic: steps per epoch, warmup, the learning rate at each step, micro-batch counts."""
+
 import pytest
 
 from maecli.schedule import Schedule

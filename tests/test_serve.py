@@ -2,6 +2,7 @@
 
 One tiny model and one small folder serve every test in this file (module fixtures), so it runs in seconds.
 """
+
 import base64
 import io
 import json
@@ -24,8 +25,13 @@ from maecli.cli import app as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "images"
-PICKED = ["skimage_chelsea.jpg", "skimage_coffee.jpg", "skimage_camera_gray.png", "sklearn_flower.jpg",
-          "skimage_rocket.jpg"]
+PICKED = [
+    "skimage_chelsea.jpg",
+    "skimage_coffee.jpg",
+    "skimage_camera_gray.png",
+    "sklearn_flower.jpg",
+    "skimage_rocket.jpg",
+]
 SECRET = b"top secret: not an image of the folder"
 
 
@@ -35,8 +41,9 @@ def tiny_model():
     from maecli.model import MAE, MAEConfig
 
     torch.manual_seed(0)
-    cfg = MAEConfig(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1,
-                    decoder_heads=2)
+    cfg = MAEConfig(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
     return MAE(cfg)
 
 
@@ -112,8 +119,9 @@ def png_of(response_json) -> bytes:
 def expected_png(model, path, mask, seed, zoom, patch_stats=True, name=None) -> bytes:
     from maecli.reconstruct import png_bytes, reconstruct, render
 
-    rec = reconstruct(model, [path], mask_ratio=mask, seed=seed, use_patch_stats=patch_stats,
-                      names=[name] if name else None)
+    rec = reconstruct(
+        model, [path], mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, names=[name] if name else None
+    )
     return png_bytes(render(rec, zoom))
 
 
@@ -127,7 +135,7 @@ def test_page_is_one_self_contained_file(client):
     page = r.text
     # nothing to fetch from elsewhere: no external script, style, font or image (the SVG namespace is a name)
     assert "http://" not in page.replace('"http://www.w3.org/2000/svg"', "")
-    assert "https://" not in page and "<script src" not in page and "<link rel=\"stylesheet\"" not in page
+    assert "https://" not in page and "<script src" not in page and '<link rel="stylesheet"' not in page
     assert "connect-src 'self'" in r.headers["content-security-policy"]
 
 
@@ -148,8 +156,23 @@ def test_reconstruction_is_the_cli_picture(client, site, tmp_path):
 
     # the same bytes as the command the page shows
     out = tmp_path / "cli.png"
-    result = CliRunner().invoke(cli, ["reconstruct", str(path), "-w", str(site["run"]), "--mask", "0.35", "--seed", "7",
-                                      "--zoom", "2", "-o", str(out)])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "reconstruct",
+            str(path),
+            "-w",
+            str(site["run"]),
+            "--mask",
+            "0.35",
+            "--seed",
+            "7",
+            "--zoom",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert out.read_bytes() == png
     assert body["command"].endswith("--mask 0.35 --seed 7 --zoom 2")
@@ -197,8 +220,15 @@ def test_neighbours_are_cosine_similarities_of_embed(client, site):
     from maecli.embedding import embed
 
     listed = client.get("/api/images").json()["images"]
-    assert listed == ["broken.png", "skimage_camera_gray.png", "skimage_chelsea.jpg", "skimage_coffee.jpg",
-                      "sub/link_inside.jpg", "sub/skimage_rocket.jpg", "sub/sklearn_flower.jpg"]
+    assert listed == [
+        "broken.png",
+        "skimage_camera_gray.png",
+        "skimage_chelsea.jpg",
+        "skimage_coffee.jpg",
+        "sub/link_inside.jpg",
+        "sub/skimage_rocket.jpg",
+        "sub/sklearn_flower.jpg",
+    ]
     status = client.get("/api/index").json()
     assert status["state"] == "ready" and status["total"] == 7 and status["skipped"] == 1
 
@@ -218,8 +248,9 @@ def test_neighbours_are_cosine_similarities_of_embed(client, site):
     twin = client.get("/api/neighbours", params={"path": "sub/link_inside.jpg", "k": 1}).json()["results"][0]
     assert twin == {"path": "skimage_chelsea.jpg", "similarity": 1.0}
 
-    up = client.post("/api/upload", params={"name": "mine.jpg"},
-                     content=(site["images"] / "sub" / "skimage_rocket.jpg").read_bytes()).json()
+    up = client.post(
+        "/api/upload", params={"name": "mine.jpg"}, content=(site["images"] / "sub" / "skimage_rocket.jpg").read_bytes()
+    ).json()
     best = client.get("/api/neighbours", params={"upload": up["id"], "k": 3}).json()
     assert best["query"] == "mine.jpg" and best["results"][0] == {"path": "sub/skimage_rocket.jpg", "similarity": 1.0}
     broken = client.get("/api/neighbours", params={"path": "broken.png"})
@@ -288,9 +319,22 @@ def test_encoder_only_weights_still_find_neighbours(site, tmp_path):
 # What may be served
 
 
-TRICKS = ["../outside/secret.png", "/etc/passwd", "sub/../../outside/secret.png",
-          "..", "sub/..\\..\\secret.png", "C:/Windows/win.ini", "escape.jpg", "outside_dir/astronaut.jpg",
-          "outside_dir/secret.png", "nope.jpg", "", "sub", ".", "./skimage_coffee.jpg"]
+TRICKS = [
+    "../outside/secret.png",
+    "/etc/passwd",
+    "sub/../../outside/secret.png",
+    "..",
+    "sub/..\\..\\secret.png",
+    "C:/Windows/win.ini",
+    "escape.jpg",
+    "outside_dir/astronaut.jpg",
+    "outside_dir/secret.png",
+    "nope.jpg",
+    "",
+    "sub",
+    ".",
+    "./skimage_coffee.jpg",
+]
 
 
 @pytest.mark.parametrize("trick", TRICKS)
@@ -303,10 +347,16 @@ def test_paths_that_leave_the_folder_are_refused(client, trick):
 
 
 def test_raw_urls_and_previews_cannot_escape(client, site):
-    for raw in ("/api/image?path=..%2F..%2Foutside%2Fsecret.png", "/api/image?path=%2Fetc%2Fpasswd",
-                "/api/image?path=sub%2F%2E%2E%2F%2E%2E%2Foutside%2Fsecret.png", "/api/run/previews/3",
-                "/api/run/previews/..%2F..%2Foutside%2Fsecret.png", "/api/run/previews/-1", "/api/run/previews/x",
-                "/api/thumb?path=escape.jpg%00.png"):
+    for raw in (
+        "/api/image?path=..%2F..%2Foutside%2Fsecret.png",
+        "/api/image?path=%2Fetc%2Fpasswd",
+        "/api/image?path=sub%2F%2E%2E%2F%2E%2E%2Foutside%2Fsecret.png",
+        "/api/run/previews/3",
+        "/api/run/previews/..%2F..%2Foutside%2Fsecret.png",
+        "/api/run/previews/-1",
+        "/api/run/previews/x",
+        "/api/thumb?path=escape.jpg%00.png",
+    ):
         r = client.get(raw)
         assert r.status_code in (400, 403, 404, 422), raw
         assert SECRET not in r.content
@@ -436,20 +486,26 @@ def test_concurrent_requests(client, site):
     httpx = pytest.importorskip("httpx")
 
     app = client.app
-    jobs = [("/api/reconstruct", {"path": p, "mask": m, "seed": s})
-            for p in ("skimage_coffee.jpg", "sub/skimage_rocket.jpg") for m in (0.25, 0.5, 0.75) for s in (0, 1)]
+    jobs = [
+        ("/api/reconstruct", {"path": p, "mask": m, "seed": s})
+        for p in ("skimage_coffee.jpg", "sub/skimage_rocket.jpg")
+        for m in (0.25, 0.5, 0.75)
+        for s in (0, 1)
+    ]
     jobs += [("/api/neighbours", {"path": p}) for p in ("skimage_coffee.jpg", "skimage_chelsea.jpg")] * 3
     jobs += [("/api/thumb", {"path": p}) for p in ("skimage_coffee.jpg", "sub/sklearn_flower.jpg")] * 3
     expected = {i: client.get(url, params=params).content for i, (url, params) in enumerate(jobs)}
     with live(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+
         def fetch(i):
             path, params = jobs[i]
             r = http.get(path, params=params)
             return i, r.status_code, r.content
 
         def upload(_):
-            return http.post("/api/upload", params={"name": "x.jpg"},
-                             content=(site["images"] / "skimage_chelsea.jpg").read_bytes()).status_code
+            return http.post(
+                "/api/upload", params={"name": "x.jpg"}, content=(site["images"] / "skimage_chelsea.jpg").read_bytes()
+            ).status_code
 
         with ThreadPoolExecutor(8) as pool:
             uploads = pool.map(upload, range(4))
@@ -465,8 +521,12 @@ def test_ctrl_c_stops_the_cli_cleanly(site, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(site["run"], run, symlinks=True)
-    proc = subprocess.Popen([sys.executable, "-m", "maecli", "serve", "-w", str(run), "--images", str(site["images"]),
-                             "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maecli", "serve", "-w", str(run), "--images", str(site["images"]), "--port", "0"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     lines = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr] + [lines.put("")], daemon=True).start()
     seen = []
@@ -542,8 +602,13 @@ def browser_or_skip():
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1400"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1400",
+    ):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(driver), options=options)
 
@@ -574,8 +639,12 @@ def test_browser_slider_changes_the_picture_to_the_apis(client, site, tmp_path):
             after = grid.get_attribute("src")
             assert after != before
             shown = base64.b64decode(after.split(",", 1)[1])
-            assert shown == client.get("/api/reconstruct.png", params={"path": "skimage_chelsea.jpg", "mask": value,
-                                                                         "seed": 0, "zoom": 8}).content
+            assert (
+                shown
+                == client.get(
+                    "/api/reconstruct.png", params={"path": "skimage_chelsea.jpg", "mask": value, "seed": 0, "zoom": 8}
+                ).content
+            )
             assert shown == expected_png(site["model"], site["images"] / "skimage_chelsea.jpg", value, 0, 8)
             assert f"--mask {value:g} --seed 0" in driver.find_element(By.ID, "command").text
 
