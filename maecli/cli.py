@@ -153,6 +153,33 @@ def workers_or_default(workers: int | None) -> int:
     return default_workers() if workers is None else workers
 
 
+def command_args(ctx: typer.Context, cls, **overrides):
+    """A training command's arguments dataclass from its parsed options: choices by value, paths as strings."""
+    import dataclasses
+
+    def plain(value):
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, list | tuple):
+            return tuple(plain(v) for v in value)
+        return value
+
+    names = {f.name for f in dataclasses.fields(cls)} - set(overrides)
+    return cls(**{k: plain(v) for k, v in ctx.params.items() if k in names}, **overrides)
+
+
+def given_flags(ctx: typer.Context) -> set[str]:
+    """The options the user set explicitly: on --resume, those a run may change override its saved settings.
+    (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)"""
+    return {
+        name
+        for name in ctx.params
+        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
 @app.command()
 def pretrain(
     ctx: typer.Context,
@@ -276,52 +303,8 @@ def pretrain(
     from .train import pretrain as run_pretrain
 
     host.tune_for_cpu(default_device())
-    args = TrainArgs(
-        data=str(data),
-        out=str(out) if out else None,
-        model=model.value,
-        img_size=img_size,
-        patch_size=patch_size,
-        in_chans=in_chans,
-        mask=mask,
-        epochs=epochs,
-        steps=steps,
-        repeat=repeat,
-        batch_size=batch_size,
-        blr=blr,
-        lr=lr,
-        warmup_epochs=warmup_epochs,
-        accum_iter=accum_iter,
-        clip_grad=clip_grad,
-        weight_decay=weight_decay,
-        precision=precision.value,
-        workers=workers,
-        seed=seed,
-        save_every=save_every,
-        keep=keep,
-        log_every=log_every,
-        resume=resume,
-        overwrite=overwrite,
-        norm_pix_loss=norm_pix_loss,
-        decoder_dim=decoder_dim,
-        decoder_depth=decoder_depth,
-        decoder_heads=decoder_heads,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        init_from=str(init_from) if init_from else None,
-        previews=previews,
-        probe=str(probe) if probe else None,
-        log_with=tuple(t.value for t in log_with),
-        allow_data_change=allow_data_change,
-    )
-    # Flags given explicitly matter on --resume: those a run may change override its saved settings.
-    # (By name: typer may bundle its own copy of click, whose ParameterSource is another class.)
-    given = {
-        name
-        for name in ctx.params
-        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
-    }
+    args = command_args(ctx, TrainArgs)
+    given = given_flags(ctx)
     try:
         with reported():
             summary = run_pretrain(args, given=given)
@@ -916,48 +899,8 @@ def finetune(
     from .runtime import default_device
 
     host.tune_for_cpu(default_device())
-    args = FinetuneArgs(
-        data=str(data),
-        weights=str(weights) if weights else "",
-        out=str(out) if out else None,
-        val=str(val) if val else None,
-        val_split=val_split,
-        fraction=fraction,
-        per_class=per_class,
-        img_size=img_size,
-        pool=pool.value,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        blr=blr,
-        lr=lr,
-        min_lr=min_lr,
-        warmup_epochs=warmup_epochs,
-        accum_iter=accum_iter,
-        clip_grad=clip_grad,
-        weight_decay=weight_decay,
-        layer_decay=layer_decay,
-        drop_path=drop_path,
-        mixup=mixup,
-        cutmix=cutmix,
-        smoothing=smoothing,
-        reprob=reprob,
-        aa=aa,
-        precision=precision.value,
-        workers=workers,
-        seed=seed,
-        save_every=save_every,
-        keep=keep,
-        log_every=log_every,
-        resume=resume,
-        overwrite=overwrite,
-        baseline=baseline,
-    )
-    given = {
-        name
-        for name in ctx.params
-        if getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE", "ENVIRONMENT")
-    }
+    args = command_args(ctx, FinetuneArgs, weights=str(weights) if weights else "")
+    given = given_flags(ctx)
     try:
         with reported():
             result = run_finetune(args, given=given)
