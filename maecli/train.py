@@ -166,32 +166,10 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             start_epoch=schedule.epoch_of(state.step),
             start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch,
         )
-        loader = torch.utils.data.DataLoader(
-            D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed),
-            batch_sampler=sampler,
-            num_workers=workers,
-            collate_fn=D.collate,
-            worker_init_fn=D.worker_init,
-            pin_memory=acc.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
+        loader = training_loader(paths, cfg, args.seed, sampler, workers, pin_memory=acc.device.type == "cuda")
         if main:
             write_config(out, cfg, {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False})
-            times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
-            console.print(
-                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
-                f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
-                f"{acc.mixed_precision}, {workers} loader workers"
-            )
-            capped = f", capped at the {batch} images an epoch gives each process" if batch < args.batch_size else ""
-            console.print(
-                f"effective batch {eff_batch} ({args.batch_size}{capped} x {args.accum_iter} accum x "
-                f"{world} processes), lr {peak_lr:.3g}"
-                + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
-                + f", {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch, {schedule.epochs} "
-                f"epochs), warmup {schedule.warmup_steps} steps"
-            )
+            announce(args, cfg, len(paths), acc, workers, batch, schedule)
         hooks = EpochEnd(args, paths, out)
         trainer = Trainer(
             acc,
@@ -233,6 +211,40 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         report(summary, args)
     acc.end_training()
     return summary
+
+
+def training_loader(paths, cfg: MAEConfig, seed: int, sampler, workers: int, pin_memory: bool):
+    """The DataLoader over the sampler's micro-batches; loader workers decode while the model trains."""
+    return torch.utils.data.DataLoader(
+        D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, seed),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=D.collate,
+        worker_init_fn=D.worker_init,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def announce(args: TrainArgs, cfg: MAEConfig, images: int, acc, workers: int, batch: int, schedule: Schedule):
+    """The run's first two lines on stderr: what it trains on, and the batch, learning rate and schedule."""
+    world = acc.num_processes
+    eff_batch = batch * args.accum_iter * world
+    times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
+    console.print(
+        f"maecli pretrain: {images} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
+        f"patch {cfg.patch_size}, mask {args.mask}; device {acc.device.type} x{world}, precision "
+        f"{acc.mixed_precision}, {workers} loader workers"
+    )
+    capped = f", capped at the {batch} images an epoch gives each process" if batch < args.batch_size else ""
+    console.print(
+        f"effective batch {eff_batch} ({args.batch_size}{capped} x {args.accum_iter} accum x "
+        f"{world} processes), lr {schedule.peak_lr:.3g}"
+        + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
+        + f", {schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch, {schedule.epochs} "
+        f"epochs), warmup {schedule.warmup_steps} steps"
+    )
 
 
 def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
