@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -942,13 +943,22 @@ def serve(
         url = f"http://{shown}:{bound}/"
 
         class Uvicorn(uvicorn.Server):
+            interrupted = False
+
             async def startup(self, sockets=None):
                 await super().startup(sockets=sockets)
                 if self.started:
                     (ready or (lambda u: log(f"maecli serve: open {u} (Ctrl-C to stop)")))(url)
 
+            def handle_exit(self, sig, frame):
+                self.interrupted = self.interrupted or sig == signal.SIGINT
+                super().handle_exit(sig, frame)
+
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        Uvicorn(config).run(sockets=[sock])
+        uv = Uvicorn(config)
+        uv.run(sockets=[sock])
+        if uv.interrupted:  # uvicorn does not always pass the Ctrl-C on once it has shut down: say it ourselves
+            raise KeyboardInterrupt
     except KeyboardInterrupt:  # uvicorn has shut down cleanly and passes the Ctrl-C on
         log("maecli serve: stopped")
         raise
