@@ -51,6 +51,22 @@ def stream(
     runs on its own device, without masking, in inference mode. The default precision is fp32 ("no"), which
     keeps each image's vector independent of the batch it lands in; bf16 kernels chosen by batch shape are not.
     """
+
+    def vectors(x: torch.Tensor) -> torch.Tensor:  # pooled on the model's device: only (B, D) comes back
+        out = pool_tokens(model.encode(x).float(), pool)
+        return F.normalize(out, dim=-1) if normalize else out
+
+    yield from forward_batches(
+        model, vectors, sources, batch_size=batch_size, workers=workers, precision=precision, on_error=on_error
+    )
+
+
+def forward_batches(
+    model, forward, sources: Iterable, *, batch_size: int, workers: int, precision: str, on_error: D.OnError | None
+) -> Iterator[tuple[list, torch.Tensor]]:
+    """Yield (sources, forward(images) on the CPU) batch by batch, in input order: the inference loop of embed,
+    probe and predict. Images come through `data.eval_batches`; the model runs in eval and inference mode on its
+    own device, in the resolved precision, and gets its training mode back afterwards."""
     cfg = model.cfg
     device = next(model.parameters()).device
     mode = resolve_precision(precision, device)
@@ -67,11 +83,8 @@ def stream(
             pin_memory=device.type == "cuda",
         ):
             with torch.inference_mode(), autocast(device, mode):
-                tokens = model.encode(x.to(device, non_blocking=True))
-            vectors = pool_tokens(tokens.float(), pool)
-            if normalize:
-                vectors = F.normalize(vectors, dim=-1)
-            yield items, vectors.cpu()
+                out = forward(x.to(device, non_blocking=True))
+            yield items, out.cpu()
     finally:
         model.train(was_training)
 

@@ -17,8 +17,7 @@ from PIL import Image
 
 from . import data as D
 from .console import Progress
-from .embedding import Found, expand_inputs
-from .runtime import autocast, resolve_precision
+from .embedding import Found, expand_inputs, forward_batches
 
 
 def stream(
@@ -32,22 +31,10 @@ def stream(
 ) -> Iterator[tuple[list, torch.Tensor]]:
     """Yield (sources, class probabilities (B, K) float32 on the CPU) batch by batch, in input order; images are
     read as for validation (data.eval_batches: shorter side resized, center-cropped)."""
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    mode = resolve_precision(precision, device)
-    model.eval()
-    for items, x in D.eval_batches(
-        sources,
-        cfg.img_size,
-        cfg.in_chans,
-        batch_size=batch_size,
-        workers=workers,
-        on_error=on_error,
-        pin_memory=device.type == "cuda",
+    for items, logits in forward_batches(
+        model, model, sources, batch_size=batch_size, workers=workers, precision=precision, on_error=on_error
     ):
-        with torch.inference_mode(), autocast(device, mode):
-            logits = model(x.to(device, non_blocking=True))
-        yield items, logits.float().softmax(dim=-1).cpu()
+        yield items, logits.float().softmax(dim=-1)
 
 
 def predict(model, paths_or_images, *, batch_size: int = 64, workers: int = 0, precision: str = "no") -> torch.Tensor:
