@@ -862,6 +862,11 @@ def finetune(
         False, "--resume", help="Continue the run in --out (and its baseline) from the newest checkpoints."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
+    allow_data_change: bool = typer.Option(
+        False,
+        "--allow-data-change",
+        help="With --resume: go on although the training images differ from the run's, with a warning.",
+    ),
 ):
     """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
 

@@ -29,7 +29,7 @@ from .errors import DataError, UsageError
 from .labelled import Labelled, Split, load_labelled
 from .loop import LoopSettings, Trainer, make_accelerator, make_optimizer
 from .model import MAE, MAEConfig
-from .rundir import METRICS_NAME, MetricsLog, default_out, prepare, resumed_args
+from .rundir import METRICS_NAME, DataList, MetricsLog, default_out, prepare, resumed_args
 from .runtime import default_workers, fused_attention_pays
 from .schedule import Schedule
 from .train import restore
@@ -75,12 +75,23 @@ class FinetuneArgs:
     log_every: int = 10
     resume: bool = False
     overwrite: bool = False
+    allow_data_change: bool = False
     baseline: bool = False
     scratch: bool = False  # this run starts from random init (the baseline's own run)
 
 
 # What a resumed run may change: none of these alter the model or the steps already taken.
-RESUME_MAY_CHANGE = ("epochs", "steps", "workers", "log_every", "save_every", "keep", "precision", "baseline")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "steps",
+    "workers",
+    "log_every",
+    "save_every",
+    "keep",
+    "precision",
+    "baseline",
+    "allow_data_change",
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,8 +446,14 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
             min_lr=min(args.min_lr, peak_lr),
         )
         optimizer = make_optimizer(layer_decay_groups(model, args), peak_lr, acc.device, betas=(0.9, 0.999))
-        state = restore(args, out, model, optimizer, schedule, len(train.paths), world) if args.resume else TrainState()
+        files = DataList.of(args.data, [Path(p) for p in train.paths])  # the subset: resume checks it is the same
+        state = (
+            restore(args, out, model, optimizer, schedule, len(train.paths), world, files=files)
+            if args.resume
+            else TrainState()
+        )
         state.total_steps, state.images, state.processes = schedule.total_steps, len(train.paths), world
+        state.data = files.fingerprint()
         model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
         workers = default_workers() if args.workers is None else args.workers
         sampler = replace(
@@ -492,6 +509,7 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
                 args.log_every, args.save_every, args.keep, args.clip_grad, "baseline" if args.scratch else "finetune"
             ),
             on_epoch_end=validation,
+            checkpoint_files={DataList.NAME: files.compressed()} if main else None,
         )
         if main and args.resume:
             validation.catch_up(schedule, trainer.raw_model)
@@ -542,7 +560,7 @@ def write_run_config(out: Path, cfg: MAEConfig, classes: list[str], args: Finetu
             "model": cfg.to_dict(),
             "classes": classes,
             "classifier": {"num_classes": len(classes), "pool": args.pool},
-            "finetune": {**asdict(args), "resume": False, "overwrite": False},
+            "finetune": {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False},
             "data": {
                 "layout": labelled.layout,
                 "train_images": len(labelled.train.paths),

@@ -212,6 +212,20 @@ def test_resume_after_a_kill_is_exact(tmp_path, uninterrupted, resume_from):
     assert rows(a) == rows(b)  # no validation row lost or repeated
 
 
+def test_resume_refuses_other_training_images(tmp_path, uninterrupted):
+    data, a = uninterrupted
+    other, b = tmp_path / "data", tmp_path / "b"
+    shutil.copytree(data, other)
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "step-00000009")
+    (other / "train" / "red" / "00.png").unlink()
+    r = invoke("finetune", other, "--out", b, "--resume", "--epochs", "4")
+    assert r.exit_code == 1 and "1 file removed (e.g. 'train/red/00.png')" in r.stderr, r.output
+    assert "Traceback" not in r.output
+    r = invoke("finetune", other, "--out", b, "--resume", "--epochs", "4", "--allow-data-change")
+    assert r.exit_code == 0 and "going on with these" in r.stderr, r.output
+
+
 def test_fraction_and_per_class_take_a_seeded_stratified_subset():
     from maecli.errors import DataError
     from maecli.finetune import subset
