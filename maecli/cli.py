@@ -867,6 +867,7 @@ def finetune(
         "--allow-data-change",
         help="With --resume: go on although the training images differ from the run's, with a warning.",
     ),
+    log_with: list[Tracker] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
 ):
     """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
 

@@ -69,6 +69,7 @@ class FinetuneArgs:
     aa: str | None = "rand-m9-mstd0.5-inc1"
     precision: str = "auto"
     workers: int | None = None
+    log_with: tuple[str, ...] = ()  # trackers, as pretrain's --log-with; each run logs into its own RUN/logs
     seed: int = 0
     save_every: int = 500
     keep: int = 2
@@ -89,6 +90,7 @@ RESUME_MAY_CHANGE = (
     "save_every",
     "keep",
     "precision",
+    "log_with",
     "baseline",
     "allow_data_change",
 )
@@ -423,7 +425,7 @@ def load_encoder(args: FinetuneArgs) -> MAE:
 def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: Path) -> dict:
     """One fine-tuning run into `out`: the classifier on `encoder`, trained by the shared loop, validated at each
     epoch end. Returns {"out", "top1", "top5", "loss", "best_epoch", "per_class", "steps", ...}."""
-    acc = make_accelerator(args.precision)
+    acc = make_accelerator(args.precision, args.log_with, out)
     main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
     cfg: MAEConfig = encoder.cfg
     classes, train = labelled.classes, labelled.train
@@ -510,6 +512,11 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
             ),
             on_epoch_end=validation,
             checkpoint_files={DataList.NAME: files.compressed()} if main else None,
+            hparams={
+                "model": cfg.to_dict(),
+                "finetune": asdict(args),
+                "run": {"classes": len(classes), "train_images": len(train.paths), "effective_batch": eff_batch},
+            },
         )
         if main and args.resume:
             validation.catch_up(schedule, trainer.raw_model)

@@ -308,3 +308,32 @@ def test_pillow_13_posterize_at_zero_bits_keeps_the_image():
     img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3))
     out = np.asarray(posterize(img))
     assert set(np.unique(out)) <= {0, 128}  # one bit kept
+
+
+def test_log_with_tensorboard_holds_the_validation_metrics(tmp_path, labelled, tiny_weights):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    r = invoke(
+        "finetune",
+        labelled,
+        "--weights",
+        tiny_weights,
+        "--out",
+        run,
+        "--epochs",
+        "2",
+        "--log-with",
+        "tensorboard",
+        *FAST,
+    )
+    assert r.exit_code == 0, r.output
+    events = EventAccumulator(str(run / "logs" / "maecli"), size_guidance={"scalars": 0})
+    events.Reload()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {row["step"]: row["val_top1"] for row in rows if "val_top1" in row}
+    logged = {e.step: e.value for e in events.Scalars("val_top1")}
+    assert list(logged) == list(val) == [4, 8]  # 25 training files (one broken) in batches of 8: 4 steps an epoch
+    assert all(abs(logged[s] - val[s]) < 1e-6 for s in val)
+    assert {"loss", "lr", "val_top5", "val_loss"} <= set(events.Tags()["scalars"])
