@@ -18,6 +18,7 @@ from maecli.cli import app
 CLASSES = ("blue", "green", "red")
 # fast settings for the classifier runs: batch 8 over 24 training images is 3 steps an epoch
 FAST = ["--batch-size", "8", "--workers", "0", "--warmup-epochs", "1", "--log-every", "1"]
+LIGHT = ["--mixup", "0", "--cutmix", "0", "--aa", "none", "--reprob", "0"]  # the short-run recipe
 
 
 def invoke(*args, input=None):
@@ -92,6 +93,10 @@ def test_finetune_end_to_end(finetuned, labelled):
     assert "skipped validation image" in r.stderr and "broken.png" in r.stderr
     assert "skipped" in r.stderr and "broken.jpg" in r.stderr
     assert "1 unreadable training file(s) skipped" in r.stderr
+    assert (
+        "hint: 8 steps is a short fine-tuning" in r.stderr and "--mixup 0 --cutmix 0 --aa none --reprob 0" in r.stderr
+    )
+    assert r.stderr.count("hint:") == 1  # not again for the baseline
     # the pretrained and the scratch run share data order and init seed but not weights
     a, b = load_file(out / "model.safetensors"), load_file(out / "baseline" / "model.safetensors")
     assert a.keys() == b.keys() and "head.weight" in a and "fc_norm.weight" in a
@@ -327,8 +332,10 @@ def test_log_with_tensorboard_holds_the_validation_metrics(tmp_path, labelled, t
         "--log-with",
         "tensorboard",
         *FAST,
+        *LIGHT,
     )
     assert r.exit_code == 0, r.output
+    assert "hint:" not in r.stderr  # the short-run recipe asks for no advice
     events = EventAccumulator(str(run / "logs" / "maecli"), size_guidance={"scalars": 0})
     events.Reload()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
