@@ -1,7 +1,8 @@
 """Embeddings: each whole image through the frozen encoder, pooled to one vector, streamed in input order.
 
 `embed()` is the Python entry point; `stream()` is the batch loop shared by `maecli embed` and `maecli probe`;
-`write_embeddings()` is the command's pipeline (inputs, stdin, the output formats, skipped files).
+`write_embeddings()` is the command's pipeline (the output formats); `Inputs` reads files, folders and stdin and
+counts the unreadable ones for it and for `maecli predict`.
 """
 
 from __future__ import annotations
@@ -155,6 +156,44 @@ def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> 
                 yield line  # a missing file surfaces in order, as a clear error, when its batch is read
 
 
+class Inputs:
+    """The inputs of a streaming command (embed, predict): files, folders and `-` expanded in order, with one policy
+    for trouble. A missing file or no images at all is a DataError; an unreadable one is a DataError with `strict`,
+    else warned about on `console` and counted in `skipped`; the progress bar (`progress()`) counts both."""
+
+    def __init__(self, inputs: list[str], *, strict: bool = False, stdin=None, console=None):
+        self.strict, self.console, self.skipped, self.bar = strict, console, 0, None
+        self.sources = expand_inputs(
+            inputs,
+            stdin if stdin is not None else sys.stdin,
+            on_empty=lambda folder: self.warn(f"no image files found under {folder}"),
+        )
+        self.total = None
+        if "-" not in inputs:  # no stdin: the paths are known up front, so the bar can show a total
+            self.sources = list(self.sources)
+            self.total = len(self.sources)
+            if not self.sources:
+                raise D.DataError(f"no image files found in {', '.join(inputs)}")
+
+    def warn(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(f"[yellow]warning:[/] {message}")
+
+    def on_error(self, source, why, missing) -> None:
+        if missing and not isinstance(source, Found):
+            raise D.DataError(f"{source} does not exist")
+        if self.strict:
+            raise D.DataError(f"cannot read {source}: {why} (--strict)")
+        self.skipped += 1
+        self.warn(f"skipped {source}: {why}")
+        if self.bar is not None:
+            self.bar.advance(1)
+
+    def progress(self, label: str) -> Progress:
+        self.bar = Progress(label, self.total, enabled=self.console is not None)
+        return self.bar
+
+
 class JsonlWriter:
     def __init__(self, out):
         self.out = out
@@ -246,33 +285,7 @@ def write_embeddings(
     complete (see files.open_output). Warnings and progress go to `console` (stderr). Raises DataError for a
     missing file, for no images at all among explicit inputs, and for an unreadable file when `strict`.
     """
-    skipped = 0
-
-    def warn(message: str):
-        if console is not None:
-            console.print(f"[yellow]warning:[/] {message}")
-
-    def on_error(source, why, missing):
-        nonlocal skipped
-        if missing and not isinstance(source, Found):
-            raise D.DataError(f"{source} does not exist")
-        if strict:
-            raise D.DataError(f"cannot read {source}: {why} (--strict)")
-        skipped += 1
-        warn(f"skipped {source}: {why}")
-        bar.advance(1)
-
-    sources = expand_inputs(
-        inputs,
-        stdin if stdin is not None else sys.stdin,
-        on_empty=lambda folder: warn(f"no image files found under {folder}"),
-    )
-    total = None
-    if "-" not in inputs:  # no stdin: the paths are known up front, so the bar can show a total
-        sources = list(sources)
-        total = len(sources)
-        if not sources:
-            raise D.DataError(f"no image files found in {', '.join(inputs)}")
+    reader = Inputs(inputs, strict=strict, stdin=stdin, console=console)
     dim = model.cfg.embed_dim
     embedded, t0 = 0, time.time()
     with contextlib.ExitStack() as files:  # an error on the way leaves no output file behind
@@ -285,17 +298,17 @@ def write_embeddings(
                 )
             writer = CsvWriter(out, dim) if fmt == "csv" else JsonlWriter(out)
         with (
-            Progress("embed", total, enabled=console is not None) as bar,
+            reader.progress("embed") as bar,
             contextlib.closing(
                 stream(
                     model,
-                    sources,
+                    reader.sources,
                     pool=pool,
                     normalize=normalize,
                     batch_size=batch_size,
                     workers=workers,
                     precision=precision,
-                    on_error=on_error,
+                    on_error=reader.on_error,
                 )
             ) as batches,
         ):
@@ -306,4 +319,4 @@ def write_embeddings(
                 embedded += len(paths)
                 bar.advance(len(paths))
         writer.finish()
-    return {"embedded": embedded, "skipped": skipped, "seconds": time.time() - t0, "dim": dim}
+    return {"embedded": embedded, "skipped": reader.skipped, "seconds": time.time() - t0, "dim": dim}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -16,8 +15,7 @@ import torch
 from PIL import Image
 
 from . import data as D
-from .console import Progress
-from .embedding import Found, expand_inputs, forward_batches
+from .embedding import Inputs, forward_batches
 
 
 def stream(
@@ -100,42 +98,16 @@ def write_predictions(
     Raises DataError for a missing file, for no images at all among explicit inputs, and for an unreadable file
     when `strict` (embed's policy).
     """
-    skipped = 0
-
-    def warn(message: str):
-        if console is not None:
-            console.print(f"[yellow]warning:[/] {message}")
-
-    def on_error(source, why, missing):
-        nonlocal skipped
-        if missing and not isinstance(source, Found):
-            raise D.DataError(f"{source} does not exist")
-        if strict:
-            raise D.DataError(f"cannot read {source}: {why} (--strict)")
-        skipped += 1
-        warn(f"skipped {source}: {why}")
-        bar.advance(1)
-
-    sources = expand_inputs(
-        inputs,
-        stdin if stdin is not None else sys.stdin,
-        on_empty=lambda folder: warn(f"no image files found under {folder}"),
-    )
-    total = None
-    if "-" not in inputs:
-        sources = list(sources)
-        total = len(sources)
-        if not sources:
-            raise D.DataError(f"no image files found in {', '.join(inputs)}")
+    reader = Inputs(inputs, strict=strict, stdin=stdin, console=console)
     k = max(1, min(top_k, len(classes)))
     writer = (CsvWriter if fmt == "csv" else JsonlWriter)(out, classes, k)
     predicted, t0 = 0, time.time()
-    with Progress("predict", total, enabled=console is not None) as bar:
+    with reader.progress("predict") as bar:
         for paths, probs in stream(
-            model, sources, batch_size=batch_size, workers=workers, precision=precision, on_error=on_error
+            model, reader.sources, batch_size=batch_size, workers=workers, precision=precision, on_error=reader.on_error
         ):
             writer.write(paths, probs)
             out.flush()  # each batch reaches the next tool now
             predicted += len(paths)
             bar.advance(len(paths))
-    return {"predicted": predicted, "skipped": skipped, "seconds": time.time() - t0}
+    return {"predicted": predicted, "skipped": reader.skipped, "seconds": time.time() - t0}
