@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import rundir
 from .checkpoint import TrainState
 from .classifier import Classifier, from_encoder, save_classifier
 from .console import console, warn
@@ -81,19 +82,7 @@ class FinetuneArgs:
     scratch: bool = False  # this run starts from random init (the baseline's own run)
 
 
-# What a resumed run may change: none of these alter the model or the steps already taken.
-RESUME_MAY_CHANGE = (
-    "epochs",
-    "steps",
-    "workers",
-    "log_every",
-    "save_every",
-    "keep",
-    "precision",
-    "log_with",
-    "baseline",
-    "allow_data_change",
-)
+RESUME_MAY_CHANGE = (*rundir.RESUME_MAY_CHANGE, "baseline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +437,7 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
             min_lr=min(args.min_lr, peak_lr),
         )
         optimizer = make_optimizer(layer_decay_groups(model, args), peak_lr, acc.device, betas=(0.9, 0.999))
-        files = DataList.of(args.data, [Path(p) for p in train.paths])  # the subset: resume checks it is the same
+        files = DataList.of(args.data, train.paths)  # the subset: resume checks it is the same
         state = (
             restore(args, out, model, optimizer, schedule, len(train.paths), world, files=files)
             if args.resume
@@ -499,8 +488,9 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
                 f"({schedule.steps_per_epoch}/epoch, {schedule.epochs} epochs), warmup "
                 f"{schedule.warmup_steps} steps"
             )
-            if not args.scratch and short_run_hint(args, schedule.total_steps):
-                console.print(short_run_hint(args, schedule.total_steps))
+            hint = None if args.scratch else short_run_hint(args, schedule.total_steps)
+            if hint:
+                console.print(hint)
         trainer = Trainer(
             acc,
             model,

@@ -146,6 +146,20 @@ def saved_settings(run: Path, section: str = "train") -> dict:
         raise TrainError(f"cannot resume: {path} is unreadable ({e})") from None
 
 
+# What any resumed training run may change (each command adds its own): none alters the model or the steps taken.
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "steps",
+    "workers",
+    "log_every",
+    "save_every",
+    "keep",
+    "precision",
+    "log_with",
+    "allow_data_change",
+)
+
+
 def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: str = "train"):
     """The settings saved with the run in args.out, updated with those the user gave again and may change.
 
@@ -183,7 +197,7 @@ class DataList:
         self.files = files
 
     @classmethod
-    def of(cls, root: str | os.PathLike, paths: list[Path]) -> DataList:
+    def of(cls, root: str | os.PathLike, paths: list[Path] | list[str]) -> DataList:
         root = Path(root)
         base = root if root.is_dir() else root.parent
         files = []

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
+from . import rundir
 from .checkpoint import TrainState, checkpoint_dirs, find_checkpoint
 from .console import console, warn
 from .errors import DataError, TrainError, UsageError
@@ -67,20 +68,7 @@ class TrainArgs:
     allow_data_change: bool = False  # --resume on a changed file list: warn instead of refusing
 
 
-# What a resumed run may change: none of these alter the model or the steps already taken.
-RESUME_MAY_CHANGE = (
-    "epochs",
-    "steps",
-    "workers",
-    "log_every",
-    "save_every",
-    "keep",
-    "precision",
-    "previews",
-    "probe",
-    "log_with",
-    "allow_data_change",
-)
+RESUME_MAY_CHANGE = (*rundir.RESUME_MAY_CHANGE, "previews", "probe")
 
 
 def build_config(args: TrainArgs) -> MAEConfig:
