@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -18,9 +17,16 @@ from pathlib import Path
 import torch
 
 from .files import fsync_dir, open_output, write_bytes, write_json
-from .weights import WEIGHTS_NAME, save_weights
-
-FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
+from .rundir import (
+    CHECKPOINT_FILES,
+    CHECKPOINT_PATTERN,
+    CHECKPOINTS_DIR,
+    OPTIMIZER_NAME,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    checkpoint_name,
+)
+from .weights import save_weights
 
 
 @dataclass
@@ -61,13 +67,13 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 def checkpoint_dirs(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    root = Path(run) / "checkpoints"
+    root = Path(run) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     done = [
         p
         for p in root.iterdir()
-        if re.fullmatch(r"step-\d+", p.name) and p.is_dir() and all((p / f).is_file() for f in FILES)
+        if CHECKPOINT_PATTERN.fullmatch(p.name) and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES)
     ]
     return sorted(done, key=lambda p: int(p.name[5:]))
 
@@ -88,18 +94,18 @@ def save_checkpoint(
     """
     if not all_finite([*model.state_dict().values(), *optimizer_tensors(optimizer)]):
         raise NonFiniteError(f"the weights or the optimizer state hold NaN or inf at step {state.step}")
-    root = Path(run) / "checkpoints"
+    root = Path(run) / CHECKPOINTS_DIR
     root.mkdir(exist_ok=True)
-    final = root / f"step-{state.step:08d}"
+    final = root / checkpoint_name(state.step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
         save_weights(model, tmp / WEIGHTS_NAME)
-        with open_output(tmp / "optimizer.pt") as f:  # a file object: torch.save hides a path's write errors
+        with open_output(tmp / OPTIMIZER_NAME) as f:  # a file object: torch.save hides a path's write errors
             torch.save(optimizer.state_dict(), f)
-        write_json(tmp / "state.json", {**asdict(state), "epoch": state.step / steps_per_epoch})
+        write_json(tmp / STATE_NAME, {**asdict(state), "epoch": state.step / steps_per_epoch})
         for name, data in (extra_files or {}).items():
             write_bytes(tmp / name, data)
         fsync_dir(tmp)
@@ -130,8 +136,8 @@ def read_checkpoint(ckpt: Path, model, optimizer) -> tuple[dict, dict, TrainStat
     try:
         weights = load_file(str(ckpt / WEIGHTS_NAME))
         # weights_only: a checkpoint folder from elsewhere cannot run code through its pickle
-        optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((ckpt / "state.json").read_text())
+        optim = torch.load(ckpt / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        state = json.loads((ckpt / STATE_NAME).read_text())
     except Exception as e:  # safetensors, zip and pickle errors have no common base class
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     expected = model.state_dict()

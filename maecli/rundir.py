@@ -1,32 +1,250 @@
-"""The run folder of a training command: creating it (or refusing to clobber one), holding it against a second
-writer, its metrics log, and which settings a resumed run may change.
+"""The run folder: the name of every file a run holds, the one tolerant reader of its metrics, and the folder's life
+(created or refused, locked against a second writer, cleared by --overwrite). Nothing here imports torch, so the
+commands that only read runs (`info`, `plot`, the page) stay fast.
 
 RUN/
-  config.json        {"model": ..., "train": every argument}: enough to rebuild the model and to resume
+  config.json        {"command": ..., "model": ..., "train" or "finetune": every argument}: rebuild and resume
   model.safetensors  the weights a command hands over (the final, or the best, epoch's)
-  metrics.jsonl      one JSON object per logged row
-  checkpoints/       resumable state (checkpoint.py)
-  previews/          per-epoch pictures
+  metrics.jsonl      one JSON object per logged row (read_metrics)
+  checkpoints/       resumable state, step-NNNNNNNN/ (checkpoint.py)
+  previews/          per-epoch pictures, epoch-NNNN.png
   curves.png         the metrics drawn, redrawn at epoch ends (trackers.Curves)
   logs/              the trackers' stores, with --log-with (trackers.py)
+  per_class.json     finetune: accuracy per class at the best epoch
+  baseline/          finetune --baseline: the scratch run, a run folder of its own
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
+import stat
 from datetime import datetime
 from pathlib import Path
 
-from .errors import TrainError
+from .errors import TrainError, UserError
 from .files import atomic_write
-from .weights import CONFIG_NAME, WEIGHTS_NAME
 
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
-RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, "checkpoints", "previews", "curves.png", "logs")
+CHECKPOINTS_DIR = "checkpoints"
+PREVIEWS_DIR = "previews"
+CURVES_NAME = "curves.png"
+LOGS_DIR = "logs"
+PER_CLASS_NAME = "per_class.json"
+BASELINE_DIR = "baseline"
 LOCK_NAME = ".lock"
+# inside checkpoints/step-N/
+OPTIMIZER_NAME = "optimizer.pt"
+STATE_NAME = "state.json"
+DATA_LIST_NAME = "files.json.gz"
+CHECKPOINT_FILES = (WEIGHTS_NAME, OPTIMIZER_NAME, STATE_NAME)
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)")
+PREVIEW_PATTERN = re.compile(r"epoch-(\d{1,9})\.png")
+
+# what --overwrite clears: everything a training command writes into its folder
+RUN_FILES = (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    METRICS_NAME,
+    CHECKPOINTS_DIR,
+    PREVIEWS_DIR,
+    CURVES_NAME,
+    LOGS_DIR,
+    PER_CLASS_NAME,
+    BASELINE_DIR,
+)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def preview_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading what a run wrote: tolerant of half-written, damaged and huge files
+
+
+def regular_file(path: str | os.PathLike) -> Path | None:
+    """`path` if it is a regular file (links followed); None if it does not exist. Anything else (a FIFO, a device,
+    a folder) is a UserError: opening a FIFO for reading would wait forever for a writer."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UserError(f"{path} is {kind}")
+    return path
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """A JSON object from a small file (config.json, state.json); None if the file does not exist. A file that is not
+    a regular file, not UTF-8 JSON or not an object is a UserError naming it."""
+    found = regular_file(path)
+    if found is None:
+        return None
+    try:
+        with open(found, "rb") as f:
+            raw = f.read(64 << 20)  # config files are kilobytes; a huge one is not ours
+        obj = json.loads(raw.decode("utf-8"), parse_constant=lambda name: None)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{found} is unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{found} is not a JSON object")
+    return obj
+
+
+MAX_STEP = 2**53  # steps are counted in float64 by every plotting and tracking tool
+MAX_VALUE = 1e300  # beyond this a metric is damage, and squaring it in a plot would overflow
+MAX_LINE = 1 << 20  # bytes; a longer line is damage and is skipped without being held whole
+
+
+@dataclasses.dataclass
+class Metrics:
+    """Rows of a metrics.jsonl: each a dict with an integer "step" and finite numbers (other values kept as they
+    are); `bad` counts the lines skipped, `lines` all lines read; `thinned` says rows were dropped to fit."""
+
+    rows: list[dict]
+    bad: int = 0
+    lines: int = 0
+    thinned: bool = False
+
+
+def clean_row(line: bytes) -> dict | None:
+    """One metrics line as a row, or None if it is not one: not a JSON object, no integer step in [0, 2^53].
+    Numbers that are not finite or beyond ±1e300 are dropped from the row."""
+    try:
+        row = json.loads(line.decode("utf-8"), parse_constant=lambda name: None)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(row, dict):
+        return None
+    step = row.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        return None
+    for key, value in list(row.items()):
+        if value is None or (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and not (math.isfinite(value) and abs(value) <= MAX_VALUE)
+        ):
+            del row[key]
+    return row
+
+
+def _lines(f, start: int = 0):
+    """The lines of a binary file from byte `start`, each at most MAX_LINE bytes (a longer one is yielded as None)."""
+    f.seek(start)
+    while True:
+        line = f.readline(MAX_LINE)
+        if not line:
+            return
+        if len(line) == MAX_LINE and not line.endswith(b"\n"):
+            while (rest := f.readline(MAX_LINE)) and not rest.endswith(b"\n"):
+                pass
+            line = None
+        yield line
+
+
+def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_bytes: int | None = None) -> Metrics:
+    """The rows of RUN/metrics.jsonl (or of the .jsonl file `path`), in file order, in bounded memory.
+
+    A run killed mid-write, or still writing, leaves a partial last line; a damaged file may hold anything. Such
+    lines are skipped and counted (`bad`), never raised. `max_rows` keeps at most about that many rows, evenly
+    spread with the last one kept (for pictures); `tail_bytes` reads only the end of the file (for the latest
+    values). A missing file has no rows; one that is not a regular file (a FIFO) is a UserError.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    found = regular_file(path)
+    if found is None:
+        return Metrics([])
+    result = Metrics([])
+    stride, seen = 1, 0
+    try:
+        with open(found, "rb") as f:
+            start = 0
+            if tail_bytes is not None:
+                size = os.fstat(f.fileno()).st_size
+                start = max(0, size - tail_bytes)
+            lines = _lines(f, start)
+            if start:
+                next(lines, None)  # the first line read from the middle of the file is a fragment
+            last = None
+            for line in lines:
+                result.lines += 1
+                if line is not None and not line.strip():
+                    continue  # a blank line is not damage
+                row = clean_row(line) if line is not None else None
+                if row is None:
+                    result.bad += 1
+                    continue
+                last = row
+                if seen % stride == 0:
+                    result.rows.append(row)
+                seen += 1
+                if max_rows is not None and len(result.rows) >= 2 * max_rows:
+                    result.rows = result.rows[::2]  # keep every other: the stride doubles, memory stays bounded
+                    stride *= 2
+                    result.thinned = True
+            if last is not None and (not result.rows or result.rows[-1] is not last):
+                result.rows.append(last)
+    except OSError as e:
+        raise UserError(f"cannot read {found}: {e.strerror or e}") from None
+    return result
+
+
+class MetricsLog:
+    """Appends rows to RUN/metrics.jsonl, each flushed at once (on the main process only; elsewhere a no-op)."""
+
+    def __init__(self, run: Path, enabled: bool = True):
+        self.file = open(Path(run) / METRICS_NAME, "a") if enabled else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:  # a full disk: the write that failed has said so already
+                pass
+            self.file = None
+
+
+def trim_metrics(run: Path, step: int) -> None:
+    """Drop the metrics rows a killed run logged after the checkpoint it resumes from (and damaged lines), so the
+    resumed run's rows follow on without repeats."""
+    path = Path(run) / METRICS_NAME
+    if regular_file(path) is None:
+        return
+    keep = []
+    with open(path, "rb") as f:
+        for line in _lines(f):
+            row = clean_row(line) if line and line.strip() else None
+            if row is not None and row["step"] <= step:
+                keep.append(line.rstrip(b"\n") + b"\n")
+    data = b"".join(keep)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+# ----------------------------------------------------------------------------------------------
+# The folder's life: created or refused, locked, cleared
 
 
 def default_out() -> Path:
@@ -92,44 +310,6 @@ def prepare(run: Path, resume: bool, overwrite: bool) -> RunLock:
             elif p.exists():
                 p.unlink()
     return lock
-
-
-def trim_metrics(run: Path, step: int) -> None:
-    """Drop the metrics rows a killed run logged after the checkpoint it resumes from (and a half-written last
-    line), so the resumed run's rows follow on without repeats."""
-    path = Path(run) / METRICS_NAME
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(row, dict) or row.get("step", 0) <= step:
-            keep.append(line)
-    text = "".join(line + "\n" for line in keep)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-class MetricsLog:
-    """Appends rows to RUN/metrics.jsonl, each flushed at once (on the main process only; elsewhere a no-op)."""
-
-    def __init__(self, run: Path, enabled: bool = True):
-        self.file = open(Path(run) / METRICS_NAME, "a") if enabled else None
-
-    def write(self, row: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            try:
-                self.file.close()
-            except OSError:  # a full disk: the write that failed has said so already
-                pass
-            self.file = None
 
 
 def saved_settings(run: Path, section: str = "train") -> dict:

@@ -22,9 +22,8 @@ from . import formats
 from .errors import WeightsError
 from .files import atomic_write, write_json
 from .model import MAE, MAEConfig
+from .rundir import CONFIG_NAME, WEIGHTS_NAME
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 # What a folder may hold, in order of preference: maecli and transformers write the first.
 FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
 
