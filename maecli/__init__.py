@@ -15,7 +15,7 @@ _LAZY = {
     "finetune": ("maecli.finetune", "finetune"),
     "FinetuneArgs": ("maecli.finetune", "FinetuneArgs"),
     "load_classifier": ("maecli.classifier", "load_classifier"),
-    "predict": ("maecli.predict", "predict"),
+    "predict": ("maecli.prediction", "predict"),
 }
 
 __all__ = list(_LAZY) + ["__version__"]

@@ -988,7 +988,7 @@ def predict(
     from .classifier import load_classifier
     from .console import console
     from .files import guarded, open_output
-    from .predict import write_predictions
+    from .prediction import write_predictions
     from .runtime import default_device
 
     try:
