@@ -322,8 +322,8 @@ def autocast(precision: str, device: str = "cpu"):
 
 def optimizer_for(model, device):
     """maecli's AdamW: fused, betas (0.9, 0.95), no decay on norms, biases, tokens and positions."""
-    from maecli.loop import make_optimizer
     from maecli.model import no_weight_decay_groups
+    from maecli.train.loop import make_optimizer
 
     return make_optimizer(no_weight_decay_groups(model, 0.05), 1e-4, device, betas=(0.9, 0.95))
 

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from maecli.runtime import resolve_precision  # noqa: E402
-from maecli.train import TrainArgs, build_config  # noqa: E402
+from maecli.train.pretrain import TrainArgs, build_config  # noqa: E402
 
 TINY = dict(model="vit-tiny", patch_size=8, decoder_dim=128, decoder_depth=4, decoder_heads=4)
 # (label, data folder under ../shared/data, TrainArgs fields)

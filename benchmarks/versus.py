@@ -50,7 +50,10 @@ def child_step(checkout: str, precisions: list[str]) -> None:
     model = MAE(cfg)
     cpu = torch.device("cpu")
     try:
-        from maecli.loop import make_optimizer
+        try:
+            from maecli.train.loop import make_optimizer
+        except ImportError:  # the layout before maecli/train/
+            from maecli.loop import make_optimizer
         from maecli.model import no_weight_decay_groups
 
         optimizer = make_optimizer(no_weight_decay_groups(model, 0.05), 1e-4, cpu, betas=(0.9, 0.95))

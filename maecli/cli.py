@@ -299,8 +299,8 @@ def pretrain(
         fail(f"probe folder {probe} does not exist")
     quiet_libraries()
     from .runtime import default_device
-    from .train import TrainArgs
-    from .train import pretrain as run_pretrain
+    from .train.pretrain import TrainArgs
+    from .train.pretrain import pretrain as run_pretrain
 
     host.tune_for_cpu(default_device())
     args = command_args(ctx, TrainArgs)
@@ -900,9 +900,9 @@ def finetune(
             fail(f"{path} does not exist")
     quiet_libraries()
     from .console import console
-    from .finetune import FinetuneArgs, json_summary, result_table, stopped_message
-    from .finetune import finetune as run_finetune
     from .runtime import default_device
+    from .train.finetune import FinetuneArgs, json_summary, result_table, stopped_message
+    from .train.finetune import finetune as run_finetune
 
     host.tune_for_cpu(default_device())
     args = command_args(ctx, FinetuneArgs, weights=str(weights) if weights else "")

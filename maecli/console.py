@@ -7,6 +7,11 @@ from rich.console import Console
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`1 loader worker`, `2 loader workers`: the count and the word in the form it takes."""
+    return f"{n} {word if n == 1 else words or word + 's'}"
+
+
 def warn(message: str) -> None:
     from rich.markup import escape
 

@@ -312,60 +312,6 @@ def prepare(run: Path, resume: bool, overwrite: bool) -> RunLock:
     return lock
 
 
-def saved_settings(run: Path, section: str = "train") -> dict:
-    """The arguments saved in RUN/config.json under `section`."""
-    path = Path(run) / CONFIG_NAME
-    if not path.exists():
-        raise TrainError(f"cannot resume: {run} holds no {CONFIG_NAME}")
-    try:
-        saved = json.loads(path.read_text())[section]
-        if not isinstance(saved, dict):
-            raise TypeError("not an object")
-        return saved
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"cannot resume: {path} is unreadable ({e})") from None
-
-
-# What any resumed training run may change (each command adds its own): none alters the model or the steps taken.
-RESUME_MAY_CHANGE = (
-    "epochs",
-    "steps",
-    "workers",
-    "log_every",
-    "save_every",
-    "keep",
-    "precision",
-    "log_with",
-    "allow_data_change",
-)
-
-
-def resumed_args(args, given: set[str], may_change: tuple[str, ...], section: str = "train"):
-    """The settings saved with the run in args.out, updated with those the user gave again and may change.
-
-    `args` is a dataclass of a command's arguments; `given` names the ones the user set explicitly. One that
-    differs from the saved run and is not in `may_change` is refused rather than silently ignored or applied.
-    """
-    saved = saved_settings(Path(args.out), section)
-    known = {f.name for f in dataclasses.fields(args)}
-    merged = {k: v for k, v in saved.items() if k in known}
-    merged.update(data=args.data, out=str(args.out), resume=True, overwrite=False)
-    for name in sorted(set(given) & known - {"data", "out", "resume", "overwrite"}):
-        now, before = getattr(args, name), merged.get(name)
-        if now == before:
-            continue
-        if name not in may_change:
-            may = ", ".join("--" + n.replace("_", "-") for n in may_change[:7])
-            raise TrainError(
-                f"--{name.replace('_', '-')} {now} differs from the run's {before}; --resume keeps a "
-                f"run's settings and may change only {may}"
-            )
-        merged[name] = now
-    if "epochs" in given and "steps" not in given and merged.get("epochs") != saved.get("epochs"):
-        merged["steps"] = None  # a new epoch count replaces the step count the run was started with
-    return type(args)(**merged)
-
-
 class DataList:
     """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
     fingerprint in state.json, and the list itself in files.json.gz beside it (to say what changed), so `--resume`

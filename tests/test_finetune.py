@@ -233,8 +233,8 @@ def test_resume_refuses_other_training_images(tmp_path, uninterrupted):
 
 def test_fraction_and_per_class_take_a_seeded_stratified_subset():
     from maecli.errors import DataError
-    from maecli.finetune import subset
     from maecli.labelled import Split
+    from maecli.train.finetune import subset
 
     sizes = {"a": 10, "b": 20, "c": 4}
     paths = [f"{c}/{i:02d}.png" for c, n in sizes.items() for i in range(n)]
@@ -304,7 +304,7 @@ def test_bad_weights_are_one_line(tmp_path, tiny_weights):
 
 def test_pillow_13_posterize_at_zero_bits_keeps_the_image():
     """RandAugment `inc1` asks for 0 bits at magnitude 10; Pillow 13 raises there, our floor keeps 1 bit."""
-    from maecli.finetune import FinetuneArgs, train_transform
+    from maecli.train.finetune import FinetuneArgs, train_transform
 
     transform = train_transform(FinetuneArgs(data="", weights=""), 32, 3)
     ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]

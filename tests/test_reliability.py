@@ -178,7 +178,7 @@ def test_signal_saves_a_checkpoint_and_exits(tmp_path, small_dir, reference, sig
 def test_a_relayed_signal_is_not_a_second_ctrl_c(monkeypatch):
     """A launcher relays the terminal's Ctrl-C to its processes; a scheduler may send SIGTERM twice. Only a
     second Ctrl-C from the user, a moment later, aborts without a checkpoint."""
-    import maecli.loop as T
+    import maecli.train.loop as T
 
     clock = [100.0]
     monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
@@ -366,7 +366,7 @@ def test_unwritable_output_is_refused_before_training(tmp_path, small_dir):
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, small_dir, monkeypatch):
     import errno
 
-    import maecli.loop as T
+    import maecli.train.loop as T
 
     real, calls = T.save_checkpoint, []
 

@@ -11,8 +11,8 @@ import torch
 from conftest import EXAMPLES, ROOT
 
 from maecli import cli, host, runtime
-from maecli.loop import make_optimizer
 from maecli.model import MAE, MAEConfig, no_weight_decay_groups
+from maecli.train.loop import make_optimizer
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_host_tuning_is_the_cli_s_and_only_on_a_cpu(monkeypatch, tiny_weights, t
 
 def test_importing_maecli_changes_no_process_setting():
     code = (
-        "import os; before = dict(os.environ); import maecli, maecli.cli, maecli.train, maecli.embedding; "
+        "import os; before = dict(os.environ); import maecli, maecli.cli, maecli.train.pretrain, maecli.embedding; "
         "assert dict(os.environ) == before"
     )
     subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, check=True)

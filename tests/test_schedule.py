@@ -2,7 +2,7 @@
 
 import pytest
 
-from maecli.schedule import Schedule
+from maecli.train.schedule import Schedule
 
 
 def test_warmup_then_half_cosine():

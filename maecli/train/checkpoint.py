@@ -1,5 +1,5 @@
-"""Resumable training state: what a checkpoint holds beyond the weights, and the one pair of functions that writes
-and reads `checkpoints/step-N/` (model.safetensors, optimizer.pt, state.json).
+"""Resumable training state: what a checkpoint holds beyond the weights, the one pair of functions that writes and
+reads `checkpoints/step-N/` (model.safetensors, optimizer.pt, state.json), and `restore`, which resumes a run.
 
 A checkpoint folder gets its final name only once every file in it is on disk, so a kill at any moment leaves
 the previous checkpoint whole; `.tmp-*` folders are saves cut short and never count.
@@ -13,20 +13,28 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .files import fsync_dir, open_output, write_bytes, write_json
-from .rundir import (
+from ..console import console, warn
+from ..errors import TrainError
+from ..files import fsync_dir, open_output, write_bytes, write_json
+from ..rundir import (
     CHECKPOINT_FILES,
     CHECKPOINT_PATTERN,
     CHECKPOINTS_DIR,
     OPTIMIZER_NAME,
     STATE_NAME,
     WEIGHTS_NAME,
+    DataList,
     checkpoint_name,
+    trim_metrics,
 )
-from .weights import save_weights
+from ..weights import save_weights
+
+if TYPE_CHECKING:
+    from .schedule import Schedule
 
 
 @dataclass
@@ -172,5 +180,61 @@ def find_checkpoint(run: Path, model, optimizer, warn: Callable[[str], None]):
         except ValueError as e:
             warn(f"checkpoint {ckpt} is unusable ({e}); trying an older one")
     if ckpts:
-        raise ValueError(f"none of the {len(ckpts)} checkpoints in {Path(run) / 'checkpoints'} is usable")
+        raise ValueError(f"none of the {len(ckpts)} checkpoints in {Path(run) / CHECKPOINTS_DIR} is usable")
     return None
+
+
+def restore(
+    args, out: Path, model, optimizer, schedule: Schedule, images: int, world: int, *, files: DataList | None = None
+) -> TrainState:
+    """Load the newest usable checkpoint into `model` and `optimizer` (every rank loads the one the main process
+    chose) and return its TrainState; a fresh state when there is none.
+
+    With `files`, a checkpoint saved on other data is refused (TrainError saying what changed), unless
+    `args.allow_data_change`, which warns instead."""
+    from accelerate.state import PartialState
+
+    main = PartialState().is_main_process
+    try:
+        found = find_checkpoint(out, model, optimizer, warn) if main else None
+    except ValueError as e:
+        raise TrainError(f"cannot resume: {e}; start a new run with another --out") from None
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        name = [found[0].name if found else None]
+        broadcast_object_list(name)
+        if not main and name[0]:
+            ckpt = out / CHECKPOINTS_DIR / name[0]
+            found = ckpt, read_checkpoint(ckpt, model, optimizer)
+    if not found:
+        if main:
+            console.print(f"[yellow]no checkpoint in {out}; starting from step 0[/]")
+            trim_metrics(out, 0)
+        return TrainState()
+    ckpt, (weights, optim_state, state) = found
+    change = files.changes_since(state.data, ckpt) if files is not None else None
+    if change and not getattr(args, "allow_data_change", False):
+        raise TrainError(
+            f"cannot resume {out}: {change}; restore the files to continue the same run, or pass "
+            f"--allow-data-change to go on with these"
+        )
+    if change:
+        warn(f"{change}; going on with these (--allow-data-change): the run is no longer the one it started as")
+    model.load_state_dict(weights, strict=True)
+    optimizer.load_state_dict(optim_state)
+    if state.step > schedule.total_steps:
+        raise TrainError(
+            f"the run in {out} is at step {state.step}, past the {schedule.total_steps} steps asked "
+            f"for; pass a larger --steps or --epochs to extend it"
+        )
+    if (state.images or images) != images or state.processes != world:
+        warn(
+            f"the run was saved with {state.images} images and {state.processes} processes, now {images} and "
+            f"{world}: from here on it differs from an uninterrupted run"
+        )
+    state.micro = schedule.micro_before(state.step)
+    if main:
+        console.print(f"resuming {out} from step {state.step} ({ckpt.name})")
+        trim_metrics(out, state.step)
+    return state

@@ -9,58 +9,46 @@ continues exactly; the best epoch on the validation set is tracked in the resuma
 from __future__ import annotations
 
 import json
-import math
 import random
-import shutil
 import signal
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as D
-from . import rundir
+from .. import data as D
+from ..classifier import Classifier, from_encoder, save_classifier
+from ..console import console, warn
+from ..errors import DataError, UsageError
+from ..files import write_json
+from ..labelled import Labelled, Split, load_labelled
+from ..model import MAE
+from ..rundir import BASELINE_DIR, CONFIG_NAME, METRICS_NAME, PER_CLASS_NAME, WEIGHTS_NAME, MetricsLog
 from .checkpoint import TrainState
-from .classifier import Classifier, from_encoder, save_classifier
-from .console import console, warn
-from .errors import DataError, UsageError
-from .labelled import Labelled, Split, load_labelled
-from .loop import LoopSettings, Trainer, make_accelerator, make_optimizer
-from .model import MAE, MAEConfig
-from .rundir import METRICS_NAME, DataList, MetricsLog, default_out, prepare, resumed_args
-from .runtime import default_workers, fused_attention_pays
+from .run import RunArgs, micro_seed, prepared, start
 from .schedule import Schedule
-from .train import restore
-from .weights import CONFIG_NAME, WEIGHTS_NAME
-
-PER_CLASS_NAME = "per_class.json"
-BASELINE_DIR = "baseline"
 
 
-@dataclass
-class FinetuneArgs:
-    data: str
+@dataclass(kw_only=True)
+class FinetuneArgs(RunArgs):
+    """finetune's settings: the shared ones (RunArgs) and the classifier's recipe (the paper's defaults)."""
+
+    command: ClassVar[str] = "finetune"
+    may_change: ClassVar[tuple[str, ...]] = (*RunArgs.may_change, "baseline")
+
     weights: str
-    out: str | None = None
+    epochs: int = 50
     val: str | None = None
     val_split: float | None = None
     fraction: float | None = None
     per_class: int | None = None
     img_size: int | None = None  # default: the weights'
     pool: str = "mean"
-    epochs: int = 50
-    steps: int | None = None
-    batch_size: int = 64
-    blr: float = 1e-3
-    lr: float | None = None
     min_lr: float = 1e-6
-    warmup_epochs: float = 5
-    accum_iter: int = 1
-    clip_grad: float | None = None
-    weight_decay: float = 0.05
     layer_decay: float = 0.75
     drop_path: float = 0.1
     mixup: float = 0.8
@@ -68,21 +56,8 @@ class FinetuneArgs:
     smoothing: float = 0.1
     reprob: float = 0.25
     aa: str | None = "rand-m9-mstd0.5-inc1"
-    precision: str = "auto"
-    workers: int | None = None
-    log_with: tuple[str, ...] = ()  # trackers, as pretrain's --log-with; each run logs into its own RUN/logs
-    seed: int = 0
-    save_every: int = 500
-    keep: int = 2
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    allow_data_change: bool = False
     baseline: bool = False
     scratch: bool = False  # this run starts from random init (the baseline's own run)
-
-
-RESUME_MAY_CHANGE = (*rundir.RESUME_MAY_CHANGE, "baseline")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +195,7 @@ def classification_loss(args: FinetuneArgs, num_classes: int, rank: int):
 
     def loss_fn(model, batch, micro: int) -> torch.Tensor:
         x, y = batch
-        seed = (args.seed * 1_000_003 + micro * 4_099 + rank * 7 + 1) % 2**32
+        seed = micro_seed(args.seed, micro, rank) % 2**32
         np.random.seed(seed)
         torch.manual_seed(seed)
         if mixup is not None:
@@ -361,12 +336,10 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
     random init into RUN/baseline. Returns {"finetuned": summary, "baseline": summary or None, "classes"}.
 
     Raises a maecli UserError for the user before anything is written. With `args.resume`, both runs continue
-    from their newest checkpoints; `given` names the settings the caller set explicitly (rundir.resumed_args).
+    from their newest checkpoints; `given` names the settings the caller set explicitly (run.resumed_args).
     """
-    out = Path(args.out or default_out())
-    args = replace(args, out=str(out))
-    if args.resume:
-        args = resumed_args(args, set(given), RESUME_MAY_CHANGE, section="finetune")
+    args = prepared(args, given)
+    out = Path(args.out)
     check_recipe(args)
     labelled = load_labelled(args.data, args.val, args.val_split, args.seed)
     labelled = replace(
@@ -382,8 +355,6 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
         torch.manual_seed(args.seed)  # the same seeded init the pretraining began from
         scratch = MAE(encoder.cfg, decoder=False)
         baseline = train_classifier(base_args, labelled, scratch, base_out)
-    elif not args.baseline and args.overwrite and (out / BASELINE_DIR).is_dir():
-        shutil.rmtree(out / BASELINE_DIR)  # an earlier run's baseline no longer belongs to this run
     return {"finetuned": finetuned, "baseline": baseline, "classes": labelled.classes, "labelled": labelled}
 
 
@@ -406,7 +377,7 @@ def check_recipe(args: FinetuneArgs) -> None:
 
 def load_encoder(args: FinetuneArgs) -> MAE:
     """The pretrained encoder from any weights maecli.load reads; a ViT that does not fit timm's is refused."""
-    from .weights import load
+    from ..weights import load
 
     return load(args.weights, img_size=args.img_size)
 
@@ -414,126 +385,56 @@ def load_encoder(args: FinetuneArgs) -> MAE:
 def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: Path) -> dict:
     """One fine-tuning run into `out`: the classifier on `encoder`, trained by the shared loop, validated at each
     epoch end. Returns {"out", "top1", "top5", "loss", "best_epoch", "per_class", "steps", ...}."""
-    acc = make_accelerator(args.precision, args.log_with, out)
-    main, world, rank = acc.is_main_process, acc.num_processes, acc.process_index
-    cfg: MAEConfig = encoder.cfg
-    classes, train = labelled.classes, labelled.train
-    lock = prepare(out, args.resume, args.overwrite) if main else None
-    try:
-        acc.wait_for_everyone()
-        torch.manual_seed(args.seed)
-        model = from_encoder(encoder, len(classes), args.pool, args.drop_path)
-        batch = min(args.batch_size, math.ceil(len(train.paths) / world))
-        eff_batch = batch * args.accum_iter * world
-        peak_lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-        sampler = D.EpochBatches(len(train.paths), batch, args.seed, epochs=1, rank=rank, world=world)
-        schedule = Schedule.plan(
-            sampler.micro_per_epoch(),
-            args.accum_iter,
-            peak_lr,
-            epochs=args.epochs,
-            steps=args.steps,
-            warmup_epochs=args.warmup_epochs,
-            min_lr=min(args.min_lr, peak_lr),
-        )
-        optimizer = make_optimizer(layer_decay_groups(model, args), peak_lr, acc.device, betas=(0.9, 0.999))
-        files = DataList.of(args.data, train.paths)  # the subset: resume checks it is the same
-        state = (
-            restore(args, out, model, optimizer, schedule, len(train.paths), world, files=files)
-            if args.resume
-            else TrainState()
-        )
-        state.total_steps, state.images, state.processes = schedule.total_steps, len(train.paths), world
-        state.data = files.fingerprint()
-        model.set_fused_attention(fused_attention_pays(acc.device, acc.mixed_precision))
-        workers = default_workers() if args.workers is None else args.workers
-        sampler = replace(
-            sampler,
-            epochs=schedule.epochs,
-            start_epoch=schedule.epoch_of(state.step),
-            start_micro=state.micro - schedule.epoch_of(state.step) * schedule.micro_per_epoch,
-        )
-        dataset = LabelledTrainSet(
-            train.paths,
-            train.labels,
-            train_transform(args, cfg.img_size, cfg.in_chans),
-            cfg.img_size,
-            cfg.in_chans,
-            args.seed,
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=workers,
-            collate_fn=collate,
-            worker_init_fn=D.worker_init,
-            pin_memory=acc.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-        validation = Validation(args, labelled, out, state, workers)
-        if main:
-            write_run_config(out, cfg, classes, args, labelled)
+    cfg, classes, train = encoder.cfg, labelled.classes, labelled.train
+    torch.manual_seed(args.seed)
+    model = from_encoder(encoder, len(classes), args.pool, args.drop_path)
+    groups = layer_decay_groups(model, args)
+    with start(args, model, groups, train.paths, betas=(0.9, 0.999), min_lr=args.min_lr) as run:
+        transform = train_transform(args, cfg.img_size, cfg.in_chans)
+        dataset = LabelledTrainSet(train.paths, train.labels, transform, cfg.img_size, cfg.in_chans, args.seed)
+        loader = run.loader(dataset, collate)
+        validation = Validation(args, labelled, out, run.state, run.workers)
+        if run.main:
+            run.write_config(
+                cfg.to_dict(),
+                classes=classes,
+                classifier={"num_classes": len(classes), "pool": args.pool},
+                data={
+                    "layout": labelled.layout,
+                    "train_images": len(train.paths),
+                    "val_images": len(labelled.val.paths),
+                },
+            )
             kind = "from random init (baseline)" if args.scratch else f"from {args.weights}"
-            console.print(
+            run.announce(
                 f"maecli finetune {kind}: {len(train.paths)} training images in {len(classes)} classes, "
                 f"{len(labelled.val.paths)} validation images ({labelled.layout}); ViT {cfg.embed_dim}-d x "
-                f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool; device "
-                f"{acc.device.type} x{world}, precision {acc.mixed_precision}, {workers} loader workers"
+                f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool",
+                extra=f", layer decay {args.layer_decay:g}",
             )
-            console.print(
-                f"effective batch {eff_batch}, lr {peak_lr:.3g}"
-                + ("" if args.lr is not None else f" (blr {args.blr:g} x {eff_batch}/256)")
-                + f", layer decay {args.layer_decay:g}, {schedule.total_steps} steps "
-                f"({schedule.steps_per_epoch}/epoch, {schedule.epochs} epochs), warmup "
-                f"{schedule.warmup_steps} steps"
-            )
-            hint = None if args.scratch else short_run_hint(args, schedule.total_steps)
+            hint = None if args.scratch else short_run_hint(args, run.schedule.total_steps)
             if hint:
                 console.print(hint)
-        trainer = Trainer(
-            acc,
-            model,
-            optimizer,
-            schedule,
-            out,
-            state,
-            loss_fn=classification_loss(args, len(classes), rank),
-            settings=LoopSettings(
-                args.log_every, args.save_every, args.keep, args.clip_grad, "baseline" if args.scratch else "finetune"
-            ),
+        trainer = run.trainer(
+            classification_loss(args, len(classes), run.rank),
+            "baseline" if args.scratch else "finetune",
             on_epoch_end=validation,
-            checkpoint_files={DataList.NAME: files.compressed()} if main else None,
-            hparams={
-                "model": cfg.to_dict(),
-                "finetune": asdict(args),
-                "run": {"classes": len(classes), "train_images": len(train.paths), "effective_batch": eff_batch},
-            },
+            model_config=cfg.to_dict(),
+            run_info={"classes": len(classes)},
         )
-        if main and args.resume:
-            validation.catch_up(schedule, trainer.raw_model)
-        result = trainer.fit(loader)
-    finally:
-        if lock is not None:
-            lock.release()
-    acc.end_training()
-    best = state.extra.get("best")
-    summary = {
-        "out": str(out),
-        "weights": str(out / WEIGHTS_NAME),
-        "total_steps": schedule.total_steps,
-        **result,
-        "skipped": len(result["skipped"]),
-        "val_unreadable": validation.unreadable,
-        "top1": best["top1"] if best else None,
-        "top5": best["top5"] if best else None,
-        "loss": best["loss"] if best else None,
-        "best_epoch": best["epoch"] if best else None,
-        "per_class": per_class_rows(classes, best["per_class"]) if best else None,
-    }
-    if main and best:
-        from .files import write_json
-
+        if run.main and args.resume:
+            validation.catch_up(run.schedule, trainer.raw_model)
+        summary = run.summary(trainer.fit(loader), out / WEIGHTS_NAME)
+    best = run.state.extra.get("best")
+    summary.update(
+        val_unreadable=validation.unreadable,
+        top1=best["top1"] if best else None,
+        top5=best["top5"] if best else None,
+        loss=best["loss"] if best else None,
+        best_epoch=best["epoch"] if best else None,
+        per_class=per_class_rows(classes, best["per_class"]) if best else None,
+    )
+    if run.main and best:
         write_json(out / PER_CLASS_NAME, {"best_epoch": best["epoch"], "classes": summary["per_class"]})
     return summary
 
@@ -569,27 +470,6 @@ def layer_decay_groups(model: Classifier, args: FinetuneArgs) -> list[dict]:
 
     return param_groups_layer_decay(
         model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(), layer_decay=args.layer_decay
-    )
-
-
-def write_run_config(out: Path, cfg: MAEConfig, classes: list[str], args: FinetuneArgs, labelled: Labelled) -> None:
-    """RUN/config.json: the encoder's config, the classes in logit order, the head, and the recipe (every argument),
-    enough to load the classifier and to resume."""
-    from .files import write_json
-
-    write_json(
-        out / CONFIG_NAME,
-        {
-            "model": cfg.to_dict(),
-            "classes": classes,
-            "classifier": {"num_classes": len(classes), "pool": args.pool},
-            "finetune": {**asdict(args), "resume": False, "overwrite": False, "allow_data_change": False},
-            "data": {
-                "layout": labelled.layout,
-                "train_images": len(labelled.train.paths),
-                "val_images": len(labelled.val.paths),
-            },
-        },
     )
 
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from ..console import Progress, console
+from ..data import shutdown_workers
+from ..errors import TrainError
+from ..rundir import MetricsLog
+from ..runtime import resolve_precision
+from ..trackers import Curves, Tracking, logs_dir, place_trackio_store
+from ..trackers import resolve as resolve_trackers
 from .checkpoint import NonFiniteError, TrainState, checkpoint_dirs, save_checkpoint
-from .console import Progress, console
-from .data import shutdown_workers
-from .errors import TrainError
-from .rundir import MetricsLog
-from .runtime import resolve_precision
-from .trackers import Curves, Tracking, logs_dir, place_trackio_store
-from .trackers import resolve as resolve_trackers
 
 
 def make_accelerator(precision: str, log_with=(), run: Path | None = None):
