@@ -13,129 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from bad_images import WritesAFile
-from conftest import ROOT, TINY, invoke
-from PIL import Image
+from conftest import RUN, STEPS, TINY, assert_same_run, env, invoke, last_step, rows, start, stop_midway
 from safetensors.torch import load_file
 
 import maecli
 
-# 24 images in batches of 2: 12 steps an epoch, 5 epochs; a checkpoint every 5 steps lands mid-epoch.
-RUN = [
-    *TINY,
-    "--batch-size",
-    "2",
-    "--steps",
-    "60",
-    "--save-every",
-    "5",
-    "--log-every",
-    "1",
-    "--lr",
-    "1e-3",
-    "--warmup-epochs",
-    "1",
-]
-STEPS = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the runs started from here (see env()): runs compared bit for bit
-    must use the same count, a tiny model gains nothing from more, and a busy CI box loses a lot to threads
-    waiting on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def small_dir(tmp_path_factory) -> Path:
-    """24 small images (RGB and grayscale, JPEG and PNG, various sizes): cheap to decode, many steps a second."""
-    root = tmp_path_factory.mktemp("small")
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        h, w = rng.integers(36, 72, size=2)
-        gray = i % 3 == 0
-        arr = rng.integers(0, 256, size=(h, w) if gray else (h, w, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(small_dir, tmp_path_factory):
-    """The uninterrupted run every interrupted one must match: its weights and metrics rows."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    r = invoke("pretrain", small_dir, "--out", out, *RUN)
-    assert r.exit_code == 0, r.output
-    return load_file(out / "model.safetensors"), rows(out), (out / "model.safetensors").read_bytes()
-
-
-def rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(out: Path, reference):
-    """Bit-identical weights, and the metrics rows of every step exactly once with the same losses."""
-    weights, ref_rows, _ = reference
-    mine = load_file(out / "model.safetensors")
-    assert mine.keys() == weights.keys()
-    for k in weights:
-        assert torch.equal(mine[k], weights[k]), f"{k} differs from the uninterrupted run"
-    got = rows(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    for a, b in zip(got, ref_rows):
-        assert (a["loss"], a["lr"], a["images_seen"]) == (b["loss"], b["lr"], b["images_seen"]), a["step"]
-
-
-def env() -> dict:
-    """The subprocess imports this checkout of maecli, whatever is installed, and uses one thread."""
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    e["OMP_NUM_THREADS"] = "1"
-    return e
-
-
-def last_step(out: Path) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        return json.loads(lines[-1])["step"] if lines else 0
-    except (OSError, ValueError, KeyError):  # not there yet, or a line half written
-        return 0
-
-
-def start(args, log: Path) -> subprocess.Popen:
-    # A session of its own: the test can signal the whole process group, as a terminal or scheduler does.
-    return subprocess.Popen(
-        [sys.executable, "-m", "maecli", *map(str, args)],
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"),
-        start_new_session=True,
-    )
-
-
-def stop_midway(proc: subprocess.Popen, out: Path, sig: int, group: bool, after_step: int = 8) -> int:
-    """Once a --save-every checkpoint exists and a later step is logged, send `sig`; returns the exit code."""
-    deadline = time.time() + 120
-    while not (
-        (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step-*")) and last_step(out) >= after_step
-    ):
-        assert proc.poll() is None, f"the run ended before it could be stopped:\n{(out.parent / 'log').read_text()}"
-        assert time.time() < deadline, "the run never got going"
-        time.sleep(0.01)
-    (os.killpg if group else os.kill)(proc.pid, sig)
-    try:
-        return proc.wait(timeout=120)
-    finally:
-        try:  # orphaned loader workers of a SIGKILLed run
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("workers", [0, 1])

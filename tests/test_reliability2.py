@@ -20,30 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, invoke
+from conftest import PHOTO, ROOT, TINY, env, invoke, one_line_error
 from safetensors.torch import load_file, save_file
 
 import maecli
 from maecli.errors import OutputError
 from maecli.files import atomic_write, open_output, write_bytes
-
-PHOTO = next(p for p in sorted((ROOT / "examples" / "images").iterdir()) if p.suffix == ".jpg")
-
-
-def one_line_error(r, code: int = 1, *words: str):
-    assert r.exit_code == code, r.output
-    assert r.stderr.startswith("error: ") or "\nerror: " in r.stderr, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in r.output, r.output
-    for word in words:
-        assert word in errors[0], errors[0]
-    return errors[0]
-
-
-def env(**extra) -> dict:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
-    e.pop("RANK", None)
-    return e
 
 
 def cli(*args, stdin=None, **kwargs) -> subprocess.CompletedProcess:
