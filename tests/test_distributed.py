@@ -1,7 +1,6 @@
-"""Reliability of `maecli pretrain`: kills and signals, atomic saves, non-finite losses, output problems.
-
-The kill tests run the real CLI in a subprocess, stop it mid-run, resume it and compare the final weights
-bit for bit with an uninterrupted run of the same seed (every uninterrupted reference runs in-process).
+"""Two training processes launched by `accelerate launch`: the data split between them, each unreadable file met and
+reported once, one process writing the run folder, both stopping at one agreed step on a scheduler's SIGTERM, and a
+resume that ends with the same weights, bit for bit, as a run never stopped.
 """
 
 import os
@@ -17,8 +16,6 @@ import torch
 from conftest import TINY, env, last_step, rows
 
 import maecli
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:
