@@ -9,9 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import pytest
 from conftest import PHOTO, ROOT, env, invoke, one_line_error
 
 # ----------------------------------------------------------------------------------------------
@@ -60,51 +58,12 @@ def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
     assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()
 
 
-def test_loader_workers_stop_when_the_sources_fail():
-    import multiprocessing
-
-    from maecli.data import eval_batches
-
-    def sources():
-        yield from [PHOTO] * 5
-        raise ValueError("the list of inputs broke")
-
-    seen = []
-    with pytest.raises(ValueError, match="broke"):
-        for items, _ in eval_batches(sources(), 32, 3, batch_size=2, workers=2):
-            seen += items
-    assert seen == [PHOTO] * 5  # everything before the failure came through, in order
-    deadline = time.time() + 30
-    while multiprocessing.active_children() and time.time() < deadline:
-        time.sleep(0.1)
-    assert not multiprocessing.active_children()
-
-
 # ----------------------------------------------------------------------------------------------
 # 16: SIGTERM at any moment, teardown included, is exit 143 with temporaries gone
 
 
 # ----------------------------------------------------------------------------------------------
 # 17: a folder of junk is read once per process, not once per image
-
-
-def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
-    from maecli import data
-
-    paths = []
-    for i in range(300):
-        (tmp_path / f"{i:03d}.jpg").write_bytes(b"")
-        paths.append(tmp_path / f"{i:03d}.jpg")
-    paths.append(PHOTO)
-    reads = []
-    decode = data.decode
-    monkeypatch.setattr(data, "decode", lambda path, *a, **k: (reads.append(path), decode(path, *a, **k))[1])
-    dataset = data.PretrainDataset(paths, 32, 3, seed=0)
-    items = dataset.__getitems__([(0, i) for i in range(len(paths))])
-    assert all(x.shape == (3, 32, 32) for x, _ in items)
-    assert len(reads) <= 2 * len(paths)  # each bad file once, the good one per slot (was 300 x 301 / 2 reads)
-    failed = [f for _, fs in items for f in fs]
-    assert len(failed) == 300 and len({path for path, _ in failed}) == 300  # each reported once
 
 
 # ----------------------------------------------------------------------------------------------
