@@ -5,12 +5,7 @@ Each test covers a class of failure through the real CLI where it can, and check
 the exit status of the README's table, nothing the user made replaced or left half-written.
 """
 
-import json
-import os
-import subprocess
-import sys
-
-from conftest import PHOTO, ROOT, env, invoke, one_line_error
+from conftest import ROOT, invoke, one_line_error
 
 # ----------------------------------------------------------------------------------------------
 # 1, 14, 18: every output path goes through one helper
@@ -30,32 +25,6 @@ from conftest import PHOTO, ROOT, env, invoke, one_line_error
 
 # ----------------------------------------------------------------------------------------------
 # 12: stdin bytes, and loader workers that stop whatever ends the command
-
-
-def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
-    odd = os.fsencode(tmp_path) + b"/caf\xe9 \x01.jpg"  # Latin-1, not UTF-8, and a control character
-    with open(odd, "wb") as f:
-        f.write(PHOTO.read_bytes())
-    stdin = odd + b"\n" + str(PHOTO).encode() + b"\n"
-    r = subprocess.run(
-        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
-        input=stdin,
-        capture_output=True,
-        env=env(PYTHONIOENCODING="utf-8"),
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr.decode()
-    paths = [os.fsencode(json.loads(line)["path"]) for line in r.stdout.decode().splitlines()]
-    assert paths == [odd, str(PHOTO).encode()]
-
-    r = subprocess.run(
-        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
-        input=stdin + b"/no/such.jpg\n",
-        capture_output=True,
-        env=env(PYTHONIOENCODING="utf-8"),
-        timeout=120,
-    )
-    assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()
 
 
 # ----------------------------------------------------------------------------------------------
