@@ -147,6 +147,7 @@ def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
     dataset = data.PretrainDataset(paths, 32, 3, seed=0)
     items = dataset.__getitems__([(0, i) for i in range(len(paths))])
     assert all(x.shape == (3, 32, 32) for x, _ in items)
-    assert len(reads) <= 2 * len(paths)  # each bad file once, the good one per slot (was 300 x 301 / 2 reads)
+    # each bad file once, the good one per slot; not every slot retrying the bad files after it (300 x 301 / 2 reads)
+    assert len(reads) <= 2 * len(paths)
     failed = [f for _, fs in items for f in fs]
     assert len(failed) == 300 and len({path for path, _ in failed}) == 300  # each reported once
