@@ -1,9 +1,12 @@
-"""Images to model input: the one-pass normalization, the seeded training crops, and batch-at-once decoding that
-gives what image-by-image decoding gives (training and inference paths alike)."""
+"""Images to model input: the one-pass normalization, the seeded training crops, batch-at-once decoding that gives
+what image-by-image decoding gives (training and inference paths alike), loader workers that stop when their
+sources fail, and bad files decoded once rather than once per image."""
+
+import time
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, PHOTO
 from torchvision.transforms import v2
 
 from maecli import data as D
@@ -108,3 +111,43 @@ def test_embed_reads_a_batch_as_it_reads_each_source(bad_images_dir):
         assert failure == failure_y and (x is None) == (y is None) and (x is None or torch.equal(x, y))
     assert batch[-1][2] is not None and batch[-2][2] is None  # the wrong-shape tensor fails, the PIL image reads
     assert sum(f is not None for _, _, f in batch) > 5  # the folder's broken files are reported one by one
+
+
+def test_loader_workers_stop_when_the_sources_fail():
+    import multiprocessing
+
+    from maecli.data import eval_batches
+
+    def sources():
+        yield from [PHOTO] * 5
+        raise ValueError("the list of inputs broke")
+
+    seen = []
+    with pytest.raises(ValueError, match="broke"):
+        for items, _ in eval_batches(sources(), 32, 3, batch_size=2, workers=2):
+            seen += items
+    assert seen == [PHOTO] * 5  # everything before the failure came through, in order
+    deadline = time.time() + 30
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+def test_known_bad_files_are_not_read_again(tmp_path, monkeypatch):
+    from maecli import data
+
+    paths = []
+    for i in range(300):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"")
+        paths.append(tmp_path / f"{i:03d}.jpg")
+    paths.append(PHOTO)
+    reads = []
+    decode = data.decode
+    monkeypatch.setattr(data, "decode", lambda path, *a, **k: (reads.append(path), decode(path, *a, **k))[1])
+    dataset = data.PretrainDataset(paths, 32, 3, seed=0)
+    items = dataset.__getitems__([(0, i) for i in range(len(paths))])
+    assert all(x.shape == (3, 32, 32) for x, _ in items)
+    # each bad file once, the good one per slot; not every slot retrying the bad files after it (300 x 301 / 2 reads)
+    assert len(reads) <= 2 * len(paths)
+    failed = [f for _, fs in items for f in fs]
+    assert len(failed) == 300 and len({path for path, _ in failed}) == 300  # each reported once

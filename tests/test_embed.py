@@ -10,6 +10,7 @@ import bad_images as B
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTO, env
 from typer.testing import CliRunner
 
 import maecli
@@ -205,3 +206,29 @@ def test_a_file_that_vanishes_from_a_searched_folder_is_skipped(photo_dir, model
     summary = embedding.write_embeddings(model, [str(photo_dir)], out=out)
     assert (summary["embedded"], summary["skipped"]) == (7, 1)
     assert str(victim) not in out.getvalue()
+
+
+def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \x01.jpg"  # Latin-1, not UTF-8, and a control character
+    with open(odd, "wb") as f:
+        f.write(PHOTO.read_bytes())
+    stdin = odd + b"\n" + str(PHOTO).encode() + b"\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+        input=stdin,
+        capture_output=True,
+        env=env(PYTHONIOENCODING="utf-8"),
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    paths = [os.fsencode(json.loads(line)["path"]) for line in r.stdout.decode().splitlines()]
+    assert paths == [odd, str(PHOTO).encode()]
+
+    r = subprocess.run(
+        [sys.executable, "-m", "maecli", "embed", "-", "-w", str(tiny_weights), "--workers", "2"],
+        input=stdin + b"/no/such.jpg\n",
+        capture_output=True,
+        env=env(PYTHONIOENCODING="utf-8"),
+        timeout=120,
+    )
+    assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()

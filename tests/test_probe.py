@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXAMPLES, TINY, invoke
+from conftest import EXAMPLES, TINY, invoke, one_line_error
 
 from maecli.labelled import load_labelled
 from maecli.probe import knn_scores, linear_probe, topk_accuracy
@@ -174,3 +174,13 @@ def test_pretrain_logs_knn_at_each_epoch_end(tmp_path, photo_dir, classes_dir):
     r = invoke("pretrain", photo_dir, "--out", tmp_path / "run2", "--steps", "2", "--probe", one_class, *TINY)
     assert r.exit_code == 1 and "a probe needs one subfolder per class" in r.stderr  # before any step
     assert not (tmp_path / "run2" / "checkpoints").exists()
+
+
+def test_a_class_left_without_a_readable_image_is_refused(tmp_path, tiny_weights):
+    data = tmp_path / "labelled"
+    (data / "cats").mkdir(parents=True)
+    (data / "junk").mkdir()
+    for i, photo in enumerate(sorted(EXAMPLES.glob("*.jpg"))[:5]):
+        (data / "cats" / f"{i}.jpg").write_bytes(photo.read_bytes())
+        (data / "junk" / f"{i}.jpg").write_bytes(b"not an image")
+    one_line_error(invoke("probe", data, "-w", tiny_weights, "--workers", "0"), 1, "junk")
