@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import formats
-from .errors import WeightsError
+from .errors import UsageError, WeightsError
 from .files import atomic_write, write_json
 from .model import MAE, MAEConfig
 from .rundir import CONFIG_NAME, WEIGHTS_NAME
@@ -324,8 +324,8 @@ def resize_input(model: MAE, img_size: int) -> MAE:
     cfg = model.cfg
     try:
         new_cfg = replace(cfg, img_size=img_size)
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
+    except ValueError as e:  # a size the patch grid cannot take: the user's setting, not the weights
+        raise UsageError(f"--img-size {img_size}: {e}") from None
     state = model.state_dict()
     state["pos_embed"], how = formats.resize_pos_embed(state["pos_embed"], new_cfg.grid)
     if model.has_decoder:

@@ -263,6 +263,18 @@ def empty_class(root):
         p.unlink()
 
 
+def unreadable_class(root):
+    make_labelled(root)
+    for p in (root / "train" / "green").iterdir():
+        p.write_bytes(b"not an image")
+
+
+def unreadable_val(root):
+    make_labelled(root)
+    for p in (root / "val").rglob("*.png"):
+        p.write_bytes(b"\x89PNG broken")
+
+
 def unknown_val_class(root):
     make_labelled(root)
     shutil.copytree(root / "val" / "red", root / "val" / "purple")
@@ -273,6 +285,8 @@ def unknown_val_class(root):
     [
         (one_class, [], "class folder"),
         (empty_class, [], "no images"),
+        (unreadable_class, [], "class green has no readable training image"),
+        (unreadable_val, [], "has no readable validation image"),
         (unknown_val_class, [], "only in val: purple"),
         (make_labelled, ["--fraction", "0.01"], "leaves class blue"),
     ],
@@ -284,6 +298,34 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_weights, layout,
     assert r.exit_code == 1, r.output
     assert r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--aa", "rand-m9-mstd0.5-inc"], "'inc' is not a RandAugment setting"),
+        (["--aa", "rand-m99"], "magnitude 99 is out of range"),
+        (["--img-size", "30"], "--img-size 30"),
+    ],
+)
+def test_settings_that_cannot_work_are_a_bad_command_line(tmp_path, tiny_weights, flags, message):
+    data = make_labelled(tmp_path / "data", per_class=2, val_per_class=1)
+    out = tmp_path / "run"
+    r = invoke("finetune", data, "--weights", tiny_weights, "--out", out, *flags, *FAST)
+    assert r.exit_code == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.output
+    assert not out.exists()
+
+
+def test_resume_on_other_classes_says_what_changed_and_offers_no_overwrite(tmp_path, uninterrupted):
+    data, a = uninterrupted
+    other, b = tmp_path / "data", tmp_path / "b"
+    shutil.copytree(data, other)
+    shutil.copytree(a, b)
+    for split in ("train", "val"):
+        (other / split / "red").rename(other / split / "purple")
+    r = invoke("finetune", other, "--out", b, "--resume")
+    assert r.exit_code == 1 and "added: purple; removed: red" in r.stderr, r.output
+    assert "--overwrite" not in r.stderr and "new --out" in r.stderr
 
 
 def test_bad_weights_are_one_line(tmp_path, tiny_weights):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -92,6 +93,23 @@ def posterize_at_least_one_bit(img, bits_to_keep, **_):
     from PIL import ImageOps
 
     return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(1, int(bits_to_keep)))
+
+
+RAND_AUGMENT_SECTION = re.compile(r"(m|n|w|mstd|mmax|p)(\d+(\.\d+)?)|inc[01]")
+
+
+def check_augment(aa: str | None) -> None:
+    """timm parses a RandAugment string leniently ("inc" reads as off, m99 goes through): a typo would train with a
+    policy the user did not ask for. Each section must be one timm knows, with a value in its range."""
+    if not aa or aa.lower() == "none" or not aa.startswith("rand"):
+        return
+    name, *sections = aa.split("-")
+    for section in sections:
+        m = RAND_AUGMENT_SECTION.fullmatch(section)
+        if name != "rand" or m is None:
+            raise UsageError(f"--aa {aa}: {section or name!r} is not a RandAugment setting (e.g. rand-m9-mstd0.5-inc1)")
+        if m.group(1) in ("m", "mmax") and float(m.group(2)) > 30:
+            raise UsageError(f"--aa {aa}: magnitude {m.group(2)} is out of range (0 to 10, up to 30 with mmax)")
 
 
 def train_transform(args: FinetuneArgs, img_size: int, in_chans: int):
@@ -345,7 +363,10 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
     labelled = replace(
         labelled, train=subset(labelled.train, labelled.classes, args.fraction, args.per_class, args.seed)
     )
+    if args.resume:
+        check_same_classes(out, labelled.classes)
     encoder = load_encoder(args)
+    check_readable(labelled, encoder.cfg.in_chans)
     finetuned = train_classifier(args, labelled, encoder, out)
     baseline = None
     if args.baseline and finetuned["signal"] is None:
@@ -373,6 +394,43 @@ def check_recipe(args: FinetuneArgs) -> None:
             raise UsageError(f"--{name.replace('_', '-')} {value} is out of range")
     if not 0 < args.layer_decay <= 1:
         raise UsageError(f"--layer-decay must lie in (0, 1], got {args.layer_decay}")
+    check_augment(args.aa)
+
+
+def check_readable(labelled: Labelled, in_chans: int) -> None:
+    """Before any training: every class has a training image that decodes, and the validation set has one. A class
+    whose files are all unreadable would be trained as an empty class, and the run would report success."""
+    for name, split in (("training", labelled.train), ("validation", labelled.val)):
+        by_class: dict[int, list[str]] = {}
+        for path, label in zip(split.paths, split.labels):
+            by_class.setdefault(label, []).append(path)
+        for label, paths in sorted(by_class.items()):
+            try:
+                D.first_readable(paths, in_chans)
+            except DataError:
+                raise DataError(
+                    f"class {labelled.classes[label]} has no readable {name} image (all {len(paths)} files failed to "
+                    f"decode); fix or remove them, or remove the class folder"
+                ) from None
+
+
+def check_same_classes(out: Path, classes: list[str]) -> None:
+    """On --resume: the class folders must be the run's (the classifier's outputs are those classes, in order)."""
+    from ..rundir import read_json_object
+
+    saved = (read_json_object(out / CONFIG_NAME) or {}).get("classes")
+    if not isinstance(saved, list) or saved == classes:
+        return
+    added, removed = sorted(set(classes) - set(saved)), sorted(set(saved) - set(classes))
+    change = "; ".join(
+        f"{what}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+        for what, names in (("added", added), ("removed", removed))
+        if names
+    )
+    raise DataError(
+        f"cannot resume {out}: the classes differ from the run's ({change or 'another order'}); restore the class "
+        f"folders to continue it, or fine-tune into a new --out"
+    )
 
 
 def load_encoder(args: FinetuneArgs) -> MAE:
