@@ -198,6 +198,7 @@ def test_repeat_makes_an_epoch_several_passes(tmp_path, photo_dir):
     r = invoke("pretrain", photo_dir, "--out", out, "--epochs", "1", "--repeat", "3", "--previews", "1", *TINY)
     assert r.exit_code == 0, r.output
     assert "8 images (x3 an epoch)" in r.stderr and "6 steps (6/epoch, 1 epoch)" in r.stderr
+    assert "ViT 32-d x 2, 2 heads at 32px" in r.stderr  # TINY's own shape, not the preset's name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6 and rows[-1]["images_seen"] == 24
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006"]

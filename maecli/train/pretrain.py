@@ -19,6 +19,7 @@ from .. import data as D
 from ..console import console, warn
 from ..errors import DataError, TrainError, UsageError
 from ..model import MAE, MAEConfig, no_weight_decay_groups, num_visible
+from ..presets import PRESETS
 from ..rundir import WEIGHTS_NAME
 from ..weights import save_weights
 from .checkpoint import checkpoint_dirs
@@ -95,8 +96,8 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             run.write_config(cfg.to_dict())
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
             run.announce(
-                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {args.model} at {cfg.img_size}px, "
-                f"patch {cfg.patch_size}, mask {args.mask}"
+                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {model_name(args, cfg)} at "
+                f"{cfg.img_size}px, patch {cfg.patch_size}, mask {args.mask}"
             )
         hooks = EpochEnd(args, paths, run.out)
         weights = run.out / WEIGHTS_NAME
@@ -111,6 +112,14 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
         if run.main:
             report(summary, args)
     return summary
+
+
+def model_name(args: TrainArgs, cfg: MAEConfig) -> str:
+    """The preset's name, or the encoder's shape when --embed-dim, --depth or --num-heads changed it."""
+    p = PRESETS[args.model]
+    if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (p.embed_dim, p.depth, p.num_heads):
+        return args.model
+    return f"ViT {cfg.embed_dim}-d x {cfg.depth}, {cfg.num_heads} heads"
 
 
 def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
