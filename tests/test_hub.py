@@ -178,17 +178,35 @@ def test_timm_repository_of_another_architecture_is_named(hub_cache, tmp_path):
         load("hf-hub:timm/resnet50.a1_in1k")
 
 
-def test_maecli_export_and_run_folder_uploaded(hub_cache, tmp_path, tiny_run):
+def test_maecli_export_and_run_folder_uploaded(hub_cache, tmp_path, tiny_run, photo_dir):
     from conftest import invoke
 
     result = invoke("export", tiny_run, "--format", "hf", tmp_path / "export")
     assert result.exit_code == 0, result.output
+    card = (tmp_path / "export" / "README.md").read_text()  # the model card travels with the upload
+    assert "Pretrained with `maecli pretrain` on 8 images for 4 steps" in card and str(photo_dir) not in card
     publish(hub_cache, "you/mae-export", tmp_path / "export")
     publish(hub_cache, "you/mae-run", tiny_run)  # the run folder as is: config.json, model.safetensors, metrics
     original = load(tiny_run)
     for repo in ("you/mae-export", "you/mae-run"):
         loaded = load(f"hf-hub:{repo}")
         assert loaded.has_decoder and same_weights(original, loaded) and loaded.cfg == original.cfg, repo
+
+
+def test_export_from_the_hub(hub_cache, tmp_path):
+    from maecli.export import export
+
+    model = tiny_mae(seed=6)
+    export_hf(model, tmp_path / "mae")
+    publish(hub_cache, "facebook/vit-mae-tiny", tmp_path / "mae")
+    export("hf-hub:facebook/vit-mae-tiny", tmp_path / "vit.safetensors", "timm")
+    encoder = load(tmp_path / "vit.safetensors")
+    assert not encoder.has_decoder
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in encoder.state_dict().items())
+    export("hf-hub:facebook/vit-mae-tiny", tmp_path / "again", "hf")
+    assert same_weights(model, load(tmp_path / "again"))
+    card = (tmp_path / "again" / "README.md").read_text()
+    assert "Converted by `maecli export` from `hf-hub:facebook/vit-mae-tiny`" in card
 
 
 # ----------------------------------------------------------------------------------------------
