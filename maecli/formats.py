@@ -54,6 +54,21 @@ def clean_original(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
     return state
 
 
+def timm_heads(timm_config: dict, source: str) -> int | None:
+    """The heads a timm config.json records ({"architecture": "vit_...", "model_args": {"num_heads": ...}}), or None
+    where it does not (timm's own MAE encoders are released sizes, whose widths say their heads)."""
+    arch = timm_config.get("architecture")
+    if not isinstance(arch, str) or not arch.startswith(("vit_", "vision_transformer")):
+        raise WeightsError(
+            f"{source} is a timm {arch!r} model, not a Vision Transformer; maecli reads timm's vit_* models"
+        )
+    args = timm_config.get("model_args")
+    heads = args.get("num_heads") if isinstance(args, dict) else None
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool) or heads < 1):
+        raise WeightsError(f"{source}: config model_args.num_heads is {heads!r}, expected a positive whole number")
+    return heads
+
+
 def _is_square(n: int) -> bool:
     return n > 0 and int(n**0.5) ** 2 == n
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import formats
+from . import formats, hub
 from .errors import UsageError, WeightsError
 from .files import atomic_write, write_json
 from .model import MAE, MAEConfig
@@ -179,7 +179,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
-    """A run or Hugging Face folder, or a weights file -> (weights file, the config.json beside it or None)."""
+    """A run or Hugging Face folder, a weights file, or a Hub id (hf-hub:ORG/NAME[@REVISION], fetched into the
+    Hub's cache) -> (weights file, the config.json beside it or None)."""
+    if hub.is_hub_id(path):
+        return hub.fetch(path)
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"weights not found: {path}")
@@ -277,16 +280,20 @@ def load(
     """Rebuild an MAE from any weights maecli reads; every command loads through here.
 
     Accepts a maecli run folder or its model.safetensors; an original MAE release .pth ({"model": ...}, with or
-    without the decoder); a timm ViT state dict (.safetensors or .pth); a Hugging Face ViTMAE folder.
+    without the decoder); a timm ViT state dict (.safetensors or .pth); a Hugging Face ViTMAE folder; and any of
+    these folders published on the Hugging Face Hub, by id: "hf-hub:facebook/vit-mae-base",
+    "hf-hub:timm/vit_base_patch16_224.mae", "hf-hub:ORG/NAME@REVISION" (see hub.py).
     `model_hint` (a preset name) or `num_heads` gives the heads where the file does not say and the width is not a
     released size. `img_size` rebuilds the position embeddings for another input size, with a warning.
     Weights without a decoder give a model with `has_decoder` False.
     """
     weights, config_path = resolve(path)
     state, meta = read_tensors(weights)
-    source = str(weights)
+    source = f"{os.fspath(path)} ({weights.name})" if hub.is_hub_id(path) else str(weights)
     check_finite(state, source)
     config = read_config(config_path, strict=True)
+    if num_heads is None and "architecture" in config:  # a timm config.json, as timm's push_to_hub writes it
+        num_heads = formats.timm_heads(config, source)
     cfg_dict = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg_dict is None and "maecli_config" in meta:
         try:

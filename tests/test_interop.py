@@ -313,6 +313,98 @@ def test_export_hf_loads_in_transformers_and_round_trips(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# The model card an hf export carries to the Hub
+
+
+def card_metadata(text: str) -> dict:
+    """The YAML block at the top of a README.md, as the Hub reads it."""
+    yaml = pytest.importorskip("yaml")
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def fake_run(run, config: dict, metrics: list[dict], state: dict | None = None, model: MAE | None = None):
+    """A run folder as pretrain and finetune leave one: config.json, model.safetensors, metrics.jsonl, a checkpoint."""
+    import json
+
+    from maecli.weights import save_weights
+
+    run.mkdir()
+    model = model or MAE(tiny_cfg())
+    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), **config}))
+    save_weights(model, run / "model.safetensors")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    if state is not None:
+        (run / "checkpoints" / "step-00000100").mkdir(parents=True)
+        (run / "checkpoints" / "step-00000100" / "state.json").write_text(json.dumps(state))
+    return run
+
+
+def test_hf_export_card_of_a_pretrain_run(tmp_path):
+    from maecli.export import export
+
+    train = dict(data="/secret/photos", probe="/secret/probe", mask=0.6, epochs=800, steps=None, batch_size=8)
+    train.update(accum_iter=2, blr=1.5e-4, lr=None, warmup_epochs=40, weight_decay=0.05, seed=3, init_from=None)
+    rows = [
+        {"step": 50, "epoch": 0.5, "loss": 0.9},
+        {"step": 100, "epoch": 1.0, "loss": 0.8},
+        {"step": 100, "epoch": 1, "knn_top1": 0.42},
+    ]
+    state = {"step": 100, "images": 1234, "total_steps": 200, "processes": 2}
+    run = fake_run(tmp_path / "run", {"train": train}, rows, state)
+    export(run, tmp_path / "hf", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    meta = card_metadata(card)
+    assert meta["tags"] == ["mae", "masked-autoencoder", "vision", "maecli"]
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-feature-extraction"
+    assert "license" not in meta and "\n# license:" in card  # the user's to choose
+    assert "datasets" not in meta and "/secret" not in card  # image counts, never paths
+    assert "on 1,234 images for 100 steps of 200 (1 epochs)" in card
+    assert "| mask ratio | 0.6 |" in card and "| batch | 8 per step, 32 effective |" in card
+    assert "| learning rate | 1.87e-05 (0.00015 x 32 / 256) |" in card and "| epochs | 800 |" in card
+    assert "kNN top-1 on the run's probe folder, at the end: 42.0%" in card
+    assert 'maecli.load("hf-hub:YOU/NAME")' in card and 'ViTMAEForPreTraining.from_pretrained("YOU/NAME")' in card
+    assert "arXiv:2111.06377" in card and "Masked Autoencoders Are Scalable Vision Learners" in card
+
+
+def test_hf_export_card_of_a_finetune_run(tmp_path):
+    import json
+
+    from maecli.export import export
+
+    finetune = dict(data="/secret/labelled", weights="hf-hub:you/mae", fraction=0.1, epochs=50, steps=None)
+    finetune.update(batch_size=16, accum_iter=1, blr=1e-3, lr=None, layer_decay=0.75, seed=0)
+    config = {
+        "classes": ["a", "b", "c"],
+        "classifier": {"num_classes": 3, "pool": "mean"},
+        "finetune": finetune,
+        "data": {"layout": "folders", "train_images": 300, "val_images": 60},
+    }
+    rows = [{"step": 90, "epoch": 2.0, "loss": 1.1}, {"step": 90, "epoch": 2, "val_top1": 0.7}]
+    run = fake_run(tmp_path / "run", config, rows, model=MAE(tiny_cfg(), decoder=False))
+    per_class = [{"class": c, "correct": k, "images": 20} for c, k in zip("abc", (10, 15, 20))]
+    (run / "per_class.json").write_text(json.dumps({"best_epoch": 7, "classes": per_class}))
+    export(run, tmp_path / "hf", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card_metadata(card)["tags"][-1] == "maecli"
+    assert "on 300 training images, 60 validation images, 3 classes for 90 steps (2 epochs)" in card
+    assert "validation top-1 at the end: 70.0%" in card
+    assert "validation top-1 at the best epoch (7): 75.0%" in card
+    assert "| labels used | 10% of each class |" in card and "| started from | `hf-hub:you/mae` |" in card
+    assert "mask ratio" not in card and "ViTMAEModel.from_pretrained" in card and "/secret" not in card
+
+
+def test_hf_export_card_of_plain_weights(tmp_path):
+    from maecli.export import export
+
+    torch.save({"model": release_state(192, 1)}, tmp_path / "mae_pretrain.pth")  # 192 wide: vit-tiny's 3 heads
+    export(tmp_path / "mae_pretrain.pth", tmp_path / "hf", "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card_metadata(card)["library_name"] == "transformers"
+    assert "no training record" in card and str(tmp_path) not in card
+
+
+# ----------------------------------------------------------------------------------------------
 # timm
 
 
