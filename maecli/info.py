@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .plot import METRICS_NAME, NOT_PLOTTED, metric_series, read_metrics
+from .plot import NOT_PLOTTED, metric_series
+from .rundir import METRICS_NAME, read_metrics
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -242,7 +243,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     if isinstance(classes, list):
         info["classes"] = [str(c) for c in classes]
 
-    rows = read_metrics(run / METRICS_NAME)
+    rows = read_metrics(run / METRICS_NAME).rows
     checkpoints = _checkpoints(run)
     resumable = [c for c in checkpoints if c["resumable"]]
     state: dict = {}

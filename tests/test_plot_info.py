@@ -1,10 +1,12 @@
 """`maecli plot` and `maecli info` on run folders written by hand (config.json, metrics.jsonl, checkpoints and a
 real tiny model's weights), so they test the reading, not the training loop."""
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -12,7 +14,8 @@ from conftest import EXAMPLES
 
 from maecli.errors import UserError
 from maecli.info import format_info, preset_name, run_info
-from maecli.plot import metric_series, read_metrics
+from maecli.plot import metric_series
+from maecli.rundir import read_metrics
 
 CFG = {
     "img_size": 32,
@@ -133,14 +136,46 @@ def add_checkpoint(run, weights, step, skipped=None, files=("model.safetensors",
     return ckpt
 
 
+# Lines of a damaged metrics.jsonl: a null step, a byte that is not UTF-8, a step of 10^400 (three lines skipped),
+# and a loss of +-1e308 (dropped from its row, which stays).
+DAMAGED = [
+    b'{"step": null, "loss": 1.0}',
+    b'{"step": 41, "loss": 0.5, "note": "\xff"}',
+    b'{"step": 1' + b"0" * 400 + b', "loss": 0.5}',
+    b'{"step": 42, "loss": 1e308, "lr": 1e-4}',
+    b'{"step": 43, "loss": -1e308, "lr": 1e-4}',
+]
+
+
+def damage(run):
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"".join(line + b"\n" for line in DAMAGED))
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail, rather than hang the suite, when the body blocks (opening a FIFO waits for a writer forever)."""
+
+    def stuck(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # -- reading metrics.jsonl --------------------------------------------------------------------------
 
 
 def test_half_written_last_line_is_dropped(tmp_path):
     write_metrics(tmp_path, train_rows(2, 10), tail='{"step": 12, "epoch": 1.2, "lo')
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
-    assert read_metrics(tmp_path / "missing.jsonl") == []
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in m.rows] == [2, 4, 6, 8, 10] and m.bad == 1
+    assert read_metrics(tmp_path / "missing.jsonl").rows == []
 
 
 def test_resumed_metrics_keep_the_newer_rows(tmp_path):
@@ -267,6 +302,36 @@ def test_empty_or_missing_metrics(tmp_path, weights, mpl):
         load_curves([empty, good])
     with pytest.raises(UserError, match="is a folder"):
         plot_runs([good], tmp_path)
+
+
+def test_plot_skips_damaged_lines_and_counts_them(tmp_path, weights, mpl):
+    from maecli.plot import plot_runs
+
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    warned = []
+    plot_runs([run], tmp_path / "c.png", warn=warned.append)
+    assert warned == [f"{run / 'metrics.jsonl'}: 3 damaged lines skipped"]
+    loss, lr = figure([run]).axes[:2]
+    assert list(loss.lines[0].get_xdata()) == list(range(2, 41, 2))  # +-1e308 is not a loss
+    assert list(lr.lines[0].get_xdata())[-2:] == [42, 43]  # the rest of those rows stays
+    write_metrics(run, train_rows(2, 10), tail='{"step": null}\n')
+    warned.clear()
+    plot_runs([run], tmp_path / "c.png", warn=warned.append)
+    assert warned == [f"{run / 'metrics.jsonl'}: 1 damaged line skipped"]
+
+
+def test_plot_refuses_a_fifo_without_opening_it(tmp_path, weights, mpl):
+    from maecli.plot import plot_runs
+
+    run = make_run(tmp_path / "run", weights)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for given in (run, tmp_path / "pipe.jsonl"):
+        with within(10), pytest.raises(UserError, match="not a regular file"):
+            plot_runs([given], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_write_curves(tmp_path, weights, mpl):
@@ -517,6 +582,19 @@ def test_cli_plot_errors(tmp_path, mpl):
         assert r.exit_code == 1 and r.stdout == ""
         assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert "Traceback" not in r.output and r.stderr.count("\n") == 1
+
+
+def test_cli_plot_damaged_and_fifo(tmp_path, weights, mpl):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    r = invoke("plot", run, "-o", tmp_path / "c.png")
+    assert r.exit_code == 0, r.output
+    assert "3 damaged lines skipped" in r.stderr and "Traceback" not in r.output
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with within(10):
+        r = invoke("plot", tmp_path / "pipe.jsonl", "-o", tmp_path / "c.png")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path / 'pipe.jsonl'} is not a regular file\n"
 
 
 def test_cli_info(tmp_path, weights):
