@@ -1,8 +1,8 @@
 """`maecli info`: what a run folder or a weights file is, where a run stands, and what it has left on disk.
 
-A run is read, never loaded: config.json, metrics.jsonl, the checkpoints' state.json and the safetensors
-headers. Anything else is handed to `maecli.load`, to show what it infers. Unknown keys are ignored, so runs
-from newer or other commands (finetune) still answer.
+A run is read, never loaded, and without importing torch: config.json, metrics.jsonl, the checkpoints' state.json
+and the safetensors headers (file names from rundir). Anything else is handed to `maecli.load`, to show what it
+infers. Unknown keys are ignored, so runs from newer or other commands (finetune) still answer.
 """
 
 from __future__ import annotations
@@ -15,13 +15,20 @@ from pathlib import Path
 
 from .errors import UserError
 from .plot import NOT_PLOTTED, metric_series
-from .rundir import METRICS_NAME, read_metrics
+from .presets import PRESETS
+from .rundir import (
+    CHECKPOINT_FILES,
+    CHECKPOINT_PATTERN,
+    CHECKPOINTS_DIR,
+    CONFIG_NAME,
+    METRICS_NAME,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    read_metrics,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
-# What a weights folder may hold, in the order maecli.load prefers them.
-FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
+# What a data folder's images are, as data.find_images counts them (data.py imports torch; info must not).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +100,8 @@ def parameter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 def preset_name(cfg: dict) -> str | None:
     """The named size whose width, depth and heads these are, or None for a custom one."""
-    from .model import PRESETS
-
     for name, p in PRESETS.items():
-        dims = (p.embed_dim, p.depth, p.num_heads) if hasattr(p, "embed_dim") else tuple(p[:3])
-        if dims == (cfg.get("embed_dim"), cfg.get("depth"), cfg.get("num_heads")):
+        if (p.embed_dim, p.depth, p.num_heads) == (cfg.get("embed_dim"), cfg.get("depth"), cfg.get("num_heads")):
             return name
     return None
 
@@ -105,8 +109,8 @@ def preset_name(cfg: dict) -> str | None:
 def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
     """The model part of an answer: the config, its preset name, decoder or not, parameter counts.
 
-    Without `shapes` (no weights written yet) the counts come from building the config's MAE on the meta
-    device, which allocates nothing.
+    Without `shapes` (no weights written yet, in the run or its checkpoints) the counts come from building the
+    config's MAE on the meta device, which allocates nothing (but imports torch: only a run this young needs it).
     """
     summary = {"preset": preset_name(cfg), "config": cfg}
     if shapes is None:
@@ -131,7 +135,7 @@ def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
 
 def _checkpoints(run: Path) -> list[dict]:
     """Every folder in RUN/checkpoints, oldest step first; `.tmp-*` ones are saves cut short."""
-    root = run / "checkpoints"
+    root = run / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
@@ -148,10 +152,10 @@ def _checkpoints(run: Path) -> list[dict]:
         }
         if p.name.startswith(".tmp-"):
             entry["why"] = "an unfinished save (a temporary folder)"
-        elif p.name.startswith("step-") and p.name[5:].isdigit():
-            entry["step"] = int(p.name[5:])
+        elif match := CHECKPOINT_PATTERN.fullmatch(p.name):
+            entry["step"] = int(match.group(1))
             missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
-            state, note = _read_json(p / "state.json")
+            state, note = _read_json(p / STATE_NAME)
             entry["complete"] = not missing
             entry["resumable"] = not missing and isinstance(state, dict) and isinstance(state.get("step"), int)
             if missing:
@@ -186,13 +190,26 @@ def _metrics_summary(rows: list[dict]) -> dict:
     return out
 
 
-def _count_images(data) -> int | None:
-    from .data import find_images
-
-    try:
-        return len(find_images(data))
-    except (OSError, ValueError, UserError):
-        return None
+def _count_images(data: str) -> int | None:
+    """How many images `data` holds now, by data.find_images's rule: image suffixes, hidden names skipped, a folder
+    reached twice through links counted once."""
+    root = Path(data)
+    if not root.is_dir():
+        return 1 if root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES else 0
+    count, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        count += sum(1 for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return count
 
 
 def _epoch_at_last_step(rows: list[dict]) -> float | None:
@@ -227,6 +244,15 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     else:
         info["weights"] = None
         meta = {}
+    checkpoints = _checkpoints(run)
+    if shapes is None:  # no weights handed over yet: the newest checkpoint's have the same tensors
+        for c in reversed(checkpoints):
+            if c["complete"]:
+                try:
+                    shapes, meta = safetensors_header(Path(c["path"]) / WEIGHTS_NAME)
+                    break
+                except (OSError, ValueError, TypeError):
+                    continue
     cfg = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg is None and "maecli_config" in meta:
         try:
@@ -244,11 +270,10 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         info["classes"] = [str(c) for c in classes]
 
     rows = read_metrics(run / METRICS_NAME).rows
-    checkpoints = _checkpoints(run)
     resumable = [c for c in checkpoints if c["resumable"]]
     state: dict = {}
     if resumable:
-        newest, _ = _read_json(Path(resumable[-1]["path"]) / "state.json")
+        newest, _ = _read_json(Path(resumable[-1]["path"]) / STATE_NAME)
         state = newest if isinstance(newest, dict) else {}
     info["checkpoints"] = checkpoints
 
@@ -286,7 +311,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         status = "not started"
     else:
         status = "unfinished"
-    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / "checkpoints") if p.exists()]
+    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / CHECKPOINTS_DIR) if p.exists()]
     written += [os.stat(c["path"]).st_mtime for c in checkpoints if os.path.exists(c["path"])]
     info["status"] = status
     info["progress"] = {
@@ -322,7 +347,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
 
 
 def _is_run(folder: Path, config) -> bool:
-    if (folder / METRICS_NAME).exists() or (folder / "checkpoints").is_dir():
+    if (folder / METRICS_NAME).exists() or (folder / CHECKPOINTS_DIR).is_dir():
         return True
     return isinstance(config, dict) and any(k in config for k in ("train", "finetune", "classes"))
 
@@ -332,6 +357,8 @@ def _is_run(folder: Path, config) -> bool:
 
 
 def _weights_file(path: Path) -> Path | None:
+    from .weights import FOLDER_WEIGHTS
+
     if path.is_file():
         return path
     return next((path / n for n in FOLDER_WEIGHTS if (path / n).exists()), None)

@@ -465,6 +465,24 @@ def test_info_killed_run(tmp_path, weights):
         assert part in text, (part, text)
 
 
+def test_info_on_a_run_does_not_import_torch(tmp_path, weights):
+    """info reads a run (its headers, its data folder) without the seconds torch takes to import."""
+    import subprocess
+
+    from conftest import ROOT
+
+    photos = images(tmp_path / "photos")
+    run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20], with_weights=False, data=photos)
+    code = (
+        "import sys; from maecli.info import run_info; info = run_info(sys.argv[1]); "
+        "assert info['model']['parameters'] and info['data']['images'] == 3, info; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
+
+
 def test_info_not_started(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
     info = run_info(run)
