@@ -24,7 +24,9 @@ from .rundir import (
     METRICS_NAME,
     STATE_NAME,
     WEIGHTS_NAME,
+    read_json_object,
     read_metrics,
+    regular_file,
 )
 
 # What a data folder's images are, as data.find_images counts them (data.py imports torch; info must not).
@@ -35,14 +37,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # Small readers
 
 
-def _read_json(path: Path) -> tuple[object | None, str | None]:
-    """(the parsed file, None), or (None, a note saying why not); a missing file is (None, None)."""
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None), or (None, a note saying why not); a missing file is (None, None).
+    Only a regular file is opened: a FIFO would wait for a writer forever."""
     try:
-        return json.loads(path.read_text()), None
-    except FileNotFoundError:
-        return None, None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"{path} cannot be read ({type(e).__name__})"
+        return read_json_object(path), None
+    except UserError as e:
+        return None, str(e)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -244,6 +245,8 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     else:
         info["weights"] = None
         meta = {}
+        if weights.exists():
+            notes.append(f"{weights} is not a regular file")
     checkpoints = _checkpoints(run)
     if shapes is None:  # no weights handed over yet: the newest checkpoint's have the same tensors
         for c in reversed(checkpoints):
@@ -346,7 +349,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     return {key: info[key] for key in order if key in info}
 
 
-def _is_run(folder: Path, config) -> bool:
+def _is_run(folder: Path, config: dict | None) -> bool:
     if (folder / METRICS_NAME).exists() or (folder / CHECKPOINTS_DIR).is_dir():
         return True
     return isinstance(config, dict) and any(k in config for k in ("train", "finetune", "classes"))
@@ -367,7 +370,11 @@ def _weights_file(path: Path) -> Path | None:
 def _weights_info(path: Path) -> dict:
     """What maecli.load makes of a weights file or a folder that is not a run."""
     from . import load
+    from .weights import FOLDER_WEIGHTS
 
+    # maecli.load would open a FIFO or a device and wait on it forever: only regular files go on
+    for candidate in (CONFIG_NAME, *FOLDER_WEIGHTS) if path.is_dir() else ():
+        regular_file(path / candidate)
     try:
         model = load(path)
     except (UserError, ValueError, OSError) as e:
@@ -407,15 +414,15 @@ def run_info(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run folder or a weights file")
-    if path.is_dir():
+    if not path.is_dir():
+        regular_file(path)  # a FIFO or a device is refused before anything opens it
+    else:
         config, note = _read_json(path / CONFIG_NAME)
         if _is_run(path, config):
             notes = [note] if note else []
             if not (path / CONFIG_NAME).exists():
                 notes.append(f"{path} has no {CONFIG_NAME}; the model comes from the weights' header, if any")
-            if config is not None and not isinstance(config, dict):
-                notes.append(f"{path / CONFIG_NAME} is not a JSON object")
-            return _run_info(path, config if isinstance(config, dict) else {}, notes)
+            return _run_info(path, config or {}, notes)
     return _weights_info(path)
 
 

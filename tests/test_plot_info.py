@@ -569,6 +569,34 @@ def test_info_bad_paths(tmp_path):
         run_info(tmp_path / "empty")
 
 
+def test_info_refuses_fifos_without_opening_them(tmp_path, weights):
+    """As weights, as a weights folder's file or as a run's metrics.jsonl, a FIFO is an error; as one of a run's
+    small files (config.json, a checkpoint's state.json, the weights) it is a note. Nothing waits on it."""
+    os.mkfifo(tmp_path / "model.safetensors")
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    run = make_run(tmp_path / "run", weights)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    for given in (tmp_path / "model.safetensors", folder, run):
+        with within(10), pytest.raises(UserError, match="not a regular file"):
+            run_info(given)
+
+    run = make_run(tmp_path / "run2", weights)
+    for name in ("config.json", "model.safetensors", "checkpoints/step-00000040/state.json"):
+        (run / name).unlink()
+        os.mkfifo(run / name)
+    with within(10):
+        info = run_info(run)
+    assert info["checkpoints"][-1]["why"] == "missing state.json" and info["progress"]["checkpoint_step"] == 20
+    assert info["weights"] is None and info["status"] == "unfinished"
+    assert [n.split(str(run))[-1] for n in info["notes"]] == [
+        "/config.json is not a regular file",
+        "/model.safetensors is not a regular file",
+    ]
+
+
 # -- the commands -------------------------------------------------------------------------------------
 
 
@@ -613,6 +641,20 @@ def test_cli_plot_damaged_and_fifo(tmp_path, weights, mpl):
         r = invoke("plot", tmp_path / "pipe.jsonl", "-o", tmp_path / "c.png")
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr == f"error: {tmp_path / 'pipe.jsonl'} is not a regular file\n"
+
+
+def test_cli_info_on_a_fifo_ends_at_once(tmp_path):
+    """A FIFO given as weights used to block `maecli info` forever, deaf to SIGTERM: now one line and exit 1."""
+    import subprocess
+
+    from conftest import ROOT
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "maecli", "info", str(tmp_path / "pipe.safetensors")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'pipe.safetensors'} is not a regular file\n"
 
 
 def test_cli_info(tmp_path, weights):
