@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .plot import NOT_PLOTTED, metric_series
+from .plot import NOT_PLOTTED, finite_number, metric_series, metrics_file, plural
 from .presets import PRESETS
 from .rundir import (
     CHECKPOINT_FILES,
@@ -46,6 +46,12 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
         return None, str(e)
 
 
+def _whole(value) -> int | None:
+    """`value` if it is a whole number of at least 0 (a count, a step), else None: a hand-edited or damaged file
+    may hold anything where a count belongs."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _tree_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -71,11 +77,17 @@ def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]
         (n,) = struct.unpack("<Q", head)
         if n > 100_000_000 or n > path.stat().st_size - 8:
             raise ValueError("not a safetensors header")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except RecursionError:
+            raise ValueError("not a safetensors header: nested too deep") from None
     if not isinstance(header, dict):
         raise TypeError("not a safetensors header")
-    meta = header.pop("__metadata__", None) or {}
-    shapes = {k: list(v["shape"]) for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+    meta = header.pop("__metadata__", None)
+    meta = meta if isinstance(meta, dict) else {}
+    shapes = {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+    if not all(isinstance(shape, list) and all(_whole(d) is not None for d in shape) for shape in shapes.values()):
+        raise ValueError("not a safetensors header: a shape is not a list of sizes")
     return shapes, meta
 
 
@@ -110,24 +122,16 @@ def preset_name(cfg: dict) -> str | None:
 def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
     """The model part of an answer: the config, its preset name, decoder or not, parameter counts.
 
-    Without `shapes` (no weights written yet, in the run or its checkpoints) the counts come from building the
-    config's MAE on the meta device, which allocates nothing (but imports torch: only a run this young needs it).
+    Without `shapes` (no weights written yet, in the run or its checkpoints) whether it has a decoder and how many
+    parameters are None: building the model to count them would import torch, and a damaged config (a depth of a
+    million) would take as long as it liked.
     """
-    summary = {"preset": preset_name(cfg), "config": cfg}
-    if shapes is None:
-        try:
-            import torch
-
-            from .model import MAE, MAEConfig
-
-            with torch.device("meta"):
-                model = MAE(MAEConfig.from_dict(cfg))
-            shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-        except (TypeError, ValueError):
-            shapes = {}
-    summary["has_decoder"] = any(_is_decoder(k) for k in shapes)
-    summary["parameters"] = parameter_counts(shapes) if shapes else None
-    return summary
+    return {
+        "preset": preset_name(cfg),
+        "config": cfg,
+        "has_decoder": any(_is_decoder(k) for k in shapes) if shapes else None,
+        "parameters": parameter_counts(shapes) if shapes else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,7 +179,7 @@ def _metrics_summary(rows: list[dict]) -> dict:
     epoch_at = {}
     for row in rows:
         for name in row:
-            epoch_at[(name, row.get("step"))] = row.get("epoch")
+            epoch_at[(name, row.get("step"))] = finite_number(row.get("epoch"))
     out = {}
     for name, (steps, values) in metric_series(rows).items():
         if name in NOT_PLOTTED:
@@ -260,7 +264,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     if cfg is None and "maecli_config" in meta:
         try:
             cfg = json.loads(meta["maecli_config"])
-        except ValueError:
+        except (TypeError, ValueError, RecursionError):
             notes.append(f"the config in {weights}'s header is not valid JSON")
     info["model"] = _model_summary(cfg, shapes) if isinstance(cfg, dict) else None
     if info["weights"] is not None and info["model"] is not None:
@@ -272,7 +276,10 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     if isinstance(classes, list):
         info["classes"] = [str(c) for c in classes]
 
-    rows = read_metrics(run / METRICS_NAME).rows
+    metrics = read_metrics(metrics_file(run))
+    rows = metrics.rows
+    if metrics.bad:
+        notes.append(f"{metrics_file(run)}: {plural(metrics.bad, 'damaged line')} skipped")
     resumable = [c for c in checkpoints if c["resumable"]]
     state: dict = {}
     if resumable:
@@ -288,7 +295,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
             "path": data,
             "exists": exists,
             "images": _count_images(data) if exists else None,
-            "images_at_start": state.get("images"),
+            "images_at_start": _whole(state.get("images")),
         }
 
     series = metric_series(rows)  # in step order, a resumed run's repeats resolved
@@ -302,11 +309,11 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         total = recipe["steps"]
     epoch = _epoch_at_last_step(rows)
     if epoch is None:
-        epoch = state.get("epoch")
-    epochs = recipe.get("epochs")
+        epoch = finite_number(state.get("epoch"))
+    epochs = finite_number(recipe.get("epochs"))
     if total and step and isinstance(epoch, (int, float)) and epoch > 0:
         epochs = round(total * epoch / step, 2)  # the steps per epoch as the run counted them
-    seconds = max([s for s in (last("time"), state.get("seconds")) if isinstance(s, (int, float))], default=None)
+    seconds = max([s for s in (last("time"), finite_number(state.get("seconds"))) if s is not None], default=None)
     checkpoint_step = resumable[-1]["step"] if resumable else None
     if total is not None and checkpoint_step is not None and checkpoint_step >= total:
         status = "finished"
@@ -322,7 +329,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         "total_steps": total,
         "epoch": epoch,
         "epochs": epochs,
-        "images_seen": last("images_seen") if "images_seen" in series else state.get("images_seen"),
+        "images_seen": last("images_seen") if "images_seen" in series else _whole(state.get("images_seen")),
         "seconds": seconds,
         "checkpoint_step": checkpoint_step,
         "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
@@ -466,7 +473,7 @@ def _model_line(model: dict) -> str:
     )
     if model["has_decoder"]:
         line += f"; decoder {c.get('decoder_dim')} wide, {c.get('decoder_depth')} deep"
-    else:
+    elif model["has_decoder"] is not None:  # None: no weights to tell yet
         line += "; no decoder (embeds, cannot reconstruct)"
     p = model.get("parameters")
     if p:
@@ -480,25 +487,27 @@ def _model_line(model: dict) -> str:
 
 
 def _recipe_line(r: dict) -> str:
+    """The recipe's numbers in a line; a setting that is not a number where one belongs is left out."""
     parts = []
-    if r.get("steps"):
-        parts.append(f"{r['steps']} steps")
-    elif r.get("epochs") is not None:
-        parts.append(f"{r['epochs']} epochs")
-    if r.get("batch_size") is not None:
-        accum = r.get("accum_iter") or 1
-        parts.append(f"batch {r['batch_size']}" + (f" x {accum} accumulated" if accum > 1 else ""))
-    if r.get("lr") is not None:
-        parts.append(f"lr {_number(r['lr'])}")
-    elif r.get("blr") is not None:
-        parts.append(f"blr {_number(r['blr'])}")
+    steps, epochs = _whole(r.get("steps")), finite_number(r.get("epochs"))
+    if steps:
+        parts.append(plural(steps, "step"))
+    elif epochs is not None:
+        parts.append(f"{_number(epochs)} epoch" + ("" if epochs == 1 else "s"))
+    batch, accum = _whole(r.get("batch_size")), _whole(r.get("accum_iter")) or 1
+    if batch is not None:
+        parts.append(f"batch {batch}" + (f" x {accum} accumulated" if accum > 1 else ""))
+    for key in ("lr", "blr"):
+        if finite_number(r.get(key)) is not None:
+            parts.append(f"{key} {_number(r[key])}")
+            break
     for key, label in (
         ("mask", "mask"),
         ("warmup_epochs", "warmup epochs"),
         ("weight_decay", "weight decay"),
         ("seed", "seed"),
     ):
-        if r.get(key) is not None:
+        if finite_number(r.get(key)) is not None:
             parts.append(f"{label} {_number(r[key])}")
     return ", ".join(parts)
 

@@ -35,7 +35,8 @@ INSTALL_HINT = 'plotting needs matplotlib: pip install "maecli[plot]"'
 # Series from metrics.jsonl's rows (rundir.read_metrics reads the file)
 
 
-def _number(value) -> int | float | None:
+def finite_number(value) -> int | float | None:
+    """`value` if it is a finite int or float (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
@@ -53,7 +54,7 @@ def metric_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
         if isinstance(step, bool) or not isinstance(step, int):
             continue
         for name, value in row.items():
-            value = _number(value)
+            value = finite_number(value)
             if name in ("step", "epoch") or value is None:
                 continue
             steps, values = series.setdefault(name, ([], []))

@@ -423,7 +423,7 @@ def test_info_in_progress_run(tmp_path, weights):
     assert info["progress"]["step"] == 24 and info["progress"]["checkpoint_step"] == 20
     assert info["progress"]["seconds_since_last_write"] < 60
     assert info["weights"] is None
-    assert info["model"]["parameters"]["total"] == state_dict_size()  # from the config, on the meta device
+    assert info["model"]["parameters"]["total"] == state_dict_size()  # from the newest checkpoint's header
     assert info["data"]["exists"] is False and info["data"]["images"] is None
     assert [(c["name"], c["complete"], c["resumable"]) for c in info["checkpoints"]] == [
         ("step-00000020", True, True),
@@ -487,7 +487,8 @@ def test_info_not_started(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
     info = run_info(run)
     assert info["status"] == "not started" and info["metrics"] == {} and info["checkpoints"] == []
-    assert "checkpoints none" in said(info)
+    assert info["model"]["parameters"] is None and info["model"]["has_decoder"] is None  # no weights to count yet
+    assert "checkpoints none" in said(info) and "custom: 32 wide, 2 deep, 2 heads; 32 px" in said(info)
 
 
 def test_info_finetune_run(tmp_path, weights):
@@ -567,6 +568,43 @@ def test_info_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError):
         run_info(tmp_path / "empty")
+
+
+def test_info_skips_damaged_metrics_lines_and_says_how_many(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    info = run_info(run)
+    assert info["notes"] == [f"{run / 'metrics.jsonl'}: 3 damaged lines skipped"]
+    assert info["metrics"]["loss"]["last_step"] == TOTAL  # +-1e308 is no loss
+    assert info["metrics"]["lr"]["last_step"] == 43 and info["progress"]["step"] == 43
+    assert f"note: {run / 'metrics.jsonl'}: 3 damaged lines skipped" in said(info)
+    write_metrics(run, train_rows(2, 10), tail="\xff\n")
+    assert run_info(run)["notes"] == [f"{run / 'metrics.jsonl'}: 1 damaged line skipped"]
+
+
+def test_info_tolerates_wrong_types_in_config_and_state(tmp_path, weights):
+    """Hand-edited or damaged files: a word where a size belongs, a list where the recipe belongs, strings and
+    lists in state.json. Each is left out or shown as written, never a TypeError."""
+    run = make_run(tmp_path / "run", weights)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["img_size"] = "big"
+    config["train"] = {**config["train"], "accum_iter": "2", "batch_size": [4], "epochs": {"a": 1}, "lr": "hi"}
+    (run / "config.json").write_text(json.dumps(config))
+    state_file = run / "checkpoints" / "step-00000040" / "state.json"
+    state = json.loads(state_file.read_text())
+    state.update(images=[8], images_seen="many", epoch="four", seconds=None, skipped=["x"], total_steps="all")
+    state_file.write_text(json.dumps(state))
+    info = run_info(run)
+    assert info["progress"]["step"] == TOTAL and info["skipped"] == {}
+    assert "big px in 8 px patches" in said(info) and "recipe blr 0.00015, mask 0.75" in said(info)
+    for recipe in ([1], "fast", None):
+        config["train"] = recipe
+        (run / "config.json").write_text(json.dumps(config))
+        info = run_info(run)
+        assert info["kind"] == "pretrain run" and info["recipe"] == {} and info["data"] is None
+        said(info)
+    (run / "config.json").write_text("[1]")
+    assert run_info(run)["notes"] == [f"{run / 'config.json'} is not a JSON object"]
 
 
 def test_info_refuses_fifos_without_opening_them(tmp_path, weights):
@@ -655,6 +693,16 @@ def test_cli_info_on_a_fifo_ends_at_once(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'pipe.safetensors'} is not a regular file\n"
+
+
+def test_cli_info_on_a_damaged_run(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "img_size": "big"}}))
+    r = invoke("info", run)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert "pretrain run, finished" in r.stdout and "3 damaged lines skipped" in r.stdout
 
 
 def test_cli_info(tmp_path, weights):
