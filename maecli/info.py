@@ -226,11 +226,26 @@ def _epoch_at_last_step(rows: list[dict]) -> float | None:
     return latest[1] if latest else None
 
 
+def _command(config: dict) -> str:
+    """ "pretrain" or "finetune": the command config.json says made the run; for a run from before it said so, a
+    guess from its sections (a finetune run has a "finetune" section or class names)."""
+    command = config.get("command")
+    if command in ("pretrain", "finetune"):
+        return command
+    return "finetune" if isinstance(config.get("finetune"), dict) or "classes" in config else "pretrain"
+
+
 def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
-    recipe_key = "finetune" if isinstance(config.get("finetune"), dict) else "train"
+    command = _command(config)
+    recipe_key = "finetune" if command == "finetune" else "train"
     recipe = config.get(recipe_key) if isinstance(config.get(recipe_key), dict) else {}
-    finetune = recipe_key == "finetune" or "classes" in config
-    info: dict = {"path": str(run), "kind": "finetune run" if finetune else "pretrain run", "recipe": recipe}
+    info: dict = {
+        "path": str(run),
+        "kind": f"{command} run",
+        "command": command,
+        "scratch": command == "finetune" and recipe.get("scratch") is True,  # finetune --baseline's own run
+        "recipe": recipe,
+    }
 
     weights = run / WEIGHTS_NAME
     shapes = None
@@ -341,6 +356,8 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     order = (
         "path",
         "kind",
+        "command",
+        "scratch",
         "status",
         "model",
         "classes",
@@ -413,10 +430,12 @@ def _weights_info(path: Path) -> dict:
 def run_info(path: str | os.PathLike) -> dict:
     """Everything `maecli info` shows, as a JSON-serialisable dict.
 
-    For a run folder: kind ("pretrain run" or "finetune run"), status ("finished", "unfinished" or "not
-    started"), model, data, recipe, progress, metrics (last and best of each series), skipped files,
-    checkpoints, weights, classes (finetune) and notes (files that could not be read). For anything else
-    maecli.load reads: kind "weights", the model it infers and the weights file. Bad paths raise UserError.
+    For a run folder: kind ("pretrain run" or "finetune run"), command ("pretrain" or "finetune", from
+    config.json or guessed for older runs), scratch (a finetune --baseline's run from random init), status
+    ("finished", "unfinished" or "not started"), model, data, recipe, progress, metrics (last and best of each
+    series), skipped files, checkpoints, weights, classes (finetune) and notes (files that could not be read,
+    damaged lines skipped). For anything else maecli.load reads: kind "weights", the model it infers and the
+    weights file. Bad paths raise UserError.
     """
     path = Path(path)
     if not path.exists():
@@ -530,7 +549,8 @@ def format_info(info: dict) -> str:
         return "\n".join(lines)
 
     status, prog = info["status"], info["progress"]
-    head = f"{info['path']}: {info['kind']}, {status}"
+    head = f"{info['path']}: {info['kind']}" + (" from scratch (a baseline)" if info.get("scratch") else "")
+    head += f", {status}"
     if status == "unfinished":
         ago = prog["seconds_since_last_write"]
         head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
@@ -561,7 +581,7 @@ def format_info(info: dict) -> str:
     if prog["seconds"] is not None:
         text += f", {_duration(prog['seconds'])} of training"
     row("progress", text)
-    if status == "unfinished" and info["kind"] == "pretrain run" and prog["checkpoint_step"] is not None:
+    if status == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
         data = info["recipe"].get("data", "DATA")
         row("", f"resumes from step {prog['checkpoint_step']}: maecli pretrain {data} --out {info['path']} --resume")
 

@@ -381,6 +381,7 @@ def test_info_finished_run(tmp_path, weights):
     info = run_info(run)
     json.dumps(info, allow_nan=False)
     assert info["kind"] == "pretrain run" and info["status"] == "finished"
+    assert info["command"] == "pretrain" and info["scratch"] is False  # guessed: the config does not say
     assert info["model"]["config"] == model_config() and info["model"]["preset"] is None
     assert info["model"]["has_decoder"] is True
     assert info["model"]["parameters"]["total"] == state_dict_size()
@@ -512,7 +513,7 @@ def test_info_finetune_run(tmp_path, weights):
     shutil.copy(weights, run / "model.safetensors")
     info = run_info(run)
     json.dumps(info, allow_nan=False)
-    assert info["kind"] == "finetune run" and info["classes"] == ["cat", "dog"]
+    assert info["kind"] == "finetune run" and info["classes"] == ["cat", "dog"] and info["command"] == "finetune"
     assert info["metrics"]["val_top1"]["best"] == 0.7 and info["metrics"]["val_top1"]["best_epoch"] == 1
     assert info["metrics"]["val_loss"]["best"] == 0.6 and info["metrics"]["val_loss"]["best_step"] == 10
     assert info["recipe"]["label_smoothing"] == 0.1
@@ -527,6 +528,31 @@ def test_info_finetune_run(tmp_path, weights):
         "2 epochs, batch 8, lr 0.001",
     ):
         assert part in text, (part, text)
+
+
+def test_info_takes_the_command_from_the_config(tmp_path, weights):
+    """config.json's "command" says which command made the run; without it (older runs) info guesses from the
+    sections, and the guess can be wrong where the key settles it."""
+    run = make_run(tmp_path / "run", weights, config_extra={"classes": ["cat", "dog"]})
+    assert run_info(run)["kind"] == "finetune run"  # the guess: class names mean finetune
+    make_run(run, weights, config_extra={"command": "pretrain", "classes": ["cat", "dog"]})
+    info = run_info(run)
+    assert info["kind"] == "pretrain run" and info["command"] == "pretrain" and info["recipe"]["epochs"] == 4
+
+    recipe = {"data": str(tmp_path / "pets"), "epochs": 2, "batch_size": 8, "lr": 1e-3}
+    ft = tmp_path / "ft"
+    write_metrics(ft, [{"step": 5, "epoch": 1, "loss": 0.9}])
+    baseline = {**recipe, "scratch": True}
+    for config, kind, scratch in [
+        ({"command": "finetune", "finetune": recipe}, "finetune run", False),
+        ({"command": "finetune", "finetune": baseline}, "finetune run", True),
+        ({"finetune": baseline}, "finetune run", True),  # guessed
+        ({"command": "serve", "train": recipe}, "pretrain run", False),  # a command info does not know: guessed
+    ]:
+        (ft / "config.json").write_text(json.dumps({"model": model_config(), **config}))
+        info = run_info(ft)
+        assert (info["kind"], info["scratch"], info["recipe"]["epochs"]) == (kind, scratch, 2), config
+        assert ("finetune run from scratch (a baseline)," in said(info)) == scratch
 
 
 def test_info_plain_weights(tmp_path, weights):
