@@ -8,6 +8,7 @@ infers. Unknown keys are ignored, so runs from newer or other commands (finetune
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import time
@@ -427,8 +428,20 @@ def _weights_info(path: Path) -> dict:
     }
 
 
+def _json_safe(value):
+    """`value` with every float that is not finite as None: JSON has no NaN or Infinity, and a config.json may hold
+    1e999 (read as infinity) where a number belongs."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def run_info(path: str | os.PathLike) -> dict:
-    """Everything `maecli info` shows, as a JSON-serialisable dict.
+    """Everything `maecli info` shows, as a dict that is valid JSON (no NaN or Infinity).
 
     For a run folder: kind ("pretrain run" or "finetune run"), command ("pretrain" or "finetune", from
     config.json or guessed for older runs), scratch (a finetune --baseline's run from random init), status
@@ -448,8 +461,8 @@ def run_info(path: str | os.PathLike) -> dict:
             notes = [note] if note else []
             if not (path / CONFIG_NAME).exists():
                 notes.append(f"{path} has no {CONFIG_NAME}; the model comes from the weights' header, if any")
-            return _run_info(path, config or {}, notes)
-    return _weights_info(path)
+            return _json_safe(_run_info(path, config or {}, notes))
+    return _json_safe(_weights_info(path))
 
 
 # ----------------------------------------------------------------------------------------------

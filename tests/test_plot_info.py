@@ -731,6 +731,29 @@ def test_cli_info_on_a_damaged_run(tmp_path, weights):
     assert "pretrain run, finished" in r.stdout and "3 damaged lines skipped" in r.stdout
 
 
+def refuse(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_cli_info_json_is_valid_json(tmp_path, weights):
+    """Numbers too large for a float (1e999 reads as infinity) and NaN in the files become null, not a bare NaN or
+    Infinity that JSON parsers refuse."""
+    run = make_run(tmp_path / "run", weights)
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(lr=float("nan"), mask=float("inf"))
+    config["model"]["norm_eps"] = float("-inf")
+    (run / "config.json").write_text(json.dumps(config).replace("Infinity", "1e999"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 44, "loss": NaN, "lr": Infinity, "knn_top1": 1e999}\n')
+    r = invoke("info", run, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout, parse_constant=refuse)
+    assert info["recipe"]["lr"] is None and info["recipe"]["mask"] is None
+    assert info["model"]["config"]["norm_eps"] is None
+    assert info["metrics"]["loss"]["last_step"] == TOTAL and "knn_top1" in info["metrics"]  # the row's values dropped
+    json.loads(invoke("info", weights, "--json").stdout, parse_constant=refuse)
+
+
 def test_cli_info(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20])
     r = invoke("info", run)
