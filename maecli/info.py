@@ -174,9 +174,11 @@ def _checkpoints(run: Path) -> list[dict]:
     return sorted(found, key=lambda e: (e["step"] is None, e["step"] or 0, e["name"]))
 
 
-def _metrics_summary(rows: list[dict]) -> dict:
+def _metrics_summary(rows: list[dict], recipe: dict) -> dict:
     """For each series (loss, lr, knn_top1, val_top1, ...): the last value, and for all but lr the best one
-    (lowest for a loss, highest otherwise) with the step and epoch it was logged at."""
+    (lowest for a loss, highest otherwise) with the step and epoch it was logged at. For lr: the highest logged so
+    far (not the schedule's peak, which a run in warmup has not reached; with log_every the logged steps may miss
+    it), and the schedule's peak where the recipe sets lr itself (with blr it depends on the batch the run used)."""
     epoch_at = {}
     for row in rows:
         for name in row:
@@ -187,7 +189,9 @@ def _metrics_summary(rows: list[dict]) -> dict:
             continue
         entry = {"last": values[-1], "last_step": steps[-1]}
         if name == "lr":
-            entry["peak"] = max(values)
+            highest = max(range(len(values)), key=lambda i: values[i])
+            entry.update(highest=values[highest], highest_step=steps[highest])
+            entry["schedule_peak"] = finite_number(recipe.get("lr"))
         else:
             pick = min if name.endswith("loss") else max
             best = pick(range(len(values)), key=lambda i: values[i])
@@ -196,7 +200,7 @@ def _metrics_summary(rows: list[dict]) -> dict:
     return out
 
 
-def _count_images(data: str) -> int | None:
+def _count_images(data: str) -> int:
     """How many images `data` holds now, by data.find_images's rule: image suffixes, hidden names skipped, a folder
     reached twice through links counted once."""
     root = Path(data)
@@ -350,7 +354,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         "checkpoint_step": checkpoint_step,
         "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
     }
-    info["metrics"] = _metrics_summary(rows)
+    info["metrics"] = _metrics_summary(rows, recipe)
     skipped = state.get("skipped")
     info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
     info["notes"] = notes
@@ -558,7 +562,7 @@ def format_info(info: dict) -> str:
         row("model", _model_line(info["model"]))
         w = info.get("weights")
         if w:
-            row("file", f"{w['path']} ({_size(w['bytes'])}, {w['tensors']} tensors)")
+            row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})")
         return "\n".join(lines)
 
     status, prog = info["status"], info["progress"]
@@ -579,7 +583,7 @@ def format_info(info: dict) -> str:
         if not d["exists"]:
             row("data", f"{d['path']} (not found here)")
         else:
-            text = f"{d['path']} ({d['images']} images"
+            text = f"{d['path']} ({plural(d['images'], 'image')}"
             if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
                 text += f"; {d['images_at_start']} when the run started"
             row("data", text + ")")
@@ -590,7 +594,7 @@ def format_info(info: dict) -> str:
     if prog["epoch"] is not None:
         text += f", epoch {_number(prog['epoch'])}" + (f" of {_number(prog['epochs'])}" if prog["epochs"] else "")
     if prog["images_seen"] is not None:
-        text += f", {prog['images_seen']:,} images seen"
+        text += f", {plural(prog['images_seen'], 'image')} seen"
     if prog["seconds"] is not None:
         text += f", {_duration(prog['seconds'])} of training"
     row("progress", text)
@@ -600,7 +604,11 @@ def format_info(info: dict) -> str:
 
     for name, m in info["metrics"].items():
         if name == "lr":
-            row("lr", f"last {m['last']:.3g} (step {m['last_step']}), peak {m['peak']:.3g}")
+            text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
+            text += f" (step {m['highest_step']})"
+            if m["schedule_peak"] is not None:
+                text += f"; the schedule's peak {m['schedule_peak']:.3g}"
+            row("lr", text)
             continue
         when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
         word = "lowest" if name.endswith("loss") else "best"
@@ -611,7 +619,7 @@ def format_info(info: dict) -> str:
         first = list(skipped.items())[:3]
         row(
             "skipped",
-            f"{len(skipped)} unreadable files: "
+            f"{plural(len(skipped), 'unreadable file')}: "
             + "; ".join(f"{p} ({why})" for p, why in first)
             + ("; ..." if len(skipped) > 3 else ""),
         )

@@ -484,6 +484,29 @@ def test_info_on_a_run_does_not_import_torch(tmp_path, weights):
     assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
 
 
+def test_info_lr_says_highest_logged_and_the_schedules_peak(tmp_path, weights):
+    """A run in warmup has logged less than the schedule's peak: "peak" was read as the schedule's."""
+    run = make_run(tmp_path / "run", weights, logged=8, checkpoints=[])
+    lr = run_info(run)["metrics"]["lr"]
+    assert (lr["highest_step"], lr["schedule_peak"]) == (8, None) and lr["highest"] == lr["last"] < 1e-3
+    text = said(run_info(run))
+    assert f"highest logged {lr['highest']:.3g} (step 8)" in text and "peak" not in text
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 1e-3  # set by hand: the schedule's peak is known
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_info(run)["metrics"]["lr"]["schedule_peak"] == 1e-3
+    assert f"highest logged {lr['highest']:.3g} (step 8); the schedule's peak 0.001" in said(run_info(run))
+
+
+def test_info_counts_in_words(tmp_path, weights):
+    """One of a thing is singular: "1 image", "1 unreadable file", "1 image seen", "1 damaged line"."""
+    run = make_run(tmp_path / "run", weights, skipped={"a.jpg": "truncated"}, data=images(tmp_path / "photos", n=1))
+    write_metrics(run, [{"step": 1, "loss": 1.0, "images_seen": 1}], tail="{\n")
+    text = said(run_info(run))
+    for part in ("(1 image;", "1 image seen", "1 unreadable file: a.jpg", "1 damaged line skipped"):
+        assert part in text, (part, text)
+
+
 def test_info_not_started(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
     info = run_info(run)
