@@ -178,6 +178,31 @@ def test_half_written_last_line_is_dropped(tmp_path):
     assert read_metrics(tmp_path / "missing.jsonl").rows == []
 
 
+def test_thinning_keeps_every_row_of_a_sparse_kind_and_parses_few_lines(tmp_path, monkeypatch):
+    """A huge metrics.jsonl is read for a picture in bounded memory and time: the rows logged every few steps are
+    thinned, a probe's row an epoch is kept whole, each kind's last row is kept, and only kept lines are parsed."""
+    from maecli import rundir
+
+    rows = []
+    for step in range(1, 5001):
+        rows.append({"step": step, "epoch": step / 100, "loss": 1 / step, "lr": 1e-4})
+        if step % 250 == 0:
+            rows.append({"step": step, "epoch": step // 250, "knn_top1": step / 5000})
+    write_metrics(tmp_path, rows[:2600], tail='{"step": null, "loss": 1}\n')
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[2600:]))
+    parsed, clean_row = [], rundir.clean_row
+    monkeypatch.setattr(rundir, "clean_row", lambda line: parsed.append(line) or clean_row(line))
+    m = read_metrics(tmp_path, max_rows=100)
+    assert m.thinned and m.lines == len(rows) + 1 and m.bad == 1  # the damaged line is a kind of its own
+    knn = [r["step"] for r in m.rows if "knn_top1" in r]
+    assert knn == list(range(250, 5001, 250))
+    steps = [r["step"] for r in m.rows if "loss" in r]
+    assert 100 <= len(steps) < 200 and steps[0] == 1 and steps[-1] == 5000 and steps == sorted(steps)
+    assert len(parsed) < 1000  # of 5021 lines: 2 x max_rows, then max_rows more each time the stride doubles
+    assert [r["step"] for r in m.rows] == sorted(r["step"] for r in m.rows)
+
+
 def test_resumed_metrics_keep_the_newer_rows(tmp_path):
     """A killed run logged up to step 30 past its checkpoint at 20; the resumed run logs 22.. again."""
     rows = train_rows(2, 30) + train_rows(22, 40, scale=2.0) + probe_rows([1, 2, 3, 2, 3, 4])
