@@ -30,6 +30,9 @@ from .rundir import (
     regular_file,
 )
 
+# Rows of each kind read from metrics.jsonl (up to twice as many): a longer file is read as an even spread of its
+# rows, each kind's last one kept, so a huge file answers in seconds; a best value may then fall between them.
+INFO_ROWS = 5000
 # What a data folder's images are, as data.find_images counts them (data.py imports torch; info must not).
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -296,10 +299,15 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     if isinstance(classes, list):
         info["classes"] = [str(c) for c in classes]
 
-    metrics = read_metrics(metrics_file(run))
+    metrics = read_metrics(metrics_file(run), max_rows=INFO_ROWS)
     rows = metrics.rows
     if metrics.bad:
         notes.append(f"{metrics_file(run)}: {plural(metrics.bad, 'damaged line')} skipped")
+    if metrics.thinned:
+        notes.append(
+            f"{metrics_file(run)}: {plural(metrics.lines, 'line')}, read as an even spread of rows; a lowest or "
+            "best value may fall between them"
+        )
     resumable = [c for c in checkpoints if c["resumable"]]
     state: dict = {}
     if resumable:

@@ -19,6 +19,9 @@ from .rundir import CURVES_NAME, METRICS_NAME, read_metrics, regular_file
 
 # Counters and clocks: they describe a row, they are not curves worth a panel.
 NOT_PLOTTED = {"step", "epoch", "time", "images_seen", "images_per_sec"}
+# Rows of each kind drawn (up to twice as many): more points than a panel has pixels across. A longer file is read
+# as an even spread of its rows, so a huge one draws in seconds and little memory (rundir.read_metrics).
+PLOT_ROWS = 2000
 TITLES = {
     "loss": "loss",
     "lr": "learning rate",
@@ -125,7 +128,7 @@ def load_curves(runs: list[str | os.PathLike], warn: Callable[[str], None] | Non
     curves, empty = [], []
     for path, label in zip(paths, run_labels(paths)):
         metrics = metrics_file(path)
-        read = read_metrics(metrics)  # a FIFO or a device is refused here, before it is opened
+        read = read_metrics(metrics, max_rows=PLOT_ROWS)  # a FIFO or a device is refused before it is opened
         if read.bad:
             warn(f"{metrics}: {plural(read.bad, 'damaged line')} skipped")
         series = {k: v for k, v in metric_series(read.rows).items() if k not in NOT_PLOTTED}

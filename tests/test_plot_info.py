@@ -532,6 +532,25 @@ def test_info_counts_in_words(tmp_path, weights):
         assert part in text, (part, text)
 
 
+def test_info_and_plot_read_a_long_file_as_a_spread(tmp_path, weights, monkeypatch):
+    """Past INFO_ROWS (PLOT_ROWS) rows of a kind, a metrics.jsonl is read as an even spread of them: each kind's
+    last row and every probe row are kept, and info says the best of the rest is of a spread."""
+    from maecli import info as info_module
+    from maecli import plot
+
+    run = make_run(tmp_path / "run", weights, rows=train_rows(1, 2000, every=1) + probe_rows(range(1, 5)))
+    monkeypatch.setattr(info_module, "INFO_ROWS", 50)
+    info = run_info(run)
+    spread = "2,004 lines, read as an even spread of rows; a lowest or best value may fall between them"
+    assert info["notes"] == [f"{run / 'metrics.jsonl'}: {spread}"]
+    assert info["metrics"]["loss"]["last_step"] == 2000 and info["progress"]["step"] == 2000
+    assert info["metrics"]["knn_top1"]["best"] == pytest.approx(0.6) and info["metrics"]["knn_top1"]["best_step"] == 40
+    monkeypatch.setattr(plot, "PLOT_ROWS", 50)
+    curves = plot.load_curves([run], warn=lambda message: None)[0].series
+    assert 50 <= len(curves["loss"][0]) < 100 and curves["loss"][0][-1] == 2000
+    assert curves["knn_top1"][0] == [10, 20, 30, 40]
+
+
 def test_info_not_started(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
     info = run_info(run)
