@@ -1,40 +1,59 @@
 """`maecli info`: what a run folder or a weights file is, where a run stands, and what it has left on disk.
 
-A run is read, never loaded: config.json, metrics.jsonl, the checkpoints' state.json and the safetensors
-headers. Anything else is handed to `maecli.load`, to show what it infers. Unknown keys are ignored, so runs
-from newer or other commands (finetune) still answer.
+A run is read, never loaded, and without importing torch: config.json, metrics.jsonl, the checkpoints' state.json
+and the safetensors headers (file names from rundir). Anything else is handed to `maecli.load`, to show what it
+infers. Unknown keys are ignored, so runs from newer or other commands (finetune) still answer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import time
 from pathlib import Path
 
 from .errors import UserError
-from .plot import METRICS_NAME, NOT_PLOTTED, metric_series, read_metrics
+from .plot import NOT_PLOTTED, finite_number, metric_series, metrics_file, plural
+from .presets import PRESETS
+from .rundir import (
+    CHECKPOINT_FILES,
+    CHECKPOINT_PATTERN,
+    CHECKPOINTS_DIR,
+    CONFIG_NAME,
+    METRICS_NAME,
+    STATE_NAME,
+    WEIGHTS_NAME,
+    read_json_object,
+    read_metrics,
+    regular_file,
+)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_FILES = (WEIGHTS_NAME, "optimizer.pt", "state.json")
-# What a weights folder may hold, in the order maecli.load prefers them.
-FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
+# Rows of each kind read from metrics.jsonl (up to twice as many): a longer file is read as an even spread of its
+# rows, each kind's last one kept, so a huge file answers in seconds; a best value may then fall between them.
+INFO_ROWS = 5000
+# What a data folder's images are, as data.find_images counts them (data.py imports torch; info must not).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 # ----------------------------------------------------------------------------------------------
 # Small readers
 
 
-def _read_json(path: Path) -> tuple[object | None, str | None]:
-    """(the parsed file, None), or (None, a note saying why not); a missing file is (None, None)."""
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None), or (None, a note saying why not); a missing file is (None, None).
+    Only a regular file is opened: a FIFO would wait for a writer forever."""
     try:
-        return json.loads(path.read_text()), None
-    except FileNotFoundError:
-        return None, None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        return None, f"{path} cannot be read ({type(e).__name__})"
+        return read_json_object(path), None
+    except UserError as e:
+        return None, str(e)
+
+
+def _whole(value) -> int | None:
+    """`value` if it is a whole number of at least 0 (a count, a step), else None: a hand-edited or damaged file
+    may hold anything where a count belongs."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _tree_bytes(path: Path) -> int:
@@ -62,11 +81,17 @@ def safetensors_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]
         (n,) = struct.unpack("<Q", head)
         if n > 100_000_000 or n > path.stat().st_size - 8:
             raise ValueError("not a safetensors header")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except RecursionError:
+            raise ValueError("not a safetensors header: nested too deep") from None
     if not isinstance(header, dict):
         raise TypeError("not a safetensors header")
-    meta = header.pop("__metadata__", None) or {}
-    shapes = {k: list(v["shape"]) for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+    meta = header.pop("__metadata__", None)
+    meta = meta if isinstance(meta, dict) else {}
+    shapes = {k: v["shape"] for k, v in header.items() if isinstance(v, dict) and "shape" in v}
+    if not all(isinstance(shape, list) and all(_whole(d) is not None for d in shape) for shape in shapes.values()):
+        raise ValueError("not a safetensors header: a shape is not a list of sizes")
     return shapes, meta
 
 
@@ -92,11 +117,8 @@ def parameter_counts(shapes: dict[str, list[int]]) -> dict[str, int]:
 
 def preset_name(cfg: dict) -> str | None:
     """The named size whose width, depth and heads these are, or None for a custom one."""
-    from .model import PRESETS
-
     for name, p in PRESETS.items():
-        dims = (p.embed_dim, p.depth, p.num_heads) if hasattr(p, "embed_dim") else tuple(p[:3])
-        if dims == (cfg.get("embed_dim"), cfg.get("depth"), cfg.get("num_heads")):
+        if (p.embed_dim, p.depth, p.num_heads) == (cfg.get("embed_dim"), cfg.get("depth"), cfg.get("num_heads")):
             return name
     return None
 
@@ -104,24 +126,16 @@ def preset_name(cfg: dict) -> str | None:
 def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
     """The model part of an answer: the config, its preset name, decoder or not, parameter counts.
 
-    Without `shapes` (no weights written yet) the counts come from building the config's MAE on the meta
-    device, which allocates nothing.
+    Without `shapes` (no weights written yet, in the run or its checkpoints) whether it has a decoder and how many
+    parameters are None: building the model to count them would import torch, and a damaged config (a depth of a
+    million) would take as long as it liked.
     """
-    summary = {"preset": preset_name(cfg), "config": cfg}
-    if shapes is None:
-        try:
-            import torch
-
-            from .model import MAE, MAEConfig
-
-            with torch.device("meta"):
-                model = MAE(MAEConfig.from_dict(cfg))
-            shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-        except (TypeError, ValueError):
-            shapes = {}
-    summary["has_decoder"] = any(_is_decoder(k) for k in shapes)
-    summary["parameters"] = parameter_counts(shapes) if shapes else None
-    return summary
+    return {
+        "preset": preset_name(cfg),
+        "config": cfg,
+        "has_decoder": any(_is_decoder(k) for k in shapes) if shapes else None,
+        "parameters": parameter_counts(shapes) if shapes else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
 
 def _checkpoints(run: Path) -> list[dict]:
     """Every folder in RUN/checkpoints, oldest step first; `.tmp-*` ones are saves cut short."""
-    root = run / "checkpoints"
+    root = run / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
     found = []
@@ -147,10 +161,10 @@ def _checkpoints(run: Path) -> list[dict]:
         }
         if p.name.startswith(".tmp-"):
             entry["why"] = "an unfinished save (a temporary folder)"
-        elif p.name.startswith("step-") and p.name[5:].isdigit():
-            entry["step"] = int(p.name[5:])
+        elif match := CHECKPOINT_PATTERN.fullmatch(p.name):
+            entry["step"] = int(match.group(1))
             missing = [f for f in CHECKPOINT_FILES if not (p / f).is_file()]
-            state, note = _read_json(p / "state.json")
+            state, note = _read_json(p / STATE_NAME)
             entry["complete"] = not missing
             entry["resumable"] = not missing and isinstance(state, dict) and isinstance(state.get("step"), int)
             if missing:
@@ -163,20 +177,24 @@ def _checkpoints(run: Path) -> list[dict]:
     return sorted(found, key=lambda e: (e["step"] is None, e["step"] or 0, e["name"]))
 
 
-def _metrics_summary(rows: list[dict]) -> dict:
+def _metrics_summary(rows: list[dict], recipe: dict) -> dict:
     """For each series (loss, lr, knn_top1, val_top1, ...): the last value, and for all but lr the best one
-    (lowest for a loss, highest otherwise) with the step and epoch it was logged at."""
+    (lowest for a loss, highest otherwise) with the step and epoch it was logged at. For lr: the highest logged so
+    far (not the schedule's peak, which a run in warmup has not reached; with log_every the logged steps may miss
+    it), and the schedule's peak where the recipe sets lr itself (with blr it depends on the batch the run used)."""
     epoch_at = {}
     for row in rows:
         for name in row:
-            epoch_at[(name, row.get("step"))] = row.get("epoch")
+            epoch_at[(name, row.get("step"))] = finite_number(row.get("epoch"))
     out = {}
     for name, (steps, values) in metric_series(rows).items():
         if name in NOT_PLOTTED:
             continue
         entry = {"last": values[-1], "last_step": steps[-1]}
         if name == "lr":
-            entry["peak"] = max(values)
+            highest = max(range(len(values)), key=lambda i: values[i])
+            entry.update(highest=values[highest], highest_step=steps[highest])
+            entry["schedule_peak"] = finite_number(recipe.get("lr"))
         else:
             pick = min if name.endswith("loss") else max
             best = pick(range(len(values)), key=lambda i: values[i])
@@ -185,13 +203,26 @@ def _metrics_summary(rows: list[dict]) -> dict:
     return out
 
 
-def _count_images(data) -> int | None:
-    from .data import find_images
-
-    try:
-        return len(find_images(data))
-    except (OSError, ValueError, UserError):
-        return None
+def _count_images(data: str) -> int:
+    """How many images `data` holds now, by data.find_images's rule: image suffixes, hidden names skipped, a folder
+    reached twice through links counted once."""
+    root = Path(data)
+    if not root.is_dir():
+        return 1 if root.is_file() and root.suffix.lower() in IMAGE_SUFFIXES else 0
+    count, seen = 0, set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        count += sum(1 for n in filenames if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return count
 
 
 def _epoch_at_last_step(rows: list[dict]) -> float | None:
@@ -203,11 +234,26 @@ def _epoch_at_last_step(rows: list[dict]) -> float | None:
     return latest[1] if latest else None
 
 
+def _command(config: dict) -> str:
+    """ "pretrain" or "finetune": the command config.json says made the run; for a run from before it said so, a
+    guess from its sections (a finetune run has a "finetune" section or class names)."""
+    command = config.get("command")
+    if command in ("pretrain", "finetune"):
+        return command
+    return "finetune" if isinstance(config.get("finetune"), dict) or "classes" in config else "pretrain"
+
+
 def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
-    recipe_key = "finetune" if isinstance(config.get("finetune"), dict) else "train"
+    command = _command(config)
+    recipe_key = "finetune" if command == "finetune" else "train"
     recipe = config.get(recipe_key) if isinstance(config.get(recipe_key), dict) else {}
-    finetune = recipe_key == "finetune" or "classes" in config
-    info: dict = {"path": str(run), "kind": "finetune run" if finetune else "pretrain run", "recipe": recipe}
+    info: dict = {
+        "path": str(run),
+        "kind": f"{command} run",
+        "command": command,
+        "scratch": command == "finetune" and recipe.get("scratch") is True,  # finetune --baseline's own run
+        "recipe": recipe,
+    }
 
     weights = run / WEIGHTS_NAME
     shapes = None
@@ -226,11 +272,22 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     else:
         info["weights"] = None
         meta = {}
+        if weights.exists():
+            notes.append(f"{weights} is not a regular file")
+    checkpoints = _checkpoints(run)
+    if shapes is None:  # no weights handed over yet: the newest checkpoint's have the same tensors
+        for c in reversed(checkpoints):
+            if c["complete"]:
+                try:
+                    shapes, meta = safetensors_header(Path(c["path"]) / WEIGHTS_NAME)
+                    break
+                except (OSError, ValueError, TypeError):
+                    continue
     cfg = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg is None and "maecli_config" in meta:
         try:
             cfg = json.loads(meta["maecli_config"])
-        except ValueError:
+        except (TypeError, ValueError, RecursionError):
             notes.append(f"the config in {weights}'s header is not valid JSON")
     info["model"] = _model_summary(cfg, shapes) if isinstance(cfg, dict) else None
     if info["weights"] is not None and info["model"] is not None:
@@ -242,12 +299,19 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     if isinstance(classes, list):
         info["classes"] = [str(c) for c in classes]
 
-    rows = read_metrics(run / METRICS_NAME)
-    checkpoints = _checkpoints(run)
+    metrics = read_metrics(metrics_file(run), max_rows=INFO_ROWS)
+    rows = metrics.rows
+    if metrics.bad:
+        notes.append(f"{metrics_file(run)}: {plural(metrics.bad, 'damaged line')} skipped")
+    if metrics.thinned:
+        notes.append(
+            f"{metrics_file(run)}: {plural(metrics.lines, 'line')}, read as an even spread of rows; a lowest or "
+            "best value may fall between them"
+        )
     resumable = [c for c in checkpoints if c["resumable"]]
     state: dict = {}
     if resumable:
-        newest, _ = _read_json(Path(resumable[-1]["path"]) / "state.json")
+        newest, _ = _read_json(Path(resumable[-1]["path"]) / STATE_NAME)
         state = newest if isinstance(newest, dict) else {}
     info["checkpoints"] = checkpoints
 
@@ -259,7 +323,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
             "path": data,
             "exists": exists,
             "images": _count_images(data) if exists else None,
-            "images_at_start": state.get("images"),
+            "images_at_start": _whole(state.get("images")),
         }
 
     series = metric_series(rows)  # in step order, a resumed run's repeats resolved
@@ -273,11 +337,11 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         total = recipe["steps"]
     epoch = _epoch_at_last_step(rows)
     if epoch is None:
-        epoch = state.get("epoch")
-    epochs = recipe.get("epochs")
+        epoch = finite_number(state.get("epoch"))
+    epochs = finite_number(recipe.get("epochs"))
     if total and step and isinstance(epoch, (int, float)) and epoch > 0:
         epochs = round(total * epoch / step, 2)  # the steps per epoch as the run counted them
-    seconds = max([s for s in (last("time"), state.get("seconds")) if isinstance(s, (int, float))], default=None)
+    seconds = max([s for s in (last("time"), finite_number(state.get("seconds"))) if s is not None], default=None)
     checkpoint_step = resumable[-1]["step"] if resumable else None
     if total is not None and checkpoint_step is not None and checkpoint_step >= total:
         status = "finished"
@@ -285,7 +349,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         status = "not started"
     else:
         status = "unfinished"
-    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / "checkpoints") if p.exists()]
+    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / CHECKPOINTS_DIR) if p.exists()]
     written += [os.stat(c["path"]).st_mtime for c in checkpoints if os.path.exists(c["path"])]
     info["status"] = status
     info["progress"] = {
@@ -293,18 +357,20 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         "total_steps": total,
         "epoch": epoch,
         "epochs": epochs,
-        "images_seen": last("images_seen") if "images_seen" in series else state.get("images_seen"),
+        "images_seen": last("images_seen") if "images_seen" in series else _whole(state.get("images_seen")),
         "seconds": seconds,
         "checkpoint_step": checkpoint_step,
         "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
     }
-    info["metrics"] = _metrics_summary(rows)
+    info["metrics"] = _metrics_summary(rows, recipe)
     skipped = state.get("skipped")
     info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
     info["notes"] = notes
     order = (
         "path",
         "kind",
+        "command",
+        "scratch",
         "status",
         "model",
         "classes",
@@ -320,8 +386,8 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
     return {key: info[key] for key in order if key in info}
 
 
-def _is_run(folder: Path, config) -> bool:
-    if (folder / METRICS_NAME).exists() or (folder / "checkpoints").is_dir():
+def _is_run(folder: Path, config: dict | None) -> bool:
+    if (folder / METRICS_NAME).exists() or (folder / CHECKPOINTS_DIR).is_dir():
         return True
     return isinstance(config, dict) and any(k in config for k in ("train", "finetune", "classes"))
 
@@ -331,6 +397,8 @@ def _is_run(folder: Path, config) -> bool:
 
 
 def _weights_file(path: Path) -> Path | None:
+    from .weights import FOLDER_WEIGHTS
+
     if path.is_file():
         return path
     return next((path / n for n in FOLDER_WEIGHTS if (path / n).exists()), None)
@@ -339,7 +407,11 @@ def _weights_file(path: Path) -> Path | None:
 def _weights_info(path: Path) -> dict:
     """What maecli.load makes of a weights file or a folder that is not a run."""
     from . import load
+    from .weights import FOLDER_WEIGHTS
 
+    # maecli.load would open a FIFO or a device and wait on it forever: only regular files go on
+    for candidate in (CONFIG_NAME, *FOLDER_WEIGHTS) if path.is_dir() else ():
+        regular_file(path / candidate)
     try:
         model = load(path)
     except (UserError, ValueError, OSError) as e:
@@ -368,27 +440,41 @@ def _weights_info(path: Path) -> dict:
     }
 
 
-def run_info(path: str | os.PathLike) -> dict:
-    """Everything `maecli info` shows, as a JSON-serialisable dict.
+def _json_safe(value):
+    """`value` with every float that is not finite as None: JSON has no NaN or Infinity, and a config.json may hold
+    1e999 (read as infinity) where a number belongs."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
-    For a run folder: kind ("pretrain run" or "finetune run"), status ("finished", "unfinished" or "not
-    started"), model, data, recipe, progress, metrics (last and best of each series), skipped files,
-    checkpoints, weights, classes (finetune) and notes (files that could not be read). For anything else
-    maecli.load reads: kind "weights", the model it infers and the weights file. Bad paths raise UserError.
+
+def run_info(path: str | os.PathLike) -> dict:
+    """Everything `maecli info` shows, as a dict that is valid JSON (no NaN or Infinity).
+
+    For a run folder: kind ("pretrain run" or "finetune run"), command ("pretrain" or "finetune", from
+    config.json or guessed for older runs), scratch (a finetune --baseline's run from random init), status
+    ("finished", "unfinished" or "not started"), model, data, recipe, progress, metrics (last and best of each
+    series), skipped files, checkpoints, weights, classes (finetune) and notes (files that could not be read,
+    damaged lines skipped). For anything else maecli.load reads: kind "weights", the model it infers and the
+    weights file. Bad paths raise UserError.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run folder or a weights file")
-    if path.is_dir():
+    if not path.is_dir():
+        regular_file(path)  # a FIFO or a device is refused before anything opens it
+    else:
         config, note = _read_json(path / CONFIG_NAME)
         if _is_run(path, config):
             notes = [note] if note else []
             if not (path / CONFIG_NAME).exists():
                 notes.append(f"{path} has no {CONFIG_NAME}; the model comes from the weights' header, if any")
-            if config is not None and not isinstance(config, dict):
-                notes.append(f"{path / CONFIG_NAME} is not a JSON object")
-            return _run_info(path, config if isinstance(config, dict) else {}, notes)
-    return _weights_info(path)
+            return _json_safe(_run_info(path, config or {}, notes))
+    return _json_safe(_weights_info(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +517,7 @@ def _model_line(model: dict) -> str:
     )
     if model["has_decoder"]:
         line += f"; decoder {c.get('decoder_dim')} wide, {c.get('decoder_depth')} deep"
-    else:
+    elif model["has_decoder"] is not None:  # None: no weights to tell yet
         line += "; no decoder (embeds, cannot reconstruct)"
     p = model.get("parameters")
     if p:
@@ -445,25 +531,27 @@ def _model_line(model: dict) -> str:
 
 
 def _recipe_line(r: dict) -> str:
+    """The recipe's numbers in a line; a setting that is not a number where one belongs is left out."""
     parts = []
-    if r.get("steps"):
-        parts.append(f"{r['steps']} steps")
-    elif r.get("epochs") is not None:
-        parts.append(f"{r['epochs']} epochs")
-    if r.get("batch_size") is not None:
-        accum = r.get("accum_iter") or 1
-        parts.append(f"batch {r['batch_size']}" + (f" x {accum} accumulated" if accum > 1 else ""))
-    if r.get("lr") is not None:
-        parts.append(f"lr {_number(r['lr'])}")
-    elif r.get("blr") is not None:
-        parts.append(f"blr {_number(r['blr'])}")
+    steps, epochs = _whole(r.get("steps")), finite_number(r.get("epochs"))
+    if steps:
+        parts.append(plural(steps, "step"))
+    elif epochs is not None:
+        parts.append(f"{_number(epochs)} epoch" + ("" if epochs == 1 else "s"))
+    batch, accum = _whole(r.get("batch_size")), _whole(r.get("accum_iter")) or 1
+    if batch is not None:
+        parts.append(f"batch {batch}" + (f" x {accum} accumulated" if accum > 1 else ""))
+    for key in ("lr", "blr"):
+        if finite_number(r.get(key)) is not None:
+            parts.append(f"{key} {_number(r[key])}")
+            break
     for key, label in (
         ("mask", "mask"),
         ("warmup_epochs", "warmup epochs"),
         ("weight_decay", "weight decay"),
         ("seed", "seed"),
     ):
-        if r.get(key) is not None:
+        if finite_number(r.get(key)) is not None:
             parts.append(f"{label} {_number(r[key])}")
     return ", ".join(parts)
 
@@ -482,11 +570,12 @@ def format_info(info: dict) -> str:
         row("model", _model_line(info["model"]))
         w = info.get("weights")
         if w:
-            row("file", f"{w['path']} ({_size(w['bytes'])}, {w['tensors']} tensors)")
+            row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})")
         return "\n".join(lines)
 
     status, prog = info["status"], info["progress"]
-    head = f"{info['path']}: {info['kind']}, {status}"
+    head = f"{info['path']}: {info['kind']}" + (" from scratch (a baseline)" if info.get("scratch") else "")
+    head += f", {status}"
     if status == "unfinished":
         ago = prog["seconds_since_last_write"]
         head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
@@ -502,7 +591,7 @@ def format_info(info: dict) -> str:
         if not d["exists"]:
             row("data", f"{d['path']} (not found here)")
         else:
-            text = f"{d['path']} ({d['images']} images"
+            text = f"{d['path']} ({plural(d['images'], 'image')}"
             if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
                 text += f"; {d['images_at_start']} when the run started"
             row("data", text + ")")
@@ -513,17 +602,21 @@ def format_info(info: dict) -> str:
     if prog["epoch"] is not None:
         text += f", epoch {_number(prog['epoch'])}" + (f" of {_number(prog['epochs'])}" if prog["epochs"] else "")
     if prog["images_seen"] is not None:
-        text += f", {prog['images_seen']:,} images seen"
+        text += f", {plural(prog['images_seen'], 'image')} seen"
     if prog["seconds"] is not None:
         text += f", {_duration(prog['seconds'])} of training"
     row("progress", text)
-    if status == "unfinished" and info["kind"] == "pretrain run" and prog["checkpoint_step"] is not None:
+    if status == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
         data = info["recipe"].get("data", "DATA")
         row("", f"resumes from step {prog['checkpoint_step']}: maecli pretrain {data} --out {info['path']} --resume")
 
     for name, m in info["metrics"].items():
         if name == "lr":
-            row("lr", f"last {m['last']:.3g} (step {m['last_step']}), peak {m['peak']:.3g}")
+            text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
+            text += f" (step {m['highest_step']})"
+            if m["schedule_peak"] is not None:
+                text += f"; the schedule's peak {m['schedule_peak']:.3g}"
+            row("lr", text)
             continue
         when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
         word = "lowest" if name.endswith("loss") else "best"
@@ -534,7 +627,7 @@ def format_info(info: dict) -> str:
         first = list(skipped.items())[:3]
         row(
             "skipped",
-            f"{len(skipped)} unreadable files: "
+            f"{plural(len(skipped), 'unreadable file')}: "
             + "; ".join(f"{p} ({why})" for p, why in first)
             + ("; ..." if len(skipped) > 3 else ""),
         )

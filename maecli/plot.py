@@ -6,7 +6,6 @@ the Agg canvas directly, so plotting never touches pyplot's global state or a us
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -16,11 +15,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import open_output
+from .rundir import CURVES_NAME, METRICS_NAME, read_metrics, regular_file
 
-METRICS_NAME = "metrics.jsonl"
-CURVES_NAME = "curves.png"
 # Counters and clocks: they describe a row, they are not curves worth a panel.
 NOT_PLOTTED = {"step", "epoch", "time", "images_seen", "images_per_sec"}
+# Rows of each kind drawn (up to twice as many): more points than a panel has pixels across. A longer file is read
+# as an even spread of its rows, so a huge one draws in seconds and little memory (rundir.read_metrics).
+PLOT_ROWS = 2000
 TITLES = {
     "loss": "loss",
     "lr": "learning rate",
@@ -34,39 +35,11 @@ INSTALL_HINT = 'plotting needs matplotlib: pip install "maecli[plot]"'
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading metrics.jsonl
+# Series from metrics.jsonl's rows (rundir.read_metrics reads the file)
 
 
-def metrics_path(run: str | os.PathLike) -> Path:
-    """RUN/metrics.jsonl for a run folder; a .jsonl file is taken as is."""
-    run = Path(run)
-    return run if run.suffix == ".jsonl" and not run.is_dir() else run / METRICS_NAME
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl, in file order; [] when it is missing or empty.
-
-    Lines that are not a JSON object are dropped: a run killed mid-write, or still writing, leaves a partial
-    last line.
-    """
-    try:
-        text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return []
-    except IsADirectoryError:
-        raise UserError(f"{path} is a folder, not a metrics file") from None
-    rows = []
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _number(value) -> int | float | None:
+def finite_number(value) -> int | float | None:
+    """`value` if it is a finite int or float (not a bool), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return value if math.isfinite(value) else None
@@ -84,7 +57,7 @@ def metric_series(rows: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
         if isinstance(step, bool) or not isinstance(step, int):
             continue
         for name, value in row.items():
-            value = _number(value)
+            value = finite_number(value)
             if name in ("step", "epoch") or value is None:
                 continue
             steps, values = series.setdefault(name, ([], []))
@@ -109,7 +82,7 @@ class RunCurves:
 
 def run_labels(runs: list[Path]) -> list[str]:
     """Each run's folder name; where names repeat, as many parent folders as tell them apart."""
-    folders = [(p.parent if p.suffix == ".jsonl" and not p.is_dir() else p).resolve() for p in runs]
+    folders = [(p if p.is_dir() else p.parent).resolve() for p in runs]
     labels = []
     for i, folder in enumerate(folders):
         parts = folder.parts
@@ -131,9 +104,20 @@ def panel_names(curves: list[RunCurves]) -> list[str]:
     return first + sorted(names - set(first))
 
 
+def plural(n: int, noun: str) -> str:
+    """`1 row`, `2 rows`: a count with its noun (a regular plural)."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def metrics_file(run: Path) -> Path:
+    """RUN/metrics.jsonl for a run folder; any other path is taken as the metrics file itself."""
+    return run / METRICS_NAME if run.is_dir() else run
+
+
 def load_curves(runs: list[str | os.PathLike], warn: Callable[[str], None] | None = None) -> list[RunCurves]:
-    """Read every run's series. A run with nothing to plot is left out with a warning; if none has anything,
-    or a path does not exist, that is a UserError."""
+    """Read every run's series. A run with nothing to plot is left out with a warning, and damaged lines skipped
+    in a metrics file are counted in one; if no run has anything, or a path does not exist or is not a regular file
+    (a FIFO), that is a UserError."""
     if not runs:
         raise UserError("no runs to plot; give one or more run folders")
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
@@ -143,12 +127,17 @@ def load_curves(runs: list[str | os.PathLike], warn: Callable[[str], None] | Non
             raise UserError(f"run not found: {p}")
     curves, empty = [], []
     for path, label in zip(paths, run_labels(paths)):
-        metrics = metrics_path(path)
-        series = {k: v for k, v in metric_series(read_metrics(metrics)).items() if k not in NOT_PLOTTED}
+        metrics = metrics_file(path)
+        read = read_metrics(metrics, max_rows=PLOT_ROWS)  # a FIFO or a device is refused before it is opened
+        if read.bad:
+            warn(f"{metrics}: {plural(read.bad, 'damaged line')} skipped")
+        series = {k: v for k, v in metric_series(read.rows).items() if k not in NOT_PLOTTED}
         if series:
             curves.append(RunCurves(label, path, series))
+        elif regular_file(metrics) is None:
+            empty.append(f"{path} has no {METRICS_NAME}")
         else:
-            empty.append(f"{path} has no metrics.jsonl" if not metrics.exists() else f"{path} has no metrics rows yet")
+            empty.append(f"{path} has no metrics rows yet")
     if not curves:
         raise UserError(f"nothing to plot: {', '.join(empty)}")
     for why in empty:

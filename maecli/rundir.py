@@ -158,13 +158,32 @@ def _lines(f, start: int = 0):
         yield line
 
 
+NUMBER_BYTES = b"0123456789.+-eE"  # what a line loses to leave its kind: its keys, in order, and its punctuation
+THINNED_KINDS = 16  # kinds of row thinned apart; any further kinds share one stride
+
+
+@dataclasses.dataclass
+class _Kind:
+    """The rows of one kind kept so far, as (line number, row): every `stride`-th line of the kind is parsed and
+    kept; `last` is the kind's latest line when it was not, parsed at the end so each kind keeps its last row."""
+
+    rows: list = dataclasses.field(default_factory=list)
+    stride: int = 1
+    seen: int = 0
+    last: tuple[int, bytes] | None = None
+
+
 def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_bytes: int | None = None) -> Metrics:
     """The rows of RUN/metrics.jsonl (or of the .jsonl file `path`), in file order, in bounded memory.
 
     A run killed mid-write, or still writing, leaves a partial last line; a damaged file may hold anything. Such
-    lines are skipped and counted (`bad`), never raised. `max_rows` keeps at most about that many rows, evenly
-    spread with the last one kept (for pictures); `tail_bytes` reads only the end of the file (for the latest
-    values). A missing file has no rows; one that is not a regular file (a FIFO) is a UserError.
+    lines are skipped and counted (`bad`), never raised. `tail_bytes` reads only the end of the file (for the
+    latest values). `max_rows` keeps about that many rows (up to twice) of each kind of row, evenly spread with
+    each kind's last one kept, and parses only the lines it keeps (for pictures of huge files): a kind is a line
+    with its numbers taken out (the same keys in the same order), so a probe's one row an epoch keeps every
+    point while the rows logged every few steps are thinned. `bad` then counts the damaged lines among those
+    parsed; a damaged line is mostly a kind of its own, and so parsed. A missing file has no rows; one that is
+    not a regular file (a FIFO) is a UserError.
     """
     path = Path(path)
     if path.is_dir():
@@ -173,7 +192,7 @@ def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_b
     if found is None:
         return Metrics([])
     result = Metrics([])
-    stride, seen = 1, 0
+    kinds: dict[bytes | None, _Kind] = {}
     try:
         with open(found, "rb") as f:
             start = 0
@@ -183,27 +202,48 @@ def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_b
             lines = _lines(f, start)
             if start:
                 next(lines, None)  # the first line read from the middle of the file is a fragment
-            last = None
-            for line in lines:
+            for number, line in enumerate(lines):
                 result.lines += 1
                 if line is not None and not line.strip():
                     continue  # a blank line is not damage
-                row = clean_row(line) if line is not None else None
+                if line is None or max_rows is None:
+                    row = clean_row(line) if line is not None else None
+                    if row is None:
+                        result.bad += 1
+                    else:
+                        result.rows.append(row)
+                    continue
+                kind = line.translate(None, NUMBER_BYTES)
+                group = kinds.get(kind)
+                if group is None:
+                    group = kinds.setdefault(kind if len(kinds) < THINNED_KINDS else None, _Kind())
+                group.seen += 1
+                if (group.seen - 1) % group.stride:
+                    group.last = (number, line)  # not parsed unless it stays the kind's last
+                    continue
+                group.last = None
+                row = clean_row(line)
                 if row is None:
                     result.bad += 1
                     continue
-                last = row
-                if seen % stride == 0:
-                    result.rows.append(row)
-                seen += 1
-                if max_rows is not None and len(result.rows) >= 2 * max_rows:
-                    result.rows = result.rows[::2]  # keep every other: the stride doubles, memory stays bounded
-                    stride *= 2
+                group.rows.append((number, row))
+                if len(group.rows) >= 2 * max_rows:
+                    group.rows = group.rows[::2]  # keep every other: the stride doubles, memory stays bounded
+                    group.stride *= 2
                     result.thinned = True
-            if last is not None and (not result.rows or result.rows[-1] is not last):
-                result.rows.append(last)
     except OSError as e:
         raise UserError(f"cannot read {found}: {e.strerror or e}") from None
+    if kinds:
+        kept = []
+        for group in kinds.values():
+            if group.last is not None:
+                row = clean_row(group.last[1])
+                if row is None:
+                    result.bad += 1
+                else:
+                    group.rows.append((group.last[0], row))
+            kept += group.rows
+        result.rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
     return result
 
 

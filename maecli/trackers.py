@@ -270,15 +270,16 @@ class Curves:
         if not self.enabled or (not final and time.monotonic() < self.next_at):
             return
         from .plot import write_curves
+        from .rundir import CURVES_NAME
 
         start = time.monotonic()
         try:
             drawn = write_curves(self.run)
         except UserError as e:
-            warn(f"no {self.run / 'curves.png'}: {e}")
+            warn(f"no {self.run / CURVES_NAME}: {e}")
             self.enabled = False
             return
         if drawn is None:
-            warn(f"could not draw {self.run / 'curves.png'}; training goes on without it")
+            warn(f"could not draw {self.run / CURVES_NAME}; training goes on without it")
             self.enabled = False
         self.next_at = time.monotonic() + 20 * (time.monotonic() - start)

@@ -1,10 +1,12 @@
 """`maecli plot` and `maecli info` on run folders written by hand (config.json, metrics.jsonl, checkpoints and a
 real tiny model's weights), so they test the reading, not the training loop."""
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 
 import pytest
@@ -12,7 +14,8 @@ from conftest import EXAMPLES
 
 from maecli.errors import UserError
 from maecli.info import format_info, preset_name, run_info
-from maecli.plot import metric_series, read_metrics
+from maecli.plot import metric_series
+from maecli.rundir import read_metrics
 
 CFG = {
     "img_size": 32,
@@ -133,14 +136,71 @@ def add_checkpoint(run, weights, step, skipped=None, files=("model.safetensors",
     return ckpt
 
 
+# Lines of a damaged metrics.jsonl: a null step, a byte that is not UTF-8, a step of 10^400 (three lines skipped),
+# and a loss of +-1e308 (dropped from its row, which stays).
+DAMAGED = [
+    b'{"step": null, "loss": 1.0}',
+    b'{"step": 41, "loss": 0.5, "note": "\xff"}',
+    b'{"step": 1' + b"0" * 400 + b', "loss": 0.5}',
+    b'{"step": 42, "loss": 1e308, "lr": 1e-4}',
+    b'{"step": 43, "loss": -1e308, "lr": 1e-4}',
+]
+
+
+def damage(run):
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"".join(line + b"\n" for line in DAMAGED))
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail, rather than hang the suite, when the body blocks (opening a FIFO waits for a writer forever)."""
+
+    def stuck(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # -- reading metrics.jsonl --------------------------------------------------------------------------
 
 
 def test_half_written_last_line_is_dropped(tmp_path):
     write_metrics(tmp_path, train_rows(2, 10), tail='{"step": 12, "epoch": 1.2, "lo')
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
-    assert read_metrics(tmp_path / "missing.jsonl") == []
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in m.rows] == [2, 4, 6, 8, 10] and m.bad == 1
+    assert read_metrics(tmp_path / "missing.jsonl").rows == []
+
+
+def test_thinning_keeps_every_row_of_a_sparse_kind_and_parses_few_lines(tmp_path, monkeypatch):
+    """A huge metrics.jsonl is read for a picture in bounded memory and time: the rows logged every few steps are
+    thinned, a probe's row an epoch is kept whole, each kind's last row is kept, and only kept lines are parsed."""
+    from maecli import rundir
+
+    rows = []
+    for step in range(1, 5001):
+        rows.append({"step": step, "epoch": step / 100, "loss": 1 / step, "lr": 1e-4})
+        if step % 250 == 0:
+            rows.append({"step": step, "epoch": step // 250, "knn_top1": step / 5000})
+    write_metrics(tmp_path, rows[:2600], tail='{"step": null, "loss": 1}\n')
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows[2600:]))
+    parsed, clean_row = [], rundir.clean_row
+    monkeypatch.setattr(rundir, "clean_row", lambda line: parsed.append(line) or clean_row(line))
+    m = read_metrics(tmp_path, max_rows=100)
+    assert m.thinned and m.lines == len(rows) + 1 and m.bad == 1  # the damaged line is a kind of its own
+    knn = [r["step"] for r in m.rows if "knn_top1" in r]
+    assert knn == list(range(250, 5001, 250))
+    steps = [r["step"] for r in m.rows if "loss" in r]
+    assert 100 <= len(steps) < 200 and steps[0] == 1 and steps[-1] == 5000 and steps == sorted(steps)
+    assert len(parsed) < 1000  # of 5021 lines: 2 x max_rows, then max_rows more each time the stride doubles
+    assert [r["step"] for r in m.rows] == sorted(r["step"] for r in m.rows)
 
 
 def test_resumed_metrics_keep_the_newer_rows(tmp_path):
@@ -269,6 +329,36 @@ def test_empty_or_missing_metrics(tmp_path, weights, mpl):
         plot_runs([good], tmp_path)
 
 
+def test_plot_skips_damaged_lines_and_counts_them(tmp_path, weights, mpl):
+    from maecli.plot import plot_runs
+
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    warned = []
+    plot_runs([run], tmp_path / "c.png", warn=warned.append)
+    assert warned == [f"{run / 'metrics.jsonl'}: 3 damaged lines skipped"]
+    loss, lr = figure([run]).axes[:2]
+    assert list(loss.lines[0].get_xdata()) == list(range(2, 41, 2))  # +-1e308 is not a loss
+    assert list(lr.lines[0].get_xdata())[-2:] == [42, 43]  # the rest of those rows stays
+    write_metrics(run, train_rows(2, 10), tail='{"step": null}\n')
+    warned.clear()
+    plot_runs([run], tmp_path / "c.png", warn=warned.append)
+    assert warned == [f"{run / 'metrics.jsonl'}: 1 damaged line skipped"]
+
+
+def test_plot_refuses_a_fifo_without_opening_it(tmp_path, weights, mpl):
+    from maecli.plot import plot_runs
+
+    run = make_run(tmp_path / "run", weights)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    for given in (run, tmp_path / "pipe.jsonl"):
+        with within(10), pytest.raises(UserError, match="not a regular file"):
+            plot_runs([given], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_write_curves(tmp_path, weights, mpl):
     from maecli.plot import write_curves
 
@@ -316,6 +406,7 @@ def test_info_finished_run(tmp_path, weights):
     info = run_info(run)
     json.dumps(info, allow_nan=False)
     assert info["kind"] == "pretrain run" and info["status"] == "finished"
+    assert info["command"] == "pretrain" and info["scratch"] is False  # guessed: the config does not say
     assert info["model"]["config"] == model_config() and info["model"]["preset"] is None
     assert info["model"]["has_decoder"] is True
     assert info["model"]["parameters"]["total"] == state_dict_size()
@@ -358,7 +449,7 @@ def test_info_in_progress_run(tmp_path, weights):
     assert info["progress"]["step"] == 24 and info["progress"]["checkpoint_step"] == 20
     assert info["progress"]["seconds_since_last_write"] < 60
     assert info["weights"] is None
-    assert info["model"]["parameters"]["total"] == state_dict_size()  # from the config, on the meta device
+    assert info["model"]["parameters"]["total"] == state_dict_size()  # from the newest checkpoint's header
     assert info["data"]["exists"] is False and info["data"]["images"] is None
     assert [(c["name"], c["complete"], c["resumable"]) for c in info["checkpoints"]] == [
         ("step-00000020", True, True),
@@ -400,11 +491,72 @@ def test_info_killed_run(tmp_path, weights):
         assert part in text, (part, text)
 
 
+def test_info_on_a_run_does_not_import_torch(tmp_path, weights):
+    """info reads a run (its headers, its data folder) without the seconds torch takes to import."""
+    import subprocess
+
+    from conftest import ROOT
+
+    photos = images(tmp_path / "photos")
+    run = make_run(tmp_path / "run", weights, logged=24, checkpoints=[20], with_weights=False, data=photos)
+    code = (
+        "import sys; from maecli.info import run_info; info = run_info(sys.argv[1]); "
+        "assert info['model']['parameters'] and info['data']['images'] == 3, info; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
+
+
+def test_info_lr_says_highest_logged_and_the_schedules_peak(tmp_path, weights):
+    """A run in warmup has logged less than the schedule's peak: "peak" was read as the schedule's."""
+    run = make_run(tmp_path / "run", weights, logged=8, checkpoints=[])
+    lr = run_info(run)["metrics"]["lr"]
+    assert (lr["highest_step"], lr["schedule_peak"]) == (8, None) and lr["highest"] == lr["last"] < 1e-3
+    text = said(run_info(run))
+    assert f"highest logged {lr['highest']:.3g} (step 8)" in text and "peak" not in text
+    config = json.loads((run / "config.json").read_text())
+    config["train"]["lr"] = 1e-3  # set by hand: the schedule's peak is known
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_info(run)["metrics"]["lr"]["schedule_peak"] == 1e-3
+    assert f"highest logged {lr['highest']:.3g} (step 8); the schedule's peak 0.001" in said(run_info(run))
+
+
+def test_info_counts_in_words(tmp_path, weights):
+    """One of a thing is singular: "1 image", "1 unreadable file", "1 image seen", "1 damaged line"."""
+    run = make_run(tmp_path / "run", weights, skipped={"a.jpg": "truncated"}, data=images(tmp_path / "photos", n=1))
+    write_metrics(run, [{"step": 1, "loss": 1.0, "images_seen": 1}], tail="{\n")
+    text = said(run_info(run))
+    for part in ("(1 image;", "1 image seen", "1 unreadable file: a.jpg", "1 damaged line skipped"):
+        assert part in text, (part, text)
+
+
+def test_info_and_plot_read_a_long_file_as_a_spread(tmp_path, weights, monkeypatch):
+    """Past INFO_ROWS (PLOT_ROWS) rows of a kind, a metrics.jsonl is read as an even spread of them: each kind's
+    last row and every probe row are kept, and info says the best of the rest is of a spread."""
+    from maecli import info as info_module
+    from maecli import plot
+
+    run = make_run(tmp_path / "run", weights, rows=train_rows(1, 2000, every=1) + probe_rows(range(1, 5)))
+    monkeypatch.setattr(info_module, "INFO_ROWS", 50)
+    info = run_info(run)
+    spread = "2,004 lines, read as an even spread of rows; a lowest or best value may fall between them"
+    assert info["notes"] == [f"{run / 'metrics.jsonl'}: {spread}"]
+    assert info["metrics"]["loss"]["last_step"] == 2000 and info["progress"]["step"] == 2000
+    assert info["metrics"]["knn_top1"]["best"] == pytest.approx(0.6) and info["metrics"]["knn_top1"]["best_step"] == 40
+    monkeypatch.setattr(plot, "PLOT_ROWS", 50)
+    curves = plot.load_curves([run], warn=lambda message: None)[0].series
+    assert 50 <= len(curves["loss"][0]) < 100 and curves["loss"][0][-1] == 2000
+    assert curves["knn_top1"][0] == [10, 20, 30, 40]
+
+
 def test_info_not_started(tmp_path, weights):
     run = make_run(tmp_path / "run", weights, rows=[], checkpoints=[], with_weights=False)
     info = run_info(run)
     assert info["status"] == "not started" and info["metrics"] == {} and info["checkpoints"] == []
-    assert "checkpoints none" in said(info)
+    assert info["model"]["parameters"] is None and info["model"]["has_decoder"] is None  # no weights to count yet
+    assert "checkpoints none" in said(info) and "custom: 32 wide, 2 deep, 2 heads; 32 px" in said(info)
 
 
 def test_info_finetune_run(tmp_path, weights):
@@ -428,7 +580,7 @@ def test_info_finetune_run(tmp_path, weights):
     shutil.copy(weights, run / "model.safetensors")
     info = run_info(run)
     json.dumps(info, allow_nan=False)
-    assert info["kind"] == "finetune run" and info["classes"] == ["cat", "dog"]
+    assert info["kind"] == "finetune run" and info["classes"] == ["cat", "dog"] and info["command"] == "finetune"
     assert info["metrics"]["val_top1"]["best"] == 0.7 and info["metrics"]["val_top1"]["best_epoch"] == 1
     assert info["metrics"]["val_loss"]["best"] == 0.6 and info["metrics"]["val_loss"]["best_step"] == 10
     assert info["recipe"]["label_smoothing"] == 0.1
@@ -443,6 +595,31 @@ def test_info_finetune_run(tmp_path, weights):
         "2 epochs, batch 8, lr 0.001",
     ):
         assert part in text, (part, text)
+
+
+def test_info_takes_the_command_from_the_config(tmp_path, weights):
+    """config.json's "command" says which command made the run; without it (older runs) info guesses from the
+    sections, and the guess can be wrong where the key settles it."""
+    run = make_run(tmp_path / "run", weights, config_extra={"classes": ["cat", "dog"]})
+    assert run_info(run)["kind"] == "finetune run"  # the guess: class names mean finetune
+    make_run(run, weights, config_extra={"command": "pretrain", "classes": ["cat", "dog"]})
+    info = run_info(run)
+    assert info["kind"] == "pretrain run" and info["command"] == "pretrain" and info["recipe"]["epochs"] == 4
+
+    recipe = {"data": str(tmp_path / "pets"), "epochs": 2, "batch_size": 8, "lr": 1e-3}
+    ft = tmp_path / "ft"
+    write_metrics(ft, [{"step": 5, "epoch": 1, "loss": 0.9}])
+    baseline = {**recipe, "scratch": True}
+    for config, kind, scratch in [
+        ({"command": "finetune", "finetune": recipe}, "finetune run", False),
+        ({"command": "finetune", "finetune": baseline}, "finetune run", True),
+        ({"finetune": baseline}, "finetune run", True),  # guessed
+        ({"command": "serve", "train": recipe}, "pretrain run", False),  # a command info does not know: guessed
+    ]:
+        (ft / "config.json").write_text(json.dumps({"model": model_config(), **config}))
+        info = run_info(ft)
+        assert (info["kind"], info["scratch"], info["recipe"]["epochs"]) == (kind, scratch, 2), config
+        assert ("finetune run from scratch (a baseline)," in said(info)) == scratch
 
 
 def test_info_plain_weights(tmp_path, weights):
@@ -486,6 +663,71 @@ def test_info_bad_paths(tmp_path):
         run_info(tmp_path / "empty")
 
 
+def test_info_skips_damaged_metrics_lines_and_says_how_many(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    info = run_info(run)
+    assert info["notes"] == [f"{run / 'metrics.jsonl'}: 3 damaged lines skipped"]
+    assert info["metrics"]["loss"]["last_step"] == TOTAL  # +-1e308 is no loss
+    assert info["metrics"]["lr"]["last_step"] == 43 and info["progress"]["step"] == 43
+    assert f"note: {run / 'metrics.jsonl'}: 3 damaged lines skipped" in said(info)
+    write_metrics(run, train_rows(2, 10), tail="\xff\n")
+    assert run_info(run)["notes"] == [f"{run / 'metrics.jsonl'}: 1 damaged line skipped"]
+
+
+def test_info_tolerates_wrong_types_in_config_and_state(tmp_path, weights):
+    """Hand-edited or damaged files: a word where a size belongs, a list where the recipe belongs, strings and
+    lists in state.json. Each is left out or shown as written, never a TypeError."""
+    run = make_run(tmp_path / "run", weights)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["img_size"] = "big"
+    config["train"] = {**config["train"], "accum_iter": "2", "batch_size": [4], "epochs": {"a": 1}, "lr": "hi"}
+    (run / "config.json").write_text(json.dumps(config))
+    state_file = run / "checkpoints" / "step-00000040" / "state.json"
+    state = json.loads(state_file.read_text())
+    state.update(images=[8], images_seen="many", epoch="four", seconds=None, skipped=["x"], total_steps="all")
+    state_file.write_text(json.dumps(state))
+    info = run_info(run)
+    assert info["progress"]["step"] == TOTAL and info["skipped"] == {}
+    assert "big px in 8 px patches" in said(info) and "recipe blr 0.00015, mask 0.75" in said(info)
+    for recipe in ([1], "fast", None):
+        config["train"] = recipe
+        (run / "config.json").write_text(json.dumps(config))
+        info = run_info(run)
+        assert info["kind"] == "pretrain run" and info["recipe"] == {} and info["data"] is None
+        said(info)
+    (run / "config.json").write_text("[1]")
+    assert run_info(run)["notes"] == [f"{run / 'config.json'} is not a JSON object"]
+
+
+def test_info_refuses_fifos_without_opening_them(tmp_path, weights):
+    """As weights, as a weights folder's file or as a run's metrics.jsonl, a FIFO is an error; as one of a run's
+    small files (config.json, a checkpoint's state.json, the weights) it is a note. Nothing waits on it."""
+    os.mkfifo(tmp_path / "model.safetensors")
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    os.mkfifo(folder / "model.safetensors")
+    run = make_run(tmp_path / "run", weights)
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")
+    for given in (tmp_path / "model.safetensors", folder, run):
+        with within(10), pytest.raises(UserError, match="not a regular file"):
+            run_info(given)
+
+    run = make_run(tmp_path / "run2", weights)
+    for name in ("config.json", "model.safetensors", "checkpoints/step-00000040/state.json"):
+        (run / name).unlink()
+        os.mkfifo(run / name)
+    with within(10):
+        info = run_info(run)
+    assert info["checkpoints"][-1]["why"] == "missing state.json" and info["progress"]["checkpoint_step"] == 20
+    assert info["weights"] is None and info["status"] == "unfinished"
+    assert [n.split(str(run))[-1] for n in info["notes"]] == [
+        "/config.json is not a regular file",
+        "/model.safetensors is not a regular file",
+    ]
+
+
 # -- the commands -------------------------------------------------------------------------------------
 
 
@@ -517,6 +759,66 @@ def test_cli_plot_errors(tmp_path, mpl):
         assert r.exit_code == 1 and r.stdout == ""
         assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
         assert "Traceback" not in r.output and r.stderr.count("\n") == 1
+
+
+def test_cli_plot_damaged_and_fifo(tmp_path, weights, mpl):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    r = invoke("plot", run, "-o", tmp_path / "c.png")
+    assert r.exit_code == 0, r.output
+    assert "3 damaged lines skipped" in r.stderr and "Traceback" not in r.output
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with within(10):
+        r = invoke("plot", tmp_path / "pipe.jsonl", "-o", tmp_path / "c.png")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr == f"error: {tmp_path / 'pipe.jsonl'} is not a regular file\n"
+
+
+def test_cli_info_on_a_fifo_ends_at_once(tmp_path):
+    """A FIFO given as weights used to block `maecli info` forever, deaf to SIGTERM: now one line and exit 1."""
+    import subprocess
+
+    from conftest import ROOT
+
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "maecli", "info", str(tmp_path / "pipe.safetensors")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: {tmp_path / 'pipe.safetensors'} is not a regular file\n"
+
+
+def test_cli_info_on_a_damaged_run(tmp_path, weights):
+    run = make_run(tmp_path / "run", weights)
+    damage(run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], "img_size": "big"}}))
+    r = invoke("info", run)
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert "pretrain run, finished" in r.stdout and "3 damaged lines skipped" in r.stdout
+
+
+def refuse(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def test_cli_info_json_is_valid_json(tmp_path, weights):
+    """Numbers too large for a float (1e999 reads as infinity) and NaN in the files become null, not a bare NaN or
+    Infinity that JSON parsers refuse."""
+    run = make_run(tmp_path / "run", weights)
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(lr=float("nan"), mask=float("inf"))
+    config["model"]["norm_eps"] = float("-inf")
+    (run / "config.json").write_text(json.dumps(config).replace("Infinity", "1e999"))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 44, "loss": NaN, "lr": Infinity, "knn_top1": 1e999}\n')
+    r = invoke("info", run, "--json")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout, parse_constant=refuse)
+    assert info["recipe"]["lr"] is None and info["recipe"]["mask"] is None
+    assert info["model"]["config"]["norm_eps"] is None
+    assert info["metrics"]["loss"]["last_step"] == TOTAL and "knn_top1" in info["metrics"]  # the row's values dropped
+    json.loads(invoke("info", weights, "--json").stdout, parse_constant=refuse)
 
 
 def test_cli_info(tmp_path, weights):
