@@ -19,10 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import formats, hub
-from .errors import UsageError, WeightsError
+from .errors import UsageError, UserError, WeightsError
 from .files import atomic_write, write_json
 from .model import MAE, MAEConfig
-from .rundir import CONFIG_NAME, WEIGHTS_NAME
+from .rundir import CONFIG_NAME, WEIGHTS_NAME, regular_file
 
 # What a folder may hold, in order of preference: maecli and transformers write the first.
 FOLDER_WEIGHTS = (WEIGHTS_NAME, "model.safetensors.index.json", "pytorch_model.bin")
@@ -192,6 +192,10 @@ def resolve(path: str | os.PathLike) -> tuple[Path, Path | None]:
             raise WeightsError(f"{path} holds no {WEIGHTS_NAME}; is it a maecli run or a Hugging Face model folder?")
     else:
         weights = path
+    try:
+        regular_file(weights)  # a FIFO would block the read forever
+    except UserError as e:
+        raise WeightsError(f"weights {e}") from None
     cfg = weights.parent / CONFIG_NAME
     return weights, cfg if cfg.exists() else None
 

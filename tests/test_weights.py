@@ -8,6 +8,7 @@ in test_interop.py.
 """
 
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -96,3 +97,16 @@ def test_a_malicious_optimizer_pickle_is_not_run(tmp_path, small_dir):
     r = invoke("pretrain", small_dir, "--out", out, "--resume", "--steps", "6")
     assert r.exit_code == 1 and "none of the 1 checkpoints" in r.stderr and "is unusable" in r.stderr
     assert not marker.exists()
+
+
+def test_a_fifo_as_weights_is_refused_without_opening_it(tmp_path, photo_dir):
+    """Opening a FIFO for reading waits for a writer: every command that takes --weights would hang."""
+    from typer.testing import CliRunner
+
+    from maecli.cli import app
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    for command in (["predict", str(photo_dir)], ["embed", str(photo_dir)], ["reconstruct", str(photo_dir)]):
+        r = CliRunner().invoke(app, [*command, "-w", str(fifo)])
+        assert r.exit_code == 1 and "is not a regular file" in r.stderr, (command, r.output)
