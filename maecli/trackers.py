@@ -19,9 +19,9 @@ from pathlib import Path
 
 from .console import warn
 from .errors import TrainError, UsageError, UserError
+from .rundir import LOGS_DIR
 
 TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
-LOGS_NAME = "logs"
 PROJECT = "maecli"  # the project (wandb, trackio), experiment (MLflow) and folder (TensorBoard) every run logs to
 STARTED_NAME = "trackers.json"  # RUN/logs/trackers.json: the trackers a run has started, with their run ids
 # Names a tracker reserves, renamed as it would rename them itself (quietly, where it warns at each step)
@@ -71,7 +71,7 @@ def resolve(log_with) -> list[str]:
 
 
 def logs_dir(run: Path) -> Path:
-    return Path(run) / LOGS_NAME
+    return Path(run) / LOGS_DIR
 
 
 def place_trackio_store(run: Path) -> None:
