@@ -177,11 +177,11 @@ def _checkpoints(run: Path) -> list[dict]:
     return sorted(found, key=lambda e: (e["step"] is None, e["step"] or 0, e["name"]))
 
 
-def _metrics_summary(rows: list[dict], recipe: dict) -> dict:
+def _metrics_summary(rows: list[dict], recipe: dict, schedule: dict) -> dict:
     """For each series (loss, lr, knn_top1, val_top1, ...): the last value, and for all but lr the best one
     (lowest for a loss, highest otherwise) with the step and epoch it was logged at. For lr: the highest logged so
     far (not the schedule's peak, which a run in warmup has not reached; with log_every the logged steps may miss
-    it), and the schedule's peak where the recipe sets lr itself (with blr it depends on the batch the run used)."""
+    it), and the schedule's peak as config.json planned it (older runs: only where the recipe set lr itself)."""
     epoch_at = {}
     for row in rows:
         for name in row:
@@ -194,7 +194,7 @@ def _metrics_summary(rows: list[dict], recipe: dict) -> dict:
         if name == "lr":
             highest = max(range(len(values)), key=lambda i: values[i])
             entry.update(highest=values[highest], highest_step=steps[highest])
-            entry["schedule_peak"] = finite_number(recipe.get("lr"))
+            entry["schedule_peak"] = finite_number(schedule.get("peak_lr", recipe.get("lr")))
         else:
             pick = min if name.endswith("loss") else max
             best = pick(range(len(values)), key=lambda i: values[i])
@@ -362,7 +362,8 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         "checkpoint_step": checkpoint_step,
         "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
     }
-    info["metrics"] = _metrics_summary(rows, recipe)
+    schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
+    info["metrics"] = _metrics_summary(rows, recipe, schedule)
     skipped = state.get("skipped")
     info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
     info["notes"] = notes

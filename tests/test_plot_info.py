@@ -521,6 +521,9 @@ def test_info_lr_says_highest_logged_and_the_schedules_peak(tmp_path, weights):
     (run / "config.json").write_text(json.dumps(config))
     assert run_info(run)["metrics"]["lr"]["schedule_peak"] == 1e-3
     assert f"highest logged {lr['highest']:.3g} (step 8); the schedule's peak 0.001" in said(run_info(run))
+    config["schedule"] = {"peak_lr": 2e-3}  # as a training command plans it (batch and blr on its machine)
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_info(run)["metrics"]["lr"]["schedule_peak"] == 2e-3
 
 
 def test_info_counts_in_words(tmp_path, weights):

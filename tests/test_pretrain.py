@@ -18,6 +18,8 @@ def test_run_folder_is_complete(tiny_run):
     assert {p.name for p in tiny_run.iterdir()} >= {"config.json", "model.safetensors", "metrics.jsonl", "checkpoints"}
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["embed_dim"] == 32 and cfg["train"]["steps"] == 4
+    assert cfg["command"] == "pretrain" and cfg["schedule"]["total_steps"] == 4
+    assert cfg["schedule"]["peak_lr"] == cfg["train"]["blr"] * cfg["schedule"]["effective_batch"] / 256
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4
     for row in rows:

@@ -188,11 +188,26 @@ class Run:
         )
 
     def write_config(self, model_config: dict, **sections) -> None:
-        """RUN/config.json: the command that made the run, the model, every argument, and the command's own sections:
-        enough to rebuild the model and to resume."""
+        """RUN/config.json: the command that made the run, the model, every argument, the schedule as planned (the
+        batch and lr the arguments gave on this machine), and the command's own sections: enough to rebuild the model
+        and to resume."""
+        sched = self.schedule
+        planned = {
+            "effective_batch": self.effective_batch,
+            "peak_lr": sched.peak_lr,
+            "total_steps": sched.total_steps,
+            "steps_per_epoch": sched.steps_per_epoch,
+            "warmup_steps": sched.warmup_steps,
+        }
         write_json(
             self.out / CONFIG_NAME,
-            {"command": self.args.command, "model": model_config, self.args.section: self.args.saved(), **sections},
+            {
+                "command": self.args.command,
+                "model": model_config,
+                self.args.section: self.args.saved(),
+                "schedule": planned,
+                **sections,
+            },
         )
 
     def announce(self, what: str, extra: str = "") -> None:
