@@ -9,7 +9,6 @@ reconstruct and probe), where a file that fails is either skipped and reported o
 from __future__ import annotations
 
 import errno
-import itertools
 import math
 import os
 import stat
@@ -398,23 +397,68 @@ def _collate_eval(items):
     return positions, torch.stack(xs) if xs else None, failed
 
 
+PAUSE = object()  # a source that says "the input paused": the batch being filled goes out as it is
+
+
 def _numbered_batches(sources: Iterable, batch_size: int, pending: dict, failure: list) -> Iterator[list]:
     """Numbered sources in lists of batch_size, pulled lazily; each in-flight one is kept in `pending`.
 
-    An error while pulling sources (stdin that cannot be read, a folder that vanished) ends the batches here and
-    waits in `failure`: raised inside the DataLoader's machinery, it could leave its workers running.
+    A PAUSE among the sources (a slow pipe, see `paced`) sends the batch so far at once, even an empty one: the
+    DataLoader pulls batches ahead of the ones it hands out, and waiting here for a full one would hold back the
+    results of those before it. An error while pulling sources (stdin that cannot be read, a folder that vanished)
+    ends the batches here and waits in `failure`: raised inside the DataLoader's machinery, it could leave its
+    workers running.
     """
-    numbered = enumerate(sources)
+    it, position, end = iter(sources), 0, object()
     while not failure:
-        batch = []
+        batch, paused = [], False
         try:
-            batch.extend(itertools.islice(numbered, batch_size))  # one by one: a failure keeps those before it
+            while len(batch) < batch_size:
+                source = next(it, end)
+                if source is end:
+                    break
+                if source is PAUSE:
+                    paused = True
+                    break
+                batch.append((position, source))
+                position += 1
         except Exception as e:  # raised by eval_batches once the batches before it are through
             failure.append(e)
-        if not batch:
+        if not batch and not paused:
             return
         pending.update(batch)
         yield batch
+
+
+def paced(lines: Iterable, pause: float = 0.2) -> Iterator:
+    """`lines` read in a thread, with a PAUSE whenever none has come for `pause` seconds: a pipeline that feeds
+    paths slowly gets each result soon after its path, not once a whole batch has arrived."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=4096)
+    end = object()
+
+    def read():
+        try:
+            for line in lines:
+                q.put(line)
+        except BaseException as e:  # handed to the consumer, which raises it in order
+            q.put(e)
+        q.put(end)
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=pause)
+        except queue.Empty:
+            yield PAUSE
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 OnError = Callable[[object, str, bool], None]  # (source, why, missing): skip it and report, or raise

@@ -143,9 +143,12 @@ def stdin_paths(stdin) -> Iterator[str]:
 def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> Iterator[str]:
     """Files as given, folders searched as pretrain does, `-` as newline-separated paths (files or folders)."""
     for item in inputs:
-        lines = stdin_paths(stdin) if item == "-" else [item]
+        lines = D.paced(stdin_paths(stdin)) if item == "-" else [item]
         for line in lines:
-            if not line:
+            if line is D.PAUSE:
+                yield line
+                continue
+            if not line.strip():  # a blank or whitespace-only line names no file
                 continue
             if os.path.isdir(line):
                 found = D.find_images(line)

@@ -76,6 +76,35 @@ def env(**extra) -> dict:
     return e
 
 
+def answers_each_path_in_turn(command: list[str], paths: list, timeout: float = 60) -> list[str]:
+    """Run `maecli COMMAND -` and feed it one path at a time, each only once the previous one's line came out (as
+    an interactive pipeline does): a command that waits for a full batch never answers and fails here."""
+    import select
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "maecli", *command, "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+    )
+    lines = []
+    try:
+        for path in paths:
+            proc.stdin.write(f"{path}\n".encode())
+            proc.stdin.flush()
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            assert ready, f"no output within {timeout}s after {path}"
+            lines.append(proc.stdout.readline().decode())
+        proc.stdin.close()
+        assert proc.wait(timeout=timeout) == 0
+    finally:
+        proc.kill()
+    return lines
+
+
 @pytest.fixture
 def photo_dir(tmp_path) -> Path:
     """Real photos (RGB JPEGs and grayscale PNGs) in nested folders."""

@@ -10,7 +10,7 @@ import bad_images as B
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTO, env
+from conftest import PHOTO, answers_each_path_in_turn, env
 from typer.testing import CliRunner
 
 import maecli
@@ -232,3 +232,10 @@ def test_stdin_paths_are_bytes_and_nothing_hangs(tmp_path, tiny_weights):
         timeout=120,
     )
     assert r.returncode == 1 and r.stderr.decode().count("error: ") == 1 and "such.jpg" in r.stderr.decode()
+
+
+def test_a_slow_pipe_gets_each_vector_when_its_path_pauses(photo_dir, tiny_weights):
+    paths = sorted(p for p in photo_dir.rglob("*") if p.is_file())[:3]
+    for workers in ("0", "2"):  # the loader pulls batches ahead: a pause must not hold back those before it
+        lines = answers_each_path_in_turn(["embed", "-w", str(tiny_weights), "--workers", workers], paths)
+        assert [json.loads(line)["path"] for line in lines] == [str(p) for p in paths]

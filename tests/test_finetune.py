@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, answers_each_path_in_turn
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -128,6 +128,13 @@ def test_predict_through_a_pipe_matches_validation(finetuned, labelled):
     assert csv.exit_code == 0, csv.output
     header, *rows = csv.stdout.splitlines()
     assert header == "path,class,probability,class_2,probability_2,class_3,probability_3" and len(rows) == 3
+
+
+def test_a_slow_pipe_gets_each_label_when_its_path_pauses(finetuned, labelled):
+    out, _ = finetuned
+    paths = sorted((labelled / "val").rglob("0*.png"))[:2]
+    lines = answers_each_path_in_turn(["predict", "-w", str(out), "--workers", "2"], paths)
+    assert [json.loads(line)["path"] for line in lines] == [str(p) for p in paths]
 
 
 def test_export_to_timm_gives_the_same_logits(finetuned, tmp_path):
