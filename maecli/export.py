@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from . import hub, rundir
 from .classifier import POOLS as CLASSIFIER_POOLS
 from .classifier import classifier_info, load_classifier, save_classifier
-from .errors import UserError
+from .errors import UsageError, UserError
 from .files import atomic_write, write_bytes, write_json
 from .formats import hf_config, to_hf
 from .model import MAE, MAEConfig
@@ -107,6 +107,7 @@ def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
 
     Returns Python that loads the result.
     """
+    check_apart(source, out)
     if fmt == "timm":
         if classifier_info(source) is not None:  # a fine-tuned run: the whole classifier, head included
             return export_timm_classifier(source, out)
@@ -116,6 +117,18 @@ def export(source, out, fmt: str, *, model_hint: str | None = None) -> str:
     if fmt == "hf":
         return export_hf(model, out, mask_ratio=trained_mask_ratio(source), record=run_record(source))
     raise ValueError(f"unknown export format {fmt!r}; choose timm or hf")
+
+
+def check_apart(source, out) -> None:
+    """The output may not be the input, hold it, or (for a run folder) lie inside it: writing it would replace or
+    mix with what it is read from, and --overwrite would delete the run."""
+    if hub.is_hub_id(source):
+        return
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents:
+        raise UsageError(f"{out} holds the weights being exported ({source}); choose an OUT outside it")
+    if src.is_dir() and src in dst.parents:
+        raise UsageError(f"{out} lies inside {source}, the run being exported; choose an OUT outside it")
 
 
 def export_timm_classifier(source, out: Path) -> str:

@@ -2,6 +2,7 @@
 
 import argparse
 import re
+import shutil
 import warnings
 
 import pytest
@@ -490,6 +491,22 @@ def test_cli_export_both_formats(tiny_run, tmp_path):
     original, back = load(tiny_run), load(tmp_path / "hf")
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in original.state_dict().items())
     assert back.cfg.norm_pix_loss == original.cfg.norm_pix_loss
+
+
+def test_export_never_writes_into_what_it_reads(tmp_path, tiny_run):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for source, out, fmt in (
+        (run, run, "hf"),  # is the input
+        (run, run / "hf", "hf"),  # lies inside the run
+        (run / "model.safetensors", run, "hf"),  # holds the weights file
+        (run / "model.safetensors", run / "model.safetensors", "timm"),
+        (run / "checkpoints", run, "hf"),  # holds the folder read
+    ):
+        r = CliRunner().invoke(app, ["export", str(source), str(out), "--format", fmt, "--overwrite"])
+        assert r.exit_code == 2 and "choose an OUT outside it" in r.stderr, (source, out, r.output)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("content", [b"not weights at all" * 10, b"\x80\x02" + bytes(range(256)), b""])
