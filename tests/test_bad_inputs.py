@@ -154,7 +154,7 @@ def test_pretrain_skips_what_it_cannot_use(tmp_path, bad_images_dir, monkeypatch
         assert line, f"no warning for {name} ({B.CORPUS[name].what}):\n{r.stderr}"
     for name in B.usable():
         assert f"/{name}:" not in r.stderr, f"{name} ({B.CORPUS[name].what}) was skipped:\n{r.stderr}"
-    assert f"{len(bad)} unreadable file(s) skipped" in r.stderr
+    assert f"{len(bad)} unreadable files skipped" in r.stderr
     assert f"{len(bad)} files skipped" in r.stderr
     assert maecli.load(out).cfg.in_chans == in_chans
 

@@ -111,7 +111,7 @@ def test_two_processes_split_the_data_write_once_stop_together_and_resume(tmp_pa
     assert "cpu x2" in err and "Traceback" not in err
     for name in ("09.jpg", "27.png"):  # ranks see disjoint data: each bad file is met once, by one rank
         assert err.count(f"/{name}: ") == 1, err
-    assert "2 unreadable file(s) skipped" in err  # counted over both ranks
+    assert "2 unreadable files skipped" in err  # counted over both ranks
     assert err.count("done:") == 1 and "40 images seen" in err
     # only the main process writes: one set of files, one row a step
     assert {f.name for f in whole.iterdir()} <= {

@@ -100,7 +100,7 @@ def test_broken_files_are_skipped_and_counted(tmp_path, photo_dir):
     assert r.exit_code == 0, r.output
     for name in ("empty.jpg", "notes.jpg", "truncated.jpg"):
         assert "skipped" in r.stderr and name in r.stderr
-    assert "3 unreadable file(s) skipped" in r.stderr
+    assert "3 unreadable files skipped" in r.stderr
     assert "3 files skipped" in r.stderr
 
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from .. import data as D
-from ..console import console, warn
+from ..console import console, plural, warn
 from ..errors import DataError, TrainError, UsageError
 from ..model import MAE, MAEConfig, no_weight_decay_groups, num_visible
 from ..presets import PRESETS
@@ -204,7 +204,7 @@ class EpochEnd:
 def report(summary: dict, args: TrainArgs) -> None:
     """The run's last lines on stderr."""
     if summary["skipped"]:
-        console.print(f"[yellow]{summary['skipped']} unreadable file(s) skipped[/]")
+        console.print(f"[yellow]{plural(summary['skipped'], 'unreadable file')} skipped[/]")
     if summary["signal"] is not None:
         name = "SIGINT" if summary["signal"] == signal.SIGINT else "SIGTERM"
         console.print(
@@ -214,6 +214,6 @@ def report(summary: dict, args: TrainArgs) -> None:
     else:
         console.print(
             f"[green]done:[/] {summary['steps']} steps, {summary['images_seen']} images seen, "
-            f"{summary['skipped']} files skipped, {summary['seconds']:.0f}s; weights in {summary['weights']}"
+            f"{plural(summary['skipped'], 'file')} skipped, {summary['seconds']:.0f}s; weights in {summary['weights']}"
             + (f"; latest preview {summary['preview']}" if summary["preview"] else "")
         )
