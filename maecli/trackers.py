@@ -14,11 +14,12 @@ import json
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 
 from .console import warn
-from .errors import TrainError, UsageError, UserError
+from .errors import UsageError, UserError
 from .rundir import LOGS_DIR
 
 TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
@@ -117,12 +118,14 @@ class Tracking:
     def __init__(self, accelerator, run: Path, hparams: dict | None, step: int):
         self.acc, self.run, self.after = accelerator, Path(run), step
         self.names = [str(t) for t in accelerator.log_with] if accelerator is not None else []
+        self.failed: set[str] = set()
         if not self.names:
             return
-        logs = logs_dir(run)
-        logs.mkdir(parents=True, exist_ok=True)
+        self.thread_hook = threading.excepthook
+        threading.excepthook = self.thread_failed
         started = self.read_started()
         try:
+            logs_dir(run).mkdir(parents=True, exist_ok=True)
             with contextlib.redirect_stdout(sys.stderr):  # trackio and wandb print banners; stdout carries data only
                 accelerator.init_trackers(PROJECT, init_kwargs=self.init_kwargs(started))
                 # hyper-parameters once per tracker run (MLflow refuses to change them, TensorBoard would add a
@@ -130,9 +133,27 @@ class Tracking:
                 for name in self.names:
                     if name not in started or name == "trackio":
                         accelerator.get_tracker(name).store_init_configuration(flatten(hparams or {}))
-        except Exception as e:  # noqa: BLE001 -- any tracker's failure to start is the user's to fix, in one line
-            raise TrainError(f"cannot start the trackers ({', '.join(self.names)}): {e}") from None
-        self.write_started(started)
+            self.write_started(started)
+        except Exception as e:  # noqa: BLE001 -- a tracker is not worth the run: its weights matter more
+            self.warn_once(", ".join(self.names), e, "could not start")
+            self.names = []
+
+    def warn_once(self, name: str, error: BaseException, what: str = "failed") -> None:
+        """One warning per tracker, naming the folder it writes to: the run goes on without it."""
+        if name in self.failed:
+            return
+        self.failed.add(name)
+        why = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        warn(f"the {name} tracker {what} in {logs_dir(self.run)} ({why}); training goes on without it")
+
+    def thread_failed(self, args) -> None:
+        """A tracker's writer thread that fails (TensorBoard's, on a full disk) says so once, not in a traceback;
+        the tracker's next call fails too and drops it. Other threads' failures go to the usual hook."""
+        module = type(args.thread).__module__ if args.thread is not None else ""
+        if module.split(".")[0] in TRACKERS and args.exc_value is not None:
+            self.warn_once(module.split(".")[0], args.exc_value)
+        else:
+            self.thread_hook(args)
 
     # -- starting and continuing
 
@@ -213,17 +234,18 @@ class Tracking:
             with contextlib.redirect_stdout(sys.stderr):
                 action(self.acc.get_tracker(name))
         except Exception as e:  # noqa: BLE001 -- a tracker is not worth the run
-            warn(f"the {name} tracker failed ({type(e).__name__}: {e}); training goes on without it")
+            self.warn_once(name, e)
             self.names.remove(name)
 
     def finish(self) -> None:
         """End every tracker's run; Accelerate's end_training() afterwards finds none left to end."""
-        if not self.names:
+        if self.acc is None or not hasattr(self, "thread_hook"):
             return
         for name in list(self.names):
             self.guarded(name, finish)
         self.acc.trackers = []
         self.names = []
+        threading.excepthook = self.thread_hook
 
 
 def finish(tracker) -> None:

@@ -83,6 +83,30 @@ def test_tensorboard_holds_the_metrics_previews_and_config_once_after_a_resume(t
     assert json.loads((run / "logs" / "trackers.json").read_text()) == {"tensorboard": {}}
 
 
+@pytest.mark.parametrize("when", ["start", "later"])
+def test_a_tracker_on_a_full_disk_is_one_warning_and_the_run_finishes(tmp_path, photo_dir, monkeypatch, when):
+    """TensorBoard writes in a thread of its own: its failure must not become a traceback or the run's exit status."""
+    import errno
+
+    from tensorboard.summary.writer import record_writer
+
+    calls = []
+
+    def full(self, data):
+        calls.append(1)
+        if when == "start" or len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    run = tmp_path / "run"
+    code, out, err = cli(
+        "pretrain", photo_dir, "--out", run, "--steps", "4", "--log-every", "1", "--log-with", "tensorboard", *TINY
+    )
+    assert code == 0 and "Traceback" not in err, err
+    assert err.count("warning: the tensorboard tracker") == 1 and f"{run / 'logs'}" in err, err
+    assert "No space left on device" in err and (run / "model.safetensors").exists()
+
+
 def test_trackio_local_store_holds_the_metrics_and_previews(tmp_path, photo_dir):
     if not trackers.installed("trackio"):
         pytest.skip('trackio is not installed (pip install "maecli[trackio]")')
