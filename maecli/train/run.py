@@ -227,7 +227,7 @@ class Run:
             + ("" if args.lr is not None else f" (blr {args.blr:g} x {self.effective_batch}/256)")
             + extra
             + f", {sched.total_steps} steps ({sched.steps_per_epoch}/epoch, {plural(sched.epochs, 'epoch')}), "
-            f"warmup {sched.warmup_steps} steps"
+            f"warmup {plural(sched.warmup_steps, 'step')}"
         )
 
     def trainer(
