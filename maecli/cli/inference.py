@@ -6,39 +6,53 @@ import contextlib
 import sys
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .. import host
 from ..runtime import Precision
 from .common import STDOUT, fail, load_model, quiet_libraries, reported, stdout_closed_early, workers_or_default
-from .options import INFERENCE_PRECISION_HELP, WEIGHTS_HELP, WORKERS_HELP, Pool, finite
+from .options import (
+    ClassifierWeights,
+    InferBatchSize,
+    InferPrecision,
+    Inputs,
+    Json,
+    LabelledData,
+    Mask,
+    Output,
+    PngOut,
+    Pool,
+    Pooling,
+    Seed,
+    Strict,
+    Val,
+    ValSplit,
+    Weights,
+    Workers,
+)
 
 
 def reconstruct(
-    images: list[Path] = typer.Argument(..., help="Image files, any format pretrain reads."),
-    weights: Path = typer.Option(
-        ...,
-        "--weights",
-        "-w",
-        help="A maecli run folder or weights file, or an original/Hugging Face MAE with its decoder.",
-    ),
-    mask: float = typer.Option(
-        0.95, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."
-    ),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**63 - 1, help="Seed of the mask: the same seed gives the same picture."
-    ),
-    out: str = typer.Option("reconstruction.png", "--out", "-o", help="PNG to write; - writes it to stdout."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per image to stdout."),
-    patch_stats: bool = typer.Option(
-        True,
-        "--patch-stats/--no-patch-stats",
-        help="Norm-pix-loss models: un-normalize the prediction with each patch's "
-        "true mean and variance, or show it raw.",
-    ),
-    zoom: int = typer.Option(1, "--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel)."),
-    precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
+    images: Annotated[list[Path], typer.Argument(help="Image files, any format pretrain reads.")],
+    weights: Weights,
+    mask: Mask = 0.95,
+    seed: Seed = 0,
+    out: PngOut = "reconstruction.png",
+    json_out: Json = False,
+    patch_stats: Annotated[
+        bool,
+        typer.Option(
+            "--patch-stats/--no-patch-stats",
+            help="Norm-pix-loss models: un-normalize the prediction with each patch's true mean and variance, or "
+            "show it raw.",
+        ),
+    ] = True,
+    zoom: Annotated[
+        int, typer.Option("--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel).")
+    ] = 1,
+    precision: InferPrecision = Precision.no,
 ):
     """Show what the model fills in: mask each image, reconstruct it, save a labelled grid.
 
@@ -49,10 +63,13 @@ def reconstruct(
     The error per image is the MSE on hidden patches in the loss's space: normalized pixels (ImageNet mean
     and std; 0.5 for one channel), each patch also normalized by its own mean and variance when the model used
     norm-pix-loss.
+
+    The weights must hold the decoder: a maecli run, an original MAE checkpoint or a Hugging Face
+    ViTMAEForPreTraining folder. -o - writes the PNG to stdout.
     """
     if not 0 < mask < 1:
         fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
-    if out == "-" and as_json:
+    if out == "-" and json_out:
         fail("--out - and --json both write to stdout; pick one", 2)
     if out != "-":
         from ..files import output_target
@@ -81,7 +98,7 @@ def reconstruct(
         console.print(f"note: {rec.note()}")
     for r in rec.records():
         console.print(f"{r['image']}: hidden-patch MSE {r['mse']:.4f} ({r['hidden']} of {r['patches']} patches hidden)")
-        if as_json:
+        if json_out:
             typer.echo(json.dumps(r))
     if out == "-":
         from ..files import guarded
@@ -106,31 +123,24 @@ class OutputFormat(str, Enum):
 
 
 def embed(
-    inputs: list[str] = typer.Argument(
-        ...,
-        metavar="INPUT",
-        help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
-    ),
-    weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    fmt: OutputFormat = typer.Option(
-        OutputFormat.jsonl,
-        "--format",
-        "-f",
-        help='jsonl: {"path", "embedding"} per line; csv: path,e0,e1,...; '
-        "npy: float32 array in -o FILE, paths in FILE.paths.jsonl (one "
-        "JSON string per line: line i is row i).",
-    ),
-    pool: Pool = typer.Option(Pool.mean, "--pool", help="mean: average of the patch tokens; cls: the cls token."),
-    normalize: bool = typer.Option(False, "--normalize", help="Scale each vector to unit length."),
-    batch_size: int = typer.Option(
-        64, "--batch-size", min=1, max=10**5, help="Images per forward pass (does not change the vectors)."
-    ),
-    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout (required for npy)."),
-    strict: bool = typer.Option(
-        False, "--strict", help="Stop with an error at the first unreadable image instead of skipping it."
-    ),
+    inputs: Inputs,
+    weights: Weights,
+    fmt: Annotated[
+        OutputFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help='jsonl: {"path", "embedding"} per line; csv: path,e0,e1,...; npy: float32 array in -o FILE, paths '
+            "in FILE.paths.jsonl (one JSON string per line: line i is row i).",
+        ),
+    ] = OutputFormat.jsonl,
+    pool: Pooling = Pool.mean,
+    normalize: Annotated[bool, typer.Option("--normalize", help="Scale each vector to unit length.")] = False,
+    batch_size: InferBatchSize = 64,
+    workers: Workers = None,
+    precision: InferPrecision = Precision.no,
+    output: Output = None,
+    strict: Strict = False,
 ):
     """Write one embedding per image: the whole image through the encoder, no masking.
 
@@ -192,34 +202,24 @@ class ProbeMethod(str, Enum):
 
 
 def probe(
-    data: Path = typer.Argument(
-        ..., help="Labelled folder: one subfolder per class, or train/ and val/ (or test/) that each hold them."
-    ),
-    weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    val: Path | None = typer.Option(
-        None, "--val", help="Validation folder with the same class subfolders (when DATA holds no train/ and val/)."
-    ),
-    val_split: float | None = typer.Option(
-        None,
-        "--val-split",
-        callback=finite,
-        help="Fraction of each class held out when there is no validation folder (default 0.2).",
-    ),
-    method: ProbeMethod = typer.Option(ProbeMethod.both, "--method", help="kNN, linear probe, or both."),
-    k: int = typer.Option(20, "--k", min=1, max=10**5, help="Neighbours that vote in the kNN probe."),
-    epochs: int = typer.Option(
-        100, "--epochs", min=1, max=10**5, help="Linear probe epochs (on cached features: fast)."
-    ),
-    baseline: bool = typer.Option(
-        False, "--baseline", help="Also probe a random-init encoder of the same architecture, side by side."
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the accuracies as JSON on stdout."),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**63 - 1, help="Seed for the split, the linear probe and the baseline's init."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**5, help="Images per forward pass."),
-    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
+    data: LabelledData,
+    weights: Weights,
+    val: Val = None,
+    val_split: ValSplit = None,
+    method: Annotated[ProbeMethod, typer.Option("--method", help="kNN, linear probe, or both.")] = ProbeMethod.both,
+    k: Annotated[int, typer.Option("--k", min=1, max=10**5, help="Neighbours that vote in the kNN probe.")] = 20,
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, max=10**5, help="Linear probe epochs (on cached features: fast).")
+    ] = 100,
+    baseline: Annotated[
+        bool,
+        typer.Option("--baseline", help="Also probe a random-init encoder of the same architecture, side by side."),
+    ] = False,
+    json_out: Json = False,
+    seed: Seed = 0,
+    batch_size: InferBatchSize = 64,
+    workers: Workers = None,
+    precision: InferPrecision = Precision.no,
 ):
     """Measure how good the embeddings are: kNN and linear probes on a labelled folder.
 
@@ -275,33 +275,25 @@ class PredictFormat(str, Enum):
 
 
 def predict(
-    inputs: list[str] = typer.Argument(
-        ...,
-        metavar="INPUT",
-        help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
-    ),
-    weights: Path = typer.Option(
-        ..., "--weights", "-w", help="A `maecli finetune` run folder or its model.safetensors."
-    ),
-    fmt: PredictFormat = typer.Option(
-        PredictFormat.jsonl,
-        "--format",
-        "-f",
-        help='jsonl: {"path", "class", "probability", "top_k"} per line; csv: '
-        "path,class,probability,class_2,probability_2,...",
-    ),
-    top_k: int = typer.Option(5, "--top-k", min=1, max=10**5, help="Classes listed per image (at most all)."),
-    batch_size: int = typer.Option(
-        64, "--batch-size", min=1, max=10**5, help="Images per forward pass (does not change the results)."
-    ),
-    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    precision: Precision = typer.Option("no", "--precision", help=INFERENCE_PRECISION_HELP),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="Write here instead of stdout (written whole at the end)."
-    ),
-    strict: bool = typer.Option(
-        False, "--strict", help="Stop with an error at the first unreadable image instead of skipping it."
-    ),
+    inputs: Inputs,
+    weights: ClassifierWeights,
+    fmt: Annotated[
+        PredictFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help='jsonl: {"path", "class", "probability", "top_k"} per line; csv: '
+            "path,class,probability,class_2,probability_2,...",
+        ),
+    ] = PredictFormat.jsonl,
+    top_k: Annotated[
+        int, typer.Option("--top-k", min=1, max=10**5, help="Classes listed per image (at most all).")
+    ] = 5,
+    batch_size: InferBatchSize = 64,
+    workers: Workers = None,
+    precision: InferPrecision = Precision.no,
+    output: Output = None,
+    strict: Strict = False,
 ):
     """Label images with a fine-tuned classifier: the predicted class, its probability and the top k.
 
@@ -366,18 +358,23 @@ def predict(
 
 
 def serve(
-    weights: Path = typer.Option(..., "--weights", "-w", help=WEIGHTS_HELP),
-    images: Path | None = typer.Option(
-        None,
-        "--images",
-        help="Folder of images (any depth) to pick from and to search for similar ones; embedded once, then cached.",
-    ),
-    address: str = typer.Option(
-        "127.0.0.1",
-        "--host",
-        help="Address to listen on; the default keeps the page on this machine (there is no login).",
-    ),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on (0: any free one)."),
+    weights: Weights,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Folder of images (any depth) to pick from and to search for similar ones; embedded once, then "
+            "cached.",
+        ),
+    ] = None,
+    address: Annotated[
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on; the default keeps the page on this machine (there is no login).",
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
 ):
     """Open a web page on a model: reconstructions under a mask slider, training progress, similar images.
 

@@ -1,12 +1,19 @@
-"""What several commands share in their options: the choices, the help texts, the number checks."""
+"""Each option that several commands take, declared once as an `Annotated` alias; a command states its default.
+
+An option whose meaning differs between commands (the weights a command needs, a training or an inference batch)
+is one alias per meaning, never one flag with a help text that fits neither.
+"""
 
 from __future__ import annotations
 
 from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from ..presets import PRESETS
+from ..runtime import Precision
 
 ModelName = Enum("ModelName", {name.replace("-", "_"): name for name in PRESETS}, type=str)
 
@@ -20,24 +27,11 @@ class Pool(str, Enum):
 Tracker = Enum(
     "Tracker", {name: name for name in ("tensorboard", "trackio", "mlflow", "wandb", "all", "none")}, type=str
 )
-LOG_WITH_HELP = (
-    "Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
-    "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
-    'pip install "maecli[tensorboard]".'
-)
 
-
-TRAIN_PRECISION_HELP = (
-    "auto (default): bf16 where it is faster than fp32 (GPUs with bf16, CPUs with AMX or AMD's "
-    "AVX512-BF16), else fp32; no: fp32; bf16; fp16."
-)
-INFERENCE_PRECISION_HELP = (
-    "no (default): fp32, so an image's result does not depend on its batch; auto: bf16 where it is faster; bf16; fp16."
-)
 WEIGHTS_HELP = (
     "A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, or a Hugging Face ViTMAE folder."
 )
-WORKERS_HELP = "Image decoding processes [default: chosen for this machine]."
+SEED_MAX = 2**31 - 1  # numpy's generators take seeds below 2**32, and pretrain derives others from it
 
 
 def finite(value: float | None) -> float | None:
@@ -47,3 +41,168 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
+
+
+# -- what goes in -------------------------------------------------------------------------------
+
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="INPUT",
+        help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
+    ),
+]
+LabelledData = Annotated[
+    Path,
+    typer.Argument(
+        help="Labelled folder: one subfolder per class, or train/ and val/ (or test/) that each hold them.",
+    ),
+]
+Weights = Annotated[Path, typer.Option("--weights", "-w", help=WEIGHTS_HELP)]
+EncoderWeights = Annotated[
+    Path | None,
+    typer.Option("--weights", "-w", help="The pretrained encoder (required, except with --resume): " + WEIGHTS_HELP),
+]
+ClassifierWeights = Annotated[
+    Path, typer.Option("--weights", "-w", help="A `maecli finetune` run folder or its model.safetensors.")
+]
+Val = Annotated[
+    Path | None,
+    typer.Option(
+        "--val", help="Validation folder with the same class subfolders (when DATA holds no train/ and val/)."
+    ),
+]
+ValSplit = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        callback=finite,
+        help="Fraction of each class held out when there is no validation folder (default 0.2).",
+    ),
+]
+Strict = Annotated[
+    bool,
+    typer.Option("--strict", help="Stop with an error at the first unreadable image instead of skipping it."),
+]
+
+# -- what comes out -----------------------------------------------------------------------------
+
+RunOut = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder [default: runs/<date-time>].")]
+Output = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Write to this file instead of stdout; it appears whole when done."),
+]
+PngOut = Annotated[str, typer.Option("--out", "-o", help="The PNG to write.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run, file or folder at the output.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+# -- how the model runs -------------------------------------------------------------------------
+
+TrainPrecision = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="auto (default): bf16 where it is faster than fp32 (GPUs with bf16, CPUs with AMX or AMD's "
+        "AVX512-BF16), else fp32; no: fp32; bf16; fp16.",
+    ),
+]
+InferPrecision = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="no (default): fp32, so an image's result does not depend on its batch; auto: bf16 where it is "
+        "faster; bf16; fp16.",
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option("--workers", min=0, max=256, help="Image decoding processes [default: chosen for this machine]."),
+]
+TrainBatchSize = Annotated[
+    int, typer.Option("--batch-size", min=1, max=10**6, help="Images per process per micro-batch.")
+]
+InferBatchSize = Annotated[
+    int,
+    typer.Option("--batch-size", min=1, max=10**6, help="Images per forward pass (does not change the results)."),
+]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=SEED_MAX,
+        help="Seed of everything random (init, data order, augmentation, masks, splits): the same seed gives the "
+        "same result.",
+    ),
+]
+Pooling = Annotated[
+    Pool,
+    typer.Option(
+        "--pool",
+        help="mean: average of the patch tokens (finetune adds a LayerNorm: the paper's default); cls: the cls token.",
+    ),
+]
+Mask = Annotated[
+    float, typer.Option("--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1.")
+]
+
+# -- the training recipe and the run ------------------------------------------------------------
+
+Epochs = Annotated[int, typer.Option("--epochs", min=1, max=10**7, help="Passes over the training images.")]
+Steps = Annotated[
+    int | None,
+    typer.Option("--steps", min=1, max=10**9, help="Stop after this many optimizer steps (wins over --epochs)."),
+]
+Blr = Annotated[
+    float,
+    typer.Option("--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."),
+]
+Lr = Annotated[
+    float | None,
+    typer.Option("--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."),
+]
+WarmupEpochs = Annotated[
+    float,
+    typer.Option(
+        "--warmup-epochs",
+        min=0.0,
+        max=10**7,
+        callback=finite,
+        help="Linear warmup, in epochs (at most half the run).",
+    ),
+]
+AccumIter = Annotated[int, typer.Option("--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step.")]
+ClipGrad = Annotated[
+    float | None, typer.Option("--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm.")
+]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", min=0.0, callback=finite, help="AdamW weight decay.")]
+SaveEvery = Annotated[
+    int,
+    typer.Option("--save-every", min=0, max=10**9, help="Checkpoint every N steps (and at each epoch end)."),
+]
+Keep = Annotated[int, typer.Option("--keep", min=1, max=10**6, help="How many checkpoints to keep.")]
+LogEvery = Annotated[int, typer.Option("--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps.")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the run in --out (and a finetune run's baseline) from its newest checkpoints.",
+    ),
+]
+AllowDataChange = Annotated[
+    bool,
+    typer.Option(
+        "--allow-data-change",
+        help="With --resume: go on although the training images differ from the run's (added, removed, "
+        "resized), with a warning.",
+    ),
+]
+LogWith = Annotated[
+    list[Tracker],
+    typer.Option(
+        "--log-with",
+        help="Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
+        "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
+        'pip install "maecli[tensorboard]".',
+    ),
+]

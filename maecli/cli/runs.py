@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .common import fail, quiet_libraries, reported
-from .options import WEIGHTS_HELP, ModelName
+from .options import WEIGHTS_HELP, Json, ModelName, Overwrite, PngOut
 
 
 class ExportFormat(str, Enum):
@@ -17,18 +18,21 @@ class ExportFormat(str, Enum):
 
 
 def export(
-    run: Path = typer.Argument(..., help="A maecli run folder, or any weights --weights accepts."),
-    out: Path = typer.Argument(..., help="timm: the .safetensors file to write; hf: the folder to write."),
-    format: ExportFormat = typer.Option(
-        ...,
-        "--format",
-        "-f",
-        help="timm: the encoder as a timm ViT state dict; hf: a Hugging Face transformers ViTMAE folder.",
-    ),
-    model: ModelName | None = typer.Option(
-        None, "--model", help="Heads hint for weights that do not record them (original and timm files)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
+    run: Annotated[Path, typer.Argument(help="A maecli run folder, or any weights --weights accepts.")],
+    out: Annotated[Path, typer.Argument(help="timm: the .safetensors file to write; hf: the folder to write.")],
+    format: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            "-f",
+            help="timm: the encoder as a timm ViT state dict; hf: a Hugging Face transformers ViTMAE folder.",
+        ),
+    ],
+    model: Annotated[
+        ModelName | None,
+        typer.Option("--model", help="Heads hint for weights that do not record them (original and timm files)."),
+    ] = None,
+    overwrite: Overwrite = False,
 ):
     """Write weights for timm or Hugging Face transformers, and print the Python that loads them.
 
@@ -55,8 +59,8 @@ def export(
 
 
 def plot(
-    runs: list[Path] = typer.Argument(..., help="Run folders (or their metrics.jsonl files) to draw, overlaid."),
-    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="The PNG to write."),
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their metrics.jsonl files) to draw, overlaid.")],
+    out: PngOut = "curves.png",
 ):
     """Draw a run's curves as one picture: loss, learning rate, and every other logged series (kNN top-1,
     validation accuracy, ...), one panel each.
@@ -76,8 +80,8 @@ def plot(
 
 
 def info(
-    run: Path = typer.Argument(..., help="A run folder, or weights: " + WEIGHTS_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary."),
+    run: Annotated[Path, typer.Argument(help="A run folder, or weights: " + WEIGHTS_HELP)],
+    json_out: Json = False,
 ):
     """Say what a run is and where it stands: model and size, data, recipe, step of total, last and best loss,
     best kNN or validation accuracy, skipped files, checkpoints (which can resume) and the weights file.

@@ -3,120 +3,149 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from .. import host
-from ..runtime import Precision
 from .common import command_args, fail, given_flags, quiet_libraries, reported
 from .options import (
-    LOG_WITH_HELP,
-    TRAIN_PRECISION_HELP,
-    WEIGHTS_HELP,
-    WORKERS_HELP,
+    AccumIter,
+    AllowDataChange,
+    Blr,
+    ClipGrad,
+    EncoderWeights,
+    Epochs,
+    Json,
+    Keep,
+    LabelledData,
+    LogEvery,
+    LogWith,
+    Lr,
+    Mask,
     ModelName,
+    Overwrite,
     Pool,
-    Tracker,
+    Pooling,
+    Resume,
+    RunOut,
+    SaveEvery,
+    Seed,
+    Steps,
+    TrainBatchSize,
+    TrainPrecision,
+    Val,
+    ValSplit,
+    WarmupEpochs,
+    WeightDecay,
+    Workers,
     finite,
 )
 
 
 def pretrain(
     ctx: typer.Context,
-    data: Path = typer.Argument(..., help="Folder of images, searched at any depth (no labels needed)."),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
-    model: ModelName = typer.Option("vit-base", "--model", help="Encoder size (the decoder scales with it)."),
-    img_size: int = typer.Option(224, "--img-size", min=8, max=4096, help="Input size in pixels (square)."),
-    patch_size: int | None = typer.Option(
-        None,
-        "--patch-size",
-        min=1,
-        max=512,
-        help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches wide].",
-    ),
-    in_chans: int = typer.Option(3, "--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB)."),
-    mask: float = typer.Option(
-        0.75, "--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."
-    ),
-    epochs: int = typer.Option(100, "--epochs", min=1, max=10**7, help="Passes over the folder."),
-    steps: int | None = typer.Option(
-        None, "--steps", min=1, max=10**9, help="Stop after this many optimizer steps (wins over --epochs)."
-    ),
-    repeat: int = typer.Option(
-        1,
-        "--repeat",
-        min=1,
-        max=10**6,
-        help="Passes over the folder per epoch, each with fresh crops: for folders of a few "
-        "dozen images, so that an epoch (and its checkpoint and preview) is not a step.",
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
-    blr: float = typer.Option(
-        1.5e-4, "--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."
-    ),
-    lr: float | None = typer.Option(
-        None, "--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."
-    ),
-    warmup_epochs: float = typer.Option(
-        5, "--warmup-epochs", min=0.0, max=10**7, callback=finite, help="Linear warmup, in epochs."
-    ),
-    accum_iter: int = typer.Option(1, "--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step."),
-    clip_grad: float | None = typer.Option(
-        None, "--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm."
-    ),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, callback=finite, help="AdamW weight decay."),
-    precision: Precision = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
-    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**31 - 1, help="Seed for init, data order, crops and masks."),
-    save_every: int = typer.Option(
-        500, "--save-every", min=0, max=10**9, help="Checkpoint every N steps (and at each epoch end)."
-    ),
-    keep: int = typer.Option(2, "--keep", min=1, max=10**6, help="How many checkpoints to keep."),
-    log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
-    allow_data_change: bool = typer.Option(
-        False,
-        "--allow-data-change",
-        help="With --resume: go on although the data folder's files differ "
-        "from the run's (added, removed, resized), with a warning.",
-    ),
-    norm_pix_loss: bool = typer.Option(
-        True,
-        "--norm-pix-loss/--no-norm-pix-loss",
-        help="Predict per-patch normalized pixels (the paper's better setting).",
-    ),
-    decoder_dim: int | None = typer.Option(
-        None, "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
-    ),
-    decoder_depth: int | None = typer.Option(
-        None, "--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."
-    ),
-    decoder_heads: int | None = typer.Option(
-        None, "--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."
-    ),
-    embed_dim: int | None = typer.Option(
-        None, "--embed-dim", min=4, max=16384, help="Encoder width [default: the model's]."
-    ),
-    depth: int | None = typer.Option(None, "--depth", min=1, max=256, help="Encoder blocks [default: the model's]."),
-    num_heads: int | None = typer.Option(
-        None, "--num-heads", min=1, max=256, help="Encoder heads [default: the model's]."
-    ),
-    init_from: Path | None = typer.Option(None, "--init-from", help="Start from these weights (fresh optimizer)."),
-    previews: int = typer.Option(
-        4,
-        "--previews",
-        min=0,
-        max=64,
-        help="Images in the reconstruction preview saved at each epoch end to previews/ (0: none).",
-    ),
-    probe: Path | None = typer.Option(
-        None,
-        "--probe",
-        help="Labelled folder (as for `maecli probe`): run the kNN "
-        "probe at each epoch end, log knn_top1 to metrics.jsonl.",
-    ),
-    log_with: list[Tracker] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
+    data: Annotated[Path, typer.Argument(help="Folder of images, searched at any depth (no labels needed).")],
+    out: RunOut = None,
+    model: Annotated[
+        ModelName, typer.Option("--model", help="Encoder size (the decoder scales with it).")
+    ] = "vit-base",
+    img_size: Annotated[int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square).")] = 224,
+    patch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--patch-size",
+            min=1,
+            max=512,
+            help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches "
+            "wide].",
+        ),
+    ] = None,
+    in_chans: Annotated[int, typer.Option("--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB).")] = 3,
+    mask: Mask = 0.75,
+    epochs: Epochs = 100,
+    steps: Steps = None,
+    repeat: Annotated[
+        int,
+        typer.Option(
+            "--repeat",
+            min=1,
+            max=10**6,
+            help="Passes over the folder per epoch, each with fresh crops: for folders of a few dozen images, so "
+            "that an epoch (and its checkpoint and preview) is not a step.",
+        ),
+    ] = 1,
+    batch_size: TrainBatchSize = 64,
+    blr: Blr = 1.5e-4,
+    lr: Lr = None,
+    warmup_epochs: WarmupEpochs = 5,
+    accum_iter: AccumIter = 1,
+    clip_grad: ClipGrad = None,
+    weight_decay: WeightDecay = 0.05,
+    precision: TrainPrecision = "auto",
+    workers: Workers = None,
+    seed: Seed = 0,
+    save_every: SaveEvery = 500,
+    keep: Keep = 2,
+    log_every: LogEvery = 10,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_data_change: AllowDataChange = False,
+    norm_pix_loss: Annotated[
+        bool,
+        typer.Option(
+            "--norm-pix-loss/--no-norm-pix-loss",
+            help="Predict per-patch normalized pixels (the paper's better setting).",
+        ),
+    ] = True,
+    decoder_dim: Annotated[
+        int | None,
+        typer.Option(
+            "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
+        ),
+    ] = None,
+    decoder_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."
+        ),
+    ] = None,
+    decoder_heads: Annotated[
+        int | None,
+        typer.Option(
+            "--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."
+        ),
+    ] = None,
+    embed_dim: Annotated[
+        int | None, typer.Option("--embed-dim", min=4, max=16384, help="Encoder width [default: the model's].")
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option("--depth", min=1, max=256, help="Encoder blocks [default: the model's].")
+    ] = None,
+    num_heads: Annotated[
+        int | None, typer.Option("--num-heads", min=1, max=256, help="Encoder heads [default: the model's].")
+    ] = None,
+    init_from: Annotated[
+        Path | None, typer.Option("--init-from", help="Start from these weights (fresh optimizer).")
+    ] = None,
+    previews: Annotated[
+        int,
+        typer.Option(
+            "--previews",
+            min=0,
+            max=64,
+            help="Images in the reconstruction preview saved at each epoch end to previews/ (0: none).",
+        ),
+    ] = 4,
+    probe: Annotated[
+        Path | None,
+        typer.Option(
+            "--probe",
+            help="Labelled folder (as for `maecli probe`): run the kNN probe at each epoch end, log knn_top1 to "
+            "metrics.jsonl.",
+        ),
+    ] = None,
+    log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
 
@@ -164,115 +193,87 @@ def pretrain(
 
 def finetune(
     ctx: typer.Context,
-    data: Path = typer.Argument(
-        ...,
-        help="Labelled folder, read as `maecli probe` reads it: one subfolder per class, "
-        "or train/ and val/ (or test/) that each hold them.",
-    ),
-    weights: Path | None = typer.Option(
-        None, "--weights", "-w", help="The pretrained encoder (required, except with --resume): " + WEIGHTS_HELP
-    ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<date-time>]."),
-    val: Path | None = typer.Option(
-        None, "--val", help="Validation folder with the same class subfolders (when DATA holds no train/ and val/)."
-    ),
-    val_split: float | None = typer.Option(
-        None,
-        "--val-split",
-        callback=finite,
-        help="Fraction of each class held out when there is no validation folder (default 0.2).",
-    ),
-    fraction: float | None = typer.Option(
-        None,
-        "--fraction",
-        callback=finite,
-        help="Train on this fraction of each class's training images (a seeded "
-        "stratified subset): the few-labels case.",
-    ),
-    per_class: int | None = typer.Option(
-        None, "--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."
-    ),
-    baseline: bool = typer.Option(
-        False,
-        "--baseline",
-        help="Also train the same architecture from random init with "
-        "the same recipe, seed and data order, into RUN/baseline, "
-        "and show both.",
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result table as one JSON object on stdout."),
-    epochs: int = typer.Option(50, "--epochs", min=1, max=10**7, help="Passes over the training images."),
-    steps: int | None = typer.Option(
-        None, "--steps", min=1, max=10**9, help="Stop after this many optimizer steps (wins over --epochs)."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, max=10**6, help="Images per process per micro-batch."),
-    blr: float = typer.Option(
-        1e-3, "--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."
-    ),
-    lr: float | None = typer.Option(
-        None, "--lr", min=0.0, callback=finite, help="Absolute learning rate (overrides --blr)."
-    ),
-    min_lr: float = typer.Option(1e-6, "--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends."),
-    warmup_epochs: float = typer.Option(
-        5,
-        "--warmup-epochs",
-        min=0.0,
-        max=10**7,
-        callback=finite,
-        help="Linear warmup, in epochs (at most half the run).",
-    ),
-    accum_iter: int = typer.Option(1, "--accum-iter", min=1, max=10**4, help="Micro-batches per optimizer step."),
-    clip_grad: float | None = typer.Option(
-        None, "--clip-grad", min=0.0, callback=finite, help="Clip the gradient norm."
-    ),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", min=0.0, callback=finite, help="AdamW weight decay."),
-    layer_decay: float = typer.Option(
-        0.75,
-        "--layer-decay",
-        callback=finite,
-        help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
-    ),
-    drop_path: float = typer.Option(
-        0.1, "--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate."
-    ),
-    mixup: float = typer.Option(0.8, "--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off)."),
-    cutmix: float = typer.Option(1.0, "--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off)."),
-    smoothing: float = typer.Option(0.1, "--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing."),
-    reprob: float = typer.Option(
-        0.25, "--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."
-    ),
-    aa: str = typer.Option("rand-m9-mstd0.5-inc1", "--aa", help="timm RandAugment policy, or none."),
-    pool: Pool = typer.Option(
-        Pool.mean,
-        "--pool",
-        help="mean: average of the patch tokens, then a LayerNorm (the paper's default); cls: the cls token.",
-    ),
-    img_size: int | None = typer.Option(
-        None,
-        "--img-size",
-        min=8,
-        max=4096,
-        help="Input size [default: the weights'; another size resizes the position embeddings].",
-    ),
-    precision: Precision = typer.Option("auto", "--precision", help=TRAIN_PRECISION_HELP),
-    workers: int | None = typer.Option(None, "--workers", min=0, max=256, help=WORKERS_HELP),
-    seed: int = typer.Option(
-        0, "--seed", min=0, max=2**31 - 1, help="Seed for the subset, init, data order, augmentation and mixing."
-    ),
-    save_every: int = typer.Option(
-        500, "--save-every", min=0, max=10**9, help="Checkpoint every N steps (and at each epoch end)."
-    ),
-    keep: int = typer.Option(2, "--keep", min=1, max=10**6, help="How many checkpoints to keep."),
-    log_every: int = typer.Option(10, "--log-every", min=1, max=10**9, help="Log to metrics.jsonl every N steps."),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --out (and its baseline) from the newest checkpoints."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run in --out."),
-    allow_data_change: bool = typer.Option(
-        False,
-        "--allow-data-change",
-        help="With --resume: go on although the training images differ from the run's, with a warning.",
-    ),
-    log_with: list[Tracker] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
+    data: LabelledData,
+    weights: EncoderWeights = None,
+    out: RunOut = None,
+    val: Val = None,
+    val_split: ValSplit = None,
+    fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--fraction",
+            callback=finite,
+            help="Train on this fraction of each class's training images (a seeded stratified subset): the "
+            "few-labels case.",
+        ),
+    ] = None,
+    per_class: Annotated[
+        int | None,
+        typer.Option("--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."),
+    ] = None,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--baseline",
+            help="Also train the same architecture from random init with the same recipe, seed and data order, "
+            "into RUN/baseline, and show both.",
+        ),
+    ] = False,
+    json_out: Json = False,
+    epochs: Epochs = 50,
+    steps: Steps = None,
+    batch_size: TrainBatchSize = 64,
+    blr: Blr = 1e-3,
+    lr: Lr = None,
+    min_lr: Annotated[
+        float, typer.Option("--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends.")
+    ] = 1e-6,
+    warmup_epochs: WarmupEpochs = 5,
+    accum_iter: AccumIter = 1,
+    clip_grad: ClipGrad = None,
+    weight_decay: WeightDecay = 0.05,
+    layer_decay: Annotated[
+        float,
+        typer.Option(
+            "--layer-decay",
+            callback=finite,
+            help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
+        ),
+    ] = 0.75,
+    drop_path: Annotated[
+        float,
+        typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate."),
+    ] = 0.1,
+    mixup: Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")] = 0.8,
+    cutmix: Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")] = 1.0,
+    smoothing: Annotated[
+        float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing.")
+    ] = 0.1,
+    reprob: Annotated[
+        float,
+        typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
+    ] = 0.25,
+    aa: Annotated[str, typer.Option("--aa", help="timm RandAugment policy, or none.")] = "rand-m9-mstd0.5-inc1",
+    pool: Pooling = Pool.mean,
+    img_size: Annotated[
+        int | None,
+        typer.Option(
+            "--img-size",
+            min=8,
+            max=4096,
+            help="Input size [default: the weights'; another size resizes the position embeddings].",
+        ),
+    ] = None,
+    precision: TrainPrecision = "auto",
+    workers: Workers = None,
+    seed: Seed = 0,
+    save_every: SaveEvery = 500,
+    keep: Keep = 2,
+    log_every: LogEvery = 10,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_data_change: AllowDataChange = False,
+    log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
 ):
     """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
 
