@@ -227,10 +227,6 @@ def probe(
 
     Accuracies go to stderr as a table, and to stdout as JSON with --json.
     """
-    if val is not None and val_split is not None:
-        fail("--val and --val-split contradict each other; pick one", 2)
-    if val_split is not None and not 0 < val_split < 1:
-        fail(f"--val-split must lie strictly between 0 and 1, got {val_split}", 2)
     for path in (data, val):
         if path is not None and not path.exists():
             fail(f"{path} does not exist")

@@ -76,6 +76,8 @@ ValSplit = Annotated[
     float | None,
     typer.Option(
         "--val-split",
+        min=0.0,
+        max=1.0,
         callback=finite,
         help="Fraction of each class held out when there is no validation folder (default 0.2).",
     ),
@@ -143,7 +145,10 @@ Pooling = Annotated[
     ),
 ]
 Mask = Annotated[
-    float, typer.Option("--mask", callback=finite, help="Fraction of patches hidden, strictly between 0 and 1.")
+    float,
+    typer.Option(
+        "--mask", min=0.0, max=1.0, callback=finite, help="Fraction of patches hidden, strictly between 0 and 1."
+    ),
 ]
 
 # -- the training recipe and the run ------------------------------------------------------------

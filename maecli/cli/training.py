@@ -43,6 +43,15 @@ from .options import (
 )
 
 
+def check_run_flags(out: Path | None, resume: bool, overwrite: bool):
+    """The run-folder flags both training commands take: the contradictions found without importing torch.
+    (Their other settings are checked by the library: train.build_config, finetune.check_recipe.)"""
+    if resume and out is None:
+        fail("--resume needs --out RUN_FOLDER", 2)
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other; pick one", 2)
+
+
 def pretrain(
     ctx: typer.Context,
     data: Annotated[Path, typer.Argument(help="Folder of images, searched at any depth (no labels needed).")],
@@ -154,14 +163,7 @@ def pretrain(
     --resume continues the run in --out with its saved settings; give --epochs or --steps again to extend it.
     Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
     """
-    if not 0 < mask < 1:
-        fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
-    if in_chans not in (1, 3):
-        fail(f"--in-chans must be 1 or 3, got {in_chans}", 2)
-    if resume and out is None:
-        fail("--resume needs --out RUN_FOLDER", 2)
-    if resume and overwrite:
-        fail("--resume and --overwrite contradict each other; pick one", 2)
+    check_run_flags(out, resume, overwrite)
     if not data.exists():
         fail(f"data folder {data} does not exist")
     if probe is not None and not probe.is_dir():
@@ -202,6 +204,8 @@ def finetune(
         float | None,
         typer.Option(
             "--fraction",
+            min=0.0,
+            max=1.0,
             callback=finite,
             help="Train on this fraction of each class's training images (a seeded stratified subset): the "
             "few-labels case.",
@@ -236,6 +240,8 @@ def finetune(
         float,
         typer.Option(
             "--layer-decay",
+            min=0.0,
+            max=1.0,
             callback=finite,
             help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
         ),
@@ -285,22 +291,9 @@ def finetune(
     --resume continues an interrupted run (and its baseline) exactly. Ctrl-C or SIGTERM saves a checkpoint and
     exits with 130 or 143.
     """
-    if resume and out is None:
-        fail("--resume needs --out RUN_FOLDER", 2)
-    if resume and overwrite:
-        fail("--resume and --overwrite contradict each other; pick one", 2)
+    check_run_flags(out, resume, overwrite)
     if weights is None and not resume:
         fail("missing --weights: the pretrained encoder to fine-tune", 2)
-    if val is not None and val_split is not None:
-        fail("--val and --val-split contradict each other; pick one", 2)
-    if val_split is not None and not 0 < val_split < 1:
-        fail(f"--val-split must lie strictly between 0 and 1, got {val_split}", 2)
-    if fraction is not None and per_class is not None:
-        fail("--fraction and --per-class contradict each other; pick one", 2)
-    if fraction is not None and not 0 < fraction <= 1:
-        fail(f"--fraction must lie in (0, 1], got {fraction}", 2)
-    if not 0 < layer_decay <= 1:
-        fail(f"--layer-decay must lie in (0, 1], got {layer_decay}", 2)
     for path in (data, val, weights):
         if path is not None and not path.exists():
             fail(f"{path} does not exist")

@@ -1,0 +1,43 @@
+"""The command line as a whole: its options, its help, its flag reference, and where each check lives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import invoke
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def labelled_dir(photo_dir, tmp_path):
+    """Two classes of four photos each."""
+    import shutil
+
+    root = tmp_path / "labelled"
+    for name, sub in (("a", photo_dir / "a"), ("b", photo_dir / "b" / "c")):
+        shutil.copytree(sub, root / name)
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--fraction", "0.5", "--per-class", "2"], "--fraction and --per-class contradict each other"),
+        (["--fraction", "0"], "--fraction must lie in (0, 1]"),
+        (["--layer-decay", "0"], "--layer-decay must lie in (0, 1]"),
+        (["--val-split", "0.3", "--val", "{data}"], "--val and --val-split contradict each other"),
+        (["--val-split", "1"], "--val-split must lie strictly between 0 and 1"),
+    ],
+)
+def test_the_library_checks_settings_once_and_the_cli_says_so_with_exit_2(labelled_dir, tiny_weights, extra, message):
+    """finetune's settings are checked by the library alone (finetune.check_recipe, labelled.load_labelled): its
+    UsageError reaches the user as one line and exit 2, before any training."""
+    extra = [str(labelled_dir) if a == "{data}" else a for a in extra]
+    r = invoke("finetune", labelled_dir, "-w", tiny_weights, "--out", labelled_dir.parent / "run", *extra)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert not (labelled_dir.parent / "run" / "checkpoints").exists()
