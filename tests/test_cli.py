@@ -41,3 +41,33 @@ def test_the_library_checks_settings_once_and_the_cli_says_so_with_exit_2(labell
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.output
     assert not (labelled_dir.parent / "run" / "checkpoints").exists()
+
+
+def commands():
+    """(name, click command) for every command of the app, as --help lists them."""
+    import typer
+
+    from maecli.cli import app
+
+    group = typer.main.get_command(app)
+    return [(name, group.commands[name]) for name in group.list_commands(None)]
+
+
+def test_each_short_flag_has_one_meaning():
+    meanings: dict[str, set[str]] = {}
+    for _, command in commands():
+        for p in command.params:
+            longs = [o for o in p.opts + p.secondary_opts if o.startswith("--")]
+            for short in (o for o in p.opts if len(o) == 2 and o.startswith("-")):
+                meanings.setdefault(short, set()).add(longs[0])
+    assert meanings["-o"] == {"--out"} and meanings["-w"] == {"--weights"} and meanings["-f"] == {"--format"}
+    assert all(len(longs) == 1 for longs in meanings.values()), meanings
+
+
+def test_output_is_still_read_as_the_old_name_of_out(photo_dir, tiny_weights, tmp_path):
+    target = tmp_path / "e.jsonl"
+    r = invoke("embed", photo_dir, "-w", tiny_weights, "--workers", "0", "--output", target)
+    assert r.exit_code == 0 and r.stdout == "" and target.read_text().count("\n") > 0, r.output
+    r = invoke("embed", photo_dir, "-w", tiny_weights, "--out", target, "--output", target)
+    assert r.exit_code == 2 and "--output is the old name of --out" in r.stderr
+    assert "--output" not in invoke("embed", "--help").stdout

@@ -21,7 +21,8 @@ from .options import (
     Json,
     LabelledData,
     Mask,
-    Output,
+    OldOutput,
+    OutFile,
     PngOut,
     Pool,
     Pooling,
@@ -116,6 +117,13 @@ def reconstruct(
     console.print(f"wrote {out} ({len(rec.names)} rows x 4 columns, {rec.original.shape[-1] * zoom} px tiles)")
 
 
+def renamed_out(out: Path | None, output: Path | None) -> Path | None:
+    """--out, or --output: embed's and predict's old name for it, hidden from --help and still read."""
+    if out is not None and output is not None:
+        fail("--output is the old name of --out; give one of them", 2)
+    return out if output is None else output
+
+
 class OutputFormat(str, Enum):
     jsonl = "jsonl"
     csv = "csv"
@@ -139,8 +147,9 @@ def embed(
     batch_size: InferBatchSize = 64,
     workers: Workers = None,
     precision: InferPrecision = Precision.no,
-    output: Output = None,
+    out: OutFile = None,
     strict: Strict = False,
+    output: OldOutput = None,
 ):
     """Write one embedding per image: the whole image through the encoder, no masking.
 
@@ -150,7 +159,8 @@ def embed(
 
     Unreadable images are skipped with a warning and counted (exit 0), unless --strict.
     """
-    to_file = output is not None and str(output) != "-"
+    out = renamed_out(out, output)
+    to_file = out is not None and str(out) != "-"
     if fmt is OutputFormat.npy and not to_file:
         fail("npy is a binary format: write it to a file with -o FILE (the paths go to FILE.paths.jsonl)", 2)
     for item in inputs:
@@ -161,10 +171,10 @@ def embed(
     from ..embedding import write_embeddings
     from ..files import guarded
 
-    out = None
+    stream = None
     if not to_file:
         sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
-        out = guarded(sys.stdout, STDOUT)
+        stream = guarded(sys.stdout, STDOUT)
     try:
         with reported():
             model = load_model(weights)
@@ -172,8 +182,8 @@ def embed(
                 model,
                 inputs,
                 fmt=fmt.value,
-                out=out,
-                out_path=output if to_file else None,
+                out=stream,
+                out_path=out if to_file else None,
                 pool=pool.value,
                 normalize=normalize,
                 batch_size=batch_size,
@@ -191,7 +201,7 @@ def embed(
         f"embedded {n} image{'s' if n != 1 else ''} ({summary['dim']}-d, {pool.value} pool) in {seconds:.1f}s, "
         f"{n / max(seconds, 1e-9):.1f} img/s"
         + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
-        + (f"; written to {output}" if to_file else "")
+        + (f"; written to {out}" if to_file else "")
     )
 
 
@@ -288,8 +298,9 @@ def predict(
     batch_size: InferBatchSize = 64,
     workers: Workers = None,
     precision: InferPrecision = Precision.no,
-    output: Output = None,
+    out: OutFile = None,
     strict: Strict = False,
+    output: OldOutput = None,
 ):
     """Label images with a fine-tuned classifier: the predicted class, its probability and the top k.
 
@@ -305,9 +316,10 @@ def predict(
             fail(f"{item} does not exist")
     if not weights.exists():
         fail(f"weights not found: {weights}")
-    to_file = output is not None and str(output) != "-"
-    if to_file and output.is_dir():
-        fail(f"--output {output} is a folder; give a file", 2)
+    out = renamed_out(out, output)
+    to_file = out is not None and str(out) != "-"
+    if to_file and out.is_dir():
+        fail(f"--out {out} is a folder; give a file", 2)
     quiet_libraries()
     from ..classifier import load_classifier
     from ..console import console
@@ -322,17 +334,17 @@ def predict(
             model, classes = load_classifier(weights)
             model = model.to(device)
             if to_file:  # whole or not at all, as every output (files.open_output)
-                out = files.enter_context(
-                    open_output(output, "w", encoding="utf-8", errors="surrogateescape", newline="")
+                stream = files.enter_context(
+                    open_output(out, "w", encoding="utf-8", errors="surrogateescape", newline="")
                 )
             else:
                 sys.stdout.reconfigure(errors="surrogateescape")  # paths that are not UTF-8 pass through as bytes
-                out = guarded(sys.stdout, STDOUT)
+                stream = guarded(sys.stdout, STDOUT)
             summary = write_predictions(
                 model,
                 classes,
                 inputs,
-                out=out,
+                out=stream,
                 fmt=fmt.value,
                 top_k=top_k,
                 batch_size=batch_size,
@@ -349,7 +361,7 @@ def predict(
     console.print(
         f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
         + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
-        + (f"; written to {output}" if to_file else "")
+        + (f"; written to {out}" if to_file else "")
     )
 
 

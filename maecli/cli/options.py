@@ -90,10 +90,11 @@ Strict = Annotated[
 # -- what comes out -----------------------------------------------------------------------------
 
 RunOut = Annotated[Path | None, typer.Option("--out", "-o", help="Run folder [default: runs/<date-time>].")]
-Output = Annotated[
+OutFile = Annotated[
     Path | None,
-    typer.Option("--output", "-o", help="Write to this file instead of stdout; it appears whole when done."),
+    typer.Option("--out", "-o", help="Write to this file instead of stdout; it appears whole when done."),
 ]
+OldOutput = Annotated[Path | None, typer.Option("--output", hidden=True, help="The old name of --out.")]
 PngOut = Annotated[str, typer.Option("--out", "-o", help="The PNG to write.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run, file or folder at the output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
