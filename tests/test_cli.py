@@ -71,3 +71,10 @@ def test_output_is_still_read_as_the_old_name_of_out(photo_dir, tiny_weights, tm
     r = invoke("embed", photo_dir, "-w", tiny_weights, "--out", target, "--output", target)
     assert r.exit_code == 2 and "--output is the old name of --out" in r.stderr
     assert "--output" not in invoke("embed", "--help").stdout
+
+
+def test_help_lists_the_commands_in_the_order_of_a_workflow():
+    order = ["pretrain", "reconstruct", "embed", "probe", "finetune", "predict", "export", "plot", "info", "serve"]
+    assert [name for name, _ in commands()] == order
+    listed = [line.split()[0] for line in invoke("--help").stdout.split("Commands:")[1].splitlines() if line.strip()]
+    assert listed == order

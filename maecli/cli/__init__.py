@@ -52,18 +52,18 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, terminated)
 
 
-# the order `maecli --help` lists them in
+# the order `maecli --help` lists them in: a user's workflow, from pretraining to serving the model
 for command in (
     training.pretrain,
-    runs.export,
     inference.reconstruct,
     inference.embed,
     inference.probe,
-    inference.serve,
-    runs.plot,
-    runs.info,
     training.finetune,
     inference.predict,
+    runs.export,
+    runs.plot,
+    runs.info,
+    inference.serve,
 ):
     app.command()(command)
 
