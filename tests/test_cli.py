@@ -78,3 +78,12 @@ def test_help_lists_the_commands_in_the_order_of_a_workflow():
     assert [name for name, _ in commands()] == order
     listed = [line.split()[0] for line in invoke("--help").stdout.split("Commands:")[1].splitlines() if line.strip()]
     assert listed == order
+
+
+@pytest.mark.parametrize("name", [name for name, _ in commands()])
+def test_help_shows_no_python_types_and_no_overflow_guards(name):
+    r = invoke(name, "--help")
+    assert r.exit_code == 0
+    text = " ".join(r.stdout.split())  # as one line: the columns wrap anywhere
+    for python in ("<list[", "<str>", "<int range>", "<float range>", "9223372036854775807", "<=x", "x>="):
+        assert python not in text, (name, python)

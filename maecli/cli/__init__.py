@@ -15,6 +15,7 @@ import typer
 from .. import host
 from . import inference, runs, training
 from .common import drop_stdout
+from .options import Command
 
 app = typer.Typer(
     name="maecli",
@@ -65,7 +66,7 @@ for command in (
     runs.info,
     inference.serve,
 ):
-    app.command()(command)
+    app.command(cls=Command)(command)
 
 
 def block_sigterm():

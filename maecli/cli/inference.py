@@ -36,7 +36,7 @@ from .options import (
 
 
 def reconstruct(
-    images: Annotated[list[Path], typer.Argument(help="Image files, any format pretrain reads.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files, any format pretrain reads.")],
     weights: Weights,
     mask: Mask = 0.95,
     seed: Seed = 0,
@@ -51,7 +51,7 @@ def reconstruct(
         ),
     ] = True,
     zoom: Annotated[
-        int, typer.Option("--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel).")
+        int, typer.Option("--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel), up to 16.")
     ] = 1,
     precision: InferPrecision = Precision.no,
 ):
@@ -379,10 +379,13 @@ def serve(
         str,
         typer.Option(
             "--host",
+            metavar="<address>",
             help="Address to listen on; the default keeps the page on this machine (there is no login).",
         ),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port to listen on, up to 65535 (0: any free one).")
+    ] = 8000,
 ):
     """Open a web page on a model: reconstructions under a mask slider, training progress, similar images.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperOption
 
 from ..presets import PRESETS
 from ..runtime import Precision
@@ -34,6 +35,49 @@ WEIGHTS_HELP = (
 SEED_MAX = 2**31 - 1  # numpy's generators take seeds below 2**32, and pretrain derives others from it
 
 
+class Option(TyperOption):
+    """An option whose help shows no range: a bound that tells the user something is in the help's own words
+    (--mask, --port); the others only guard against overflow and absurd values (1<=x<=1000000000)."""
+
+    def _get_number_range_help_str(self):
+        return None
+
+    def display_type(self, ctx):
+        descriptor = getattr(self, "type_descriptor", None)
+        if descriptor is not None and descriptor.is_ranged:
+            return f"<{descriptor.ranged_type_name}>"  # <int>, not <int range>
+        return super().display_type(ctx)
+
+
+class Argument(TyperArgument):
+    """An argument shown by its metavar alone: IMAGES..., not images... <list[Path]>."""
+
+    def _get_number_range_help_str(self):
+        return None
+
+    def display_type_rich(self, ctx):
+        return None
+
+    def _rich_display_name(self):
+        return self.display_name_raw + ("..." if self.nargs != 1 else "")
+
+    def _usage_display_name(self):
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+
+class Command(TyperCommand):
+    """Every maecli command: its parameters show their help as Option and Argument above say."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperOption:
+                param.__class__ = Option  # typer builds the parameters itself; only their help changes
+            elif type(param) is TyperArgument:
+                param.__class__ = Argument
+
+
 def finite(value: float | None) -> float | None:
     """Option callback: a number flag must be a finite number (inf and nan pass click's range checks)."""
     import math
@@ -48,13 +92,14 @@ def finite(value: float | None) -> float | None:
 Inputs = Annotated[
     list[str],
     typer.Argument(
-        metavar="INPUT",
+        metavar="INPUTS",
         help="Image files, folders (searched at any depth), or - to read newline-separated paths from stdin.",
     ),
 ]
 LabelledData = Annotated[
     Path,
     typer.Argument(
+        metavar="DATA",
         help="Labelled folder: one subfolder per class, or train/ and val/ (or test/) that each hold them.",
     ),
 ]
@@ -95,7 +140,7 @@ OutFile = Annotated[
     typer.Option("--out", "-o", help="Write to this file instead of stdout; it appears whole when done."),
 ]
 OldOutput = Annotated[Path | None, typer.Option("--output", hidden=True, help="The old name of --out.")]
-PngOut = Annotated[str, typer.Option("--out", "-o", help="The PNG to write.")]
+PngOut = Annotated[str, typer.Option("--out", "-o", metavar="<path>", help="The PNG to write.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run, file or folder at the output.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 
@@ -119,7 +164,12 @@ InferPrecision = Annotated[
 ]
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", min=0, max=256, help="Image decoding processes [default: chosen for this machine]."),
+    typer.Option(
+        "--workers",
+        min=0,
+        max=256,
+        help="Image decoding processes (0: decode in this process) [default: chosen for this machine].",
+    ),
 ]
 TrainBatchSize = Annotated[
     int, typer.Option("--batch-size", min=1, max=10**6, help="Images per process per micro-batch.")
@@ -207,6 +257,7 @@ LogWith = Annotated[
     list[Tracker],
     typer.Option(
         "--log-with",
+        metavar="<" + "|".join(Tracker.__members__) + ">",
         help="Also log to a tracker, inside RUN/logs and offline (repeatable): tensorboard, trackio, mlflow, "
         "wandb; all: every one installed; none: stop logging to them on --resume. Each is an extra: "
         'pip install "maecli[tensorboard]".',

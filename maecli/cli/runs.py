@@ -18,8 +18,10 @@ class ExportFormat(str, Enum):
 
 
 def export(
-    run: Annotated[Path, typer.Argument(help="A maecli run folder, or any weights --weights accepts.")],
-    out: Annotated[Path, typer.Argument(help="timm: the .safetensors file to write; hf: the folder to write.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A maecli run folder, or any weights --weights accepts.")],
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="timm: the .safetensors file to write; hf: the folder to write.")
+    ],
     format: Annotated[
         ExportFormat,
         typer.Option(
@@ -59,7 +61,9 @@ def export(
 
 
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders (or their metrics.jsonl files) to draw, overlaid.")],
+    runs: Annotated[
+        list[Path], typer.Argument(metavar="RUNS", help="Run folders (or their metrics.jsonl files) to draw, overlaid.")
+    ],
     out: PngOut = "curves.png",
 ):
     """Draw a run's curves as one picture: loss, learning rate, and every other logged series (kNN top-1,
@@ -80,7 +84,7 @@ def plot(
 
 
 def info(
-    run: Annotated[Path, typer.Argument(help="A run folder, or weights: " + WEIGHTS_HELP)],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder, or weights: " + WEIGHTS_HELP)],
     json_out: Json = False,
 ):
     """Say what a run is and where it stands: model and size, data, recipe, step of total, last and best loss,

@@ -54,12 +54,16 @@ def check_run_flags(out: Path | None, resume: bool, overwrite: bool):
 
 def pretrain(
     ctx: typer.Context,
-    data: Annotated[Path, typer.Argument(help="Folder of images, searched at any depth (no labels needed).")],
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Folder of images, searched at any depth (no labels needed).")
+    ],
     out: RunOut = None,
     model: Annotated[
         ModelName, typer.Option("--model", help="Encoder size (the decoder scales with it).")
     ] = "vit-base",
-    img_size: Annotated[int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square).")] = 224,
+    img_size: Annotated[
+        int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square), 8 to 4096.")
+    ] = 224,
     patch_size: Annotated[
         int | None,
         typer.Option(
@@ -143,7 +147,7 @@ def pretrain(
             "--previews",
             min=0,
             max=64,
-            help="Images in the reconstruction preview saved at each epoch end to previews/ (0: none).",
+            help="Images in the reconstruction preview saved at each epoch end to previews/, at most 64 (0: none).",
         ),
     ] = 4,
     probe: Annotated[
@@ -248,18 +252,20 @@ def finetune(
     ] = 0.75,
     drop_path: Annotated[
         float,
-        typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate."),
+        typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate, below 1."),
     ] = 0.1,
     mixup: Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")] = 0.8,
     cutmix: Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")] = 1.0,
     smoothing: Annotated[
-        float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing.")
+        float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing, below 1.")
     ] = 0.1,
     reprob: Annotated[
         float,
         typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
     ] = 0.25,
-    aa: Annotated[str, typer.Option("--aa", help="timm RandAugment policy, or none.")] = "rand-m9-mstd0.5-inc1",
+    aa: Annotated[
+        str, typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none.")
+    ] = "rand-m9-mstd0.5-inc1",
     pool: Pooling = Pool.mean,
     img_size: Annotated[
         int | None,
