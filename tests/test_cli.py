@@ -87,3 +87,23 @@ def test_help_shows_no_python_types_and_no_overflow_guards(name):
     text = " ".join(r.stdout.split())  # as one line: the columns wrap anywhere
     for python in ("<list[", "<str>", "<int range>", "<float range>", "9223372036854775807", "<=x", "x>="):
         assert python not in text, (name, python)
+
+
+def test_version_is_the_package_version():
+    import maecli
+
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout == f"maecli {maecli.__version__}\n"
+
+
+@pytest.mark.parametrize("arg", ["--help", "--version"])
+def test_help_and_version_do_not_import_torch(arg):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "maecli", arg], capture_output=True, text=True, cwd=ROOT
+    )
+    assert r.returncode == 0 and r.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line]
+    assert "typer" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "timm", "accelerate")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -30,8 +31,21 @@ app = typer.Typer(
 )
 
 
+def show_version(value: bool):
+    if value:
+        from .. import __version__
+
+        typer.echo(f"maecli {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root():
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, expose_value=False, callback=show_version, help="Print the version."),
+    ] = False,
+):
     """Masked Autoencoder (MAE) pretraining on plain image folders, and tools to use the result."""
     host.configure_openmp()  # before any command imports torch: libgomp reads it once
     exit_on_sigterm()
