@@ -52,42 +52,91 @@ def check_run_flags(out: Path | None, resume: bool, overwrite: bool):
         fail("--resume and --overwrite contradict each other; pick one", 2)
 
 
+# pretrain's own options: the model's shape, the data, previews and the probe
+Model = Annotated[ModelName, typer.Option("--model", help="Encoder size (the decoder scales with it).")]
+ImgSize = Annotated[int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square), 8 to 4096.")]
+PatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--patch-size",
+        min=1,
+        max=512,
+        help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches wide].",
+    ),
+]
+InChans = Annotated[int, typer.Option("--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB).")]
+Repeat = Annotated[
+    int,
+    typer.Option(
+        "--repeat",
+        min=1,
+        max=10**6,
+        help="Passes over the folder per epoch, each with fresh crops: for folders of a few dozen images, so "
+        "that an epoch (and its checkpoint and preview) is not a step.",
+    ),
+]
+NormPixLoss = Annotated[
+    bool,
+    typer.Option(
+        "--norm-pix-loss/--no-norm-pix-loss",
+        help="Predict per-patch normalized pixels (the paper's better setting).",
+    ),
+]
+DecoderDim = Annotated[
+    int | None,
+    typer.Option(
+        "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
+    ),
+]
+DecoderDepth = Annotated[
+    int | None,
+    typer.Option("--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."),
+]
+DecoderHeads = Annotated[
+    int | None,
+    typer.Option("--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."),
+]
+EmbedDim = Annotated[
+    int | None, typer.Option("--embed-dim", min=4, max=16384, help="Encoder width [default: the model's].")
+]
+Depth = Annotated[int | None, typer.Option("--depth", min=1, max=256, help="Encoder blocks [default: the model's].")]
+NumHeads = Annotated[
+    int | None, typer.Option("--num-heads", min=1, max=256, help="Encoder heads [default: the model's].")
+]
+InitFrom = Annotated[Path | None, typer.Option("--init-from", help="Start from these weights (fresh optimizer).")]
+Previews = Annotated[
+    int,
+    typer.Option(
+        "--previews",
+        min=0,
+        max=64,
+        help="Images in the reconstruction preview saved at each epoch end to previews/, at most 64 (0: none).",
+    ),
+]
+ProbeFolder = Annotated[
+    Path | None,
+    typer.Option(
+        "--probe",
+        help="Labelled folder (as for `maecli probe`): run the kNN probe at each epoch end, log knn_top1 to "
+        "metrics.jsonl.",
+    ),
+]
+
+
 def pretrain(
     ctx: typer.Context,
     data: Annotated[
         Path, typer.Argument(metavar="DATA", help="Folder of images, searched at any depth (no labels needed).")
     ],
     out: RunOut = None,
-    model: Annotated[
-        ModelName, typer.Option("--model", help="Encoder size (the decoder scales with it).")
-    ] = "vit-base",
-    img_size: Annotated[
-        int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square), 8 to 4096.")
-    ] = 224,
-    patch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--patch-size",
-            min=1,
-            max=512,
-            help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches "
-            "wide].",
-        ),
-    ] = None,
-    in_chans: Annotated[int, typer.Option("--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB).")] = 3,
+    model: Model = "vit-base",
+    img_size: ImgSize = 224,
+    patch_size: PatchSize = None,
+    in_chans: InChans = 3,
     mask: Mask = 0.75,
     epochs: Epochs = 100,
     steps: Steps = None,
-    repeat: Annotated[
-        int,
-        typer.Option(
-            "--repeat",
-            min=1,
-            max=10**6,
-            help="Passes over the folder per epoch, each with fresh crops: for folders of a few dozen images, so "
-            "that an epoch (and its checkpoint and preview) is not a step.",
-        ),
-    ] = 1,
+    repeat: Repeat = 1,
     batch_size: TrainBatchSize = 64,
     blr: Blr = 1.5e-4,
     lr: Lr = None,
@@ -104,60 +153,16 @@ def pretrain(
     resume: Resume = False,
     overwrite: Overwrite = False,
     allow_data_change: AllowDataChange = False,
-    norm_pix_loss: Annotated[
-        bool,
-        typer.Option(
-            "--norm-pix-loss/--no-norm-pix-loss",
-            help="Predict per-patch normalized pixels (the paper's better setting).",
-        ),
-    ] = True,
-    decoder_dim: Annotated[
-        int | None,
-        typer.Option(
-            "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
-        ),
-    ] = None,
-    decoder_depth: Annotated[
-        int | None,
-        typer.Option(
-            "--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."
-        ),
-    ] = None,
-    decoder_heads: Annotated[
-        int | None,
-        typer.Option(
-            "--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."
-        ),
-    ] = None,
-    embed_dim: Annotated[
-        int | None, typer.Option("--embed-dim", min=4, max=16384, help="Encoder width [default: the model's].")
-    ] = None,
-    depth: Annotated[
-        int | None, typer.Option("--depth", min=1, max=256, help="Encoder blocks [default: the model's].")
-    ] = None,
-    num_heads: Annotated[
-        int | None, typer.Option("--num-heads", min=1, max=256, help="Encoder heads [default: the model's].")
-    ] = None,
-    init_from: Annotated[
-        Path | None, typer.Option("--init-from", help="Start from these weights (fresh optimizer).")
-    ] = None,
-    previews: Annotated[
-        int,
-        typer.Option(
-            "--previews",
-            min=0,
-            max=64,
-            help="Images in the reconstruction preview saved at each epoch end to previews/, at most 64 (0: none).",
-        ),
-    ] = 4,
-    probe: Annotated[
-        Path | None,
-        typer.Option(
-            "--probe",
-            help="Labelled folder (as for `maecli probe`): run the kNN probe at each epoch end, log knn_top1 to "
-            "metrics.jsonl.",
-        ),
-    ] = None,
+    norm_pix_loss: NormPixLoss = True,
+    decoder_dim: DecoderDim = None,
+    decoder_depth: DecoderDepth = None,
+    decoder_heads: DecoderHeads = None,
+    embed_dim: EmbedDim = None,
+    depth: Depth = None,
+    num_heads: NumHeads = None,
+    init_from: InitFrom = None,
+    previews: Previews = 4,
+    probe: ProbeFolder = None,
     log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
 ):
     """Pretrain a Masked Autoencoder on a folder of images.
@@ -197,6 +202,66 @@ def pretrain(
         raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
 
 
+# finetune's own options: the subset, the baseline and the paper's recipe
+Fraction = Annotated[
+    float | None,
+    typer.Option(
+        "--fraction",
+        min=0.0,
+        max=1.0,
+        callback=finite,
+        help="Train on this fraction of each class's training images (a seeded stratified subset): the "
+        "few-labels case.",
+    ),
+]
+PerClass = Annotated[
+    int | None,
+    typer.Option("--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."),
+]
+FinetuneBaseline = Annotated[
+    bool,
+    typer.Option(
+        "--baseline",
+        help="Also train the same architecture from random init with the same recipe, seed and data order, "
+        "into RUN/baseline, and show both.",
+    ),
+]
+MinLr = Annotated[float, typer.Option("--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends.")]
+LayerDecay = Annotated[
+    float,
+    typer.Option(
+        "--layer-decay",
+        min=0.0,
+        max=1.0,
+        callback=finite,
+        help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
+    ),
+]
+DropPath = Annotated[
+    float,
+    typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate, below 1."),
+]
+Mixup = Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")]
+Cutmix = Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")]
+Smoothing = Annotated[
+    float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing, below 1.")
+]
+Reprob = Annotated[
+    float,
+    typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
+]
+Aa = Annotated[str, typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none.")]
+FinetuneImgSize = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size",
+        min=8,
+        max=4096,
+        help="Input size [default: the weights'; another size resizes the position embeddings].",
+    ),
+]
+
+
 def finetune(
     ctx: typer.Context,
     data: LabelledData,
@@ -204,78 +269,29 @@ def finetune(
     out: RunOut = None,
     val: Val = None,
     val_split: ValSplit = None,
-    fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--fraction",
-            min=0.0,
-            max=1.0,
-            callback=finite,
-            help="Train on this fraction of each class's training images (a seeded stratified subset): the "
-            "few-labels case.",
-        ),
-    ] = None,
-    per_class: Annotated[
-        int | None,
-        typer.Option("--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."),
-    ] = None,
-    baseline: Annotated[
-        bool,
-        typer.Option(
-            "--baseline",
-            help="Also train the same architecture from random init with the same recipe, seed and data order, "
-            "into RUN/baseline, and show both.",
-        ),
-    ] = False,
+    fraction: Fraction = None,
+    per_class: PerClass = None,
+    baseline: FinetuneBaseline = False,
     json_out: Json = False,
     epochs: Epochs = 50,
     steps: Steps = None,
     batch_size: TrainBatchSize = 64,
     blr: Blr = 1e-3,
     lr: Lr = None,
-    min_lr: Annotated[
-        float, typer.Option("--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends.")
-    ] = 1e-6,
+    min_lr: MinLr = 1e-6,
     warmup_epochs: WarmupEpochs = 5,
     accum_iter: AccumIter = 1,
     clip_grad: ClipGrad = None,
     weight_decay: WeightDecay = 0.05,
-    layer_decay: Annotated[
-        float,
-        typer.Option(
-            "--layer-decay",
-            min=0.0,
-            max=1.0,
-            callback=finite,
-            help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
-        ),
-    ] = 0.75,
-    drop_path: Annotated[
-        float,
-        typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate, below 1."),
-    ] = 0.1,
-    mixup: Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")] = 0.8,
-    cutmix: Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")] = 1.0,
-    smoothing: Annotated[
-        float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing, below 1.")
-    ] = 0.1,
-    reprob: Annotated[
-        float,
-        typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
-    ] = 0.25,
-    aa: Annotated[
-        str, typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none.")
-    ] = "rand-m9-mstd0.5-inc1",
+    layer_decay: LayerDecay = 0.75,
+    drop_path: DropPath = 0.1,
+    mixup: Mixup = 0.8,
+    cutmix: Cutmix = 1.0,
+    smoothing: Smoothing = 0.1,
+    reprob: Reprob = 0.25,
+    aa: Aa = "rand-m9-mstd0.5-inc1",
     pool: Pooling = Pool.mean,
-    img_size: Annotated[
-        int | None,
-        typer.Option(
-            "--img-size",
-            min=8,
-            max=4096,
-            help="Input size [default: the weights'; another size resizes the position embeddings].",
-        ),
-    ] = None,
+    img_size: FinetuneImgSize = None,
     precision: TrainPrecision = "auto",
     workers: Workers = None,
     seed: Seed = 0,
