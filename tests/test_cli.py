@@ -107,3 +107,27 @@ def test_help_and_version_do_not_import_torch(arg):
     assert r.returncode == 0 and r.stdout
     imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line]
     assert "typer" in imported and not [m for m in imported if m.split(".")[0] in ("torch", "timm", "accelerate")]
+
+
+def test_the_flag_reference_is_the_cli_s_own(tmp_path):
+    """docs/reference.md's flag tables are generated (docs/make_reference.py): a flag added, renamed or
+    re-explained without regenerating them fails here, and so the README's test command."""
+    import subprocess
+    import sys
+
+    def check(*path):
+        return subprocess.run(
+            [sys.executable, "docs/make_reference.py", "--check", *map(str, path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+
+    r = check()
+    assert r.returncode == 0, r.stderr
+    reference = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
+    assert "`--log-with`" in reference and "`--allow-data-change`" in reference
+    drifted = tmp_path / "reference.md"
+    drifted.write_text(reference.replace("| `--keep` | int | `2` |", "| `--keep` | int | `3` |"), encoding="utf-8")
+    r = check(drifted)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "make_reference.py" in r.stderr
