@@ -2,6 +2,9 @@
 
 torch, timm and friends are imported inside the commands, so `--help` and argument errors stay fast.
 Every user error ends as one line `error: ...` on stderr: exit 2 for a bad command line, 1 for anything else.
+
+Here: the app, its root options and main(). options.py declares the options several commands share; common.py
+holds the one error path (reported, fail); the commands live in training.py, inference.py and runs.py.
 """
 
 from __future__ import annotations
