@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import find_images
-from .errors import DataError
+from .errors import DataError, UsageError
 
 
 @dataclass
@@ -79,7 +79,7 @@ def load_labelled(
         layout = f"{data / 'train'} and {val_dir}"
     elif val is not None:
         if val_split is not None:
-            raise DataError("--val and --val-split contradict each other; pick one")
+            raise UsageError("--val and --val-split contradict each other; pick one")
         train, valid = class_folders(data), class_folders(val)
         layout = f"{data} and {val}"
     else:
@@ -90,7 +90,7 @@ def load_labelled(
             )
         fraction = 0.2 if val_split is None else val_split
         if not 0 < fraction < 1:
-            raise DataError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
+            raise UsageError(f"--val-split must lie strictly between 0 and 1, got {fraction}")
         train, valid = stratified_split(class_folders(data), fraction, seed)
         layout = f"{data}, {fraction:g} of each class held out (seed {seed})"
     if set(train) != set(valid):

@@ -128,6 +128,9 @@ def test_predict_through_a_pipe_matches_validation(finetuned, labelled):
     assert csv.exit_code == 0, csv.output
     header, *rows = csv.stdout.splitlines()
     assert header == "path,class,probability,class_2,probability_2,class_3,probability_3" and len(rows) == 3
+    target = out.parent / "labels.jsonl"  # -o: to a file, as embed writes
+    r = invoke("predict", labelled / "val" / "blue", "-w", out, "--workers", "0", "-o", target)
+    assert r.exit_code == 0 and r.stdout == "" and len(target.read_text().splitlines()) == 3, r.output
 
 
 def test_a_slow_pipe_gets_each_label_when_its_path_pauses(finetuned, labelled):

@@ -120,7 +120,7 @@ def test_no_images_is_a_clear_error(tmp_path):
         (["--mask", "1.0"], "strictly between 0 and 1"),
         (["--mask", "0"], "strictly between 0 and 1"),
         (["--img-size", "30"], "image size 30 is not divisible by patch size 8"),
-        (["--in-chans", "2"], "--in-chans must be 1 or 3"),
+        (["--in-chans", "2"], "in_chans must be 1 or 3"),
         (["--model", "vit-gigantic"], "vit-gigantic"),
         (["--batch-size", "0"], "batch-size"),
     ],

@@ -120,6 +120,8 @@ def test_flag_errors(classes_dir, tiny_weights):
     r = invoke("probe", classes_dir, "-w", tiny_weights, "--val", classes_dir, "--val-split", "0.3")
     assert r.exit_code == 2 and "contradict" in r.stderr
     r = invoke("probe", classes_dir, "-w", tiny_weights, "--val-split", "1.5")
+    assert r.exit_code == 2 and "--val-split" in r.stderr
+    r = invoke("probe", classes_dir, "-w", tiny_weights, "--val-split", "1")
     assert r.exit_code == 2 and "strictly between 0 and 1" in r.stderr
     r = invoke("probe", classes_dir / "nope", "-w", tiny_weights)
     assert r.exit_code == 1 and "does not exist" in r.stderr

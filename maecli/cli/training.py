@@ -1,0 +1,353 @@
+"""The training commands: pretrain, and finetune a pretrained encoder into a classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import host
+from .common import command_args, fail, given_flags, quiet_libraries, reported
+from .options import (
+    AccumIter,
+    AllowDataChange,
+    Blr,
+    ClipGrad,
+    EncoderWeights,
+    Epochs,
+    Json,
+    Keep,
+    LabelledData,
+    LogEvery,
+    LogWith,
+    Lr,
+    Mask,
+    ModelName,
+    Overwrite,
+    Pool,
+    Pooling,
+    Resume,
+    RunOut,
+    SaveEvery,
+    Seed,
+    Steps,
+    TrainBatchSize,
+    TrainPrecision,
+    Val,
+    ValSplit,
+    WarmupEpochs,
+    WeightDecay,
+    Workers,
+    finite,
+)
+
+
+def check_run_flags(out: Path | None, resume: bool, overwrite: bool):
+    """The run-folder flags both training commands take: the contradictions found without importing torch.
+    (Their other settings are checked by the library: train.build_config, finetune.check_recipe.)"""
+    if resume and out is None:
+        fail("--resume needs --out RUN_FOLDER", 2)
+    if resume and overwrite:
+        fail("--resume and --overwrite contradict each other; pick one", 2)
+
+
+# pretrain's own options: the model's shape, the data, previews and the probe
+Model = Annotated[ModelName, typer.Option("--model", help="Encoder size (the decoder scales with it).")]
+ImgSize = Annotated[int, typer.Option("--img-size", min=8, max=4096, help="Input size in pixels (square), 8 to 4096.")]
+PatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--patch-size",
+        min=1,
+        max=512,
+        help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches wide].",
+    ),
+]
+InChans = Annotated[int, typer.Option("--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB).")]
+Repeat = Annotated[
+    int,
+    typer.Option(
+        "--repeat",
+        min=1,
+        max=10**6,
+        help="Passes over the folder per epoch, each with fresh crops: for folders of a few dozen images, so "
+        "that an epoch (and its checkpoint and preview) is not a step.",
+    ),
+]
+NormPixLoss = Annotated[
+    bool,
+    typer.Option(
+        "--norm-pix-loss/--no-norm-pix-loss",
+        help="Predict per-patch normalized pixels (the paper's better setting).",
+    ),
+]
+DecoderDim = Annotated[
+    int | None,
+    typer.Option(
+        "--decoder-dim", min=4, max=8192, help="Decoder width [default: the model's: 128 tiny, 256 small, 512]."
+    ),
+]
+DecoderDepth = Annotated[
+    int | None,
+    typer.Option("--decoder-depth", min=1, max=64, help="Decoder blocks [default: the model's: 4 tiny and small, 8]."),
+]
+DecoderHeads = Annotated[
+    int | None,
+    typer.Option("--decoder-heads", min=1, max=256, help="Decoder heads [default: the model's: 4 tiny, 8 small, 16]."),
+]
+EmbedDim = Annotated[
+    int | None, typer.Option("--embed-dim", min=4, max=16384, help="Encoder width [default: the model's].")
+]
+Depth = Annotated[int | None, typer.Option("--depth", min=1, max=256, help="Encoder blocks [default: the model's].")]
+NumHeads = Annotated[
+    int | None, typer.Option("--num-heads", min=1, max=256, help="Encoder heads [default: the model's].")
+]
+InitFrom = Annotated[Path | None, typer.Option("--init-from", help="Start from these weights (fresh optimizer).")]
+Previews = Annotated[
+    int,
+    typer.Option(
+        "--previews",
+        min=0,
+        max=64,
+        help="Images in the reconstruction preview saved at each epoch end to previews/, at most 64 (0: none).",
+    ),
+]
+ProbeFolder = Annotated[
+    Path | None,
+    typer.Option(
+        "--probe",
+        help="Labelled folder (as for `maecli probe`): run the kNN probe at each epoch end, log knn_top1 to "
+        "metrics.jsonl.",
+    ),
+]
+
+
+def pretrain(
+    ctx: typer.Context,
+    data: Annotated[
+        Path, typer.Argument(metavar="DATA", help="Folder of images, searched at any depth (no labels needed).")
+    ],
+    out: RunOut = None,
+    model: Model = "vit-base",
+    img_size: ImgSize = 224,
+    patch_size: PatchSize = None,
+    in_chans: InChans = 3,
+    mask: Mask = 0.75,
+    epochs: Epochs = 100,
+    steps: Steps = None,
+    repeat: Repeat = 1,
+    batch_size: TrainBatchSize = 64,
+    blr: Blr = 1.5e-4,
+    lr: Lr = None,
+    warmup_epochs: WarmupEpochs = 5,
+    accum_iter: AccumIter = 1,
+    clip_grad: ClipGrad = None,
+    weight_decay: WeightDecay = 0.05,
+    precision: TrainPrecision = "auto",
+    workers: Workers = None,
+    seed: Seed = 0,
+    save_every: SaveEvery = 500,
+    keep: Keep = 2,
+    log_every: LogEvery = 10,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_data_change: AllowDataChange = False,
+    norm_pix_loss: NormPixLoss = True,
+    decoder_dim: DecoderDim = None,
+    decoder_depth: DecoderDepth = None,
+    decoder_heads: DecoderHeads = None,
+    embed_dim: EmbedDim = None,
+    depth: Depth = None,
+    num_heads: NumHeads = None,
+    init_from: InitFrom = None,
+    previews: Previews = 4,
+    probe: ProbeFolder = None,
+    log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
+):
+    """Pretrain a Masked Autoencoder on a folder of images.
+
+    Writes config.json, model.safetensors, metrics.jsonl, checkpoints/ and previews/ into the run folder.
+
+    --resume continues the run in --out with its saved settings; give --epochs or --steps again to extend it.
+    Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
+    """
+    check_run_flags(out, resume, overwrite)
+    if not data.exists():
+        fail(f"data folder {data} does not exist")
+    if probe is not None and not probe.is_dir():
+        fail(f"probe folder {probe} does not exist")
+    quiet_libraries()
+    from ..runtime import default_device
+    from ..train.pretrain import TrainArgs
+    from ..train.pretrain import pretrain as run_pretrain
+
+    host.tune_for_cpu(default_device())
+    args = command_args(ctx, TrainArgs)
+    given = given_flags(ctx)
+    try:
+        with reported():
+            summary = run_pretrain(args, given=given)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        saved = out is not None and any((out / "checkpoints").glob("step-*"))
+        fail(
+            f"interrupted; the checkpoints on disk are complete (continue with --out {out} --resume)"
+            if saved
+            else "interrupted before the first checkpoint: nothing was saved",
+            130,
+        )
+    if summary.get("signal") is not None:
+        import signal
+
+        raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
+
+
+# finetune's own options: the subset, the baseline and the paper's recipe
+Fraction = Annotated[
+    float | None,
+    typer.Option(
+        "--fraction",
+        min=0.0,
+        max=1.0,
+        callback=finite,
+        help="Train on this fraction of each class's training images (a seeded stratified subset): the "
+        "few-labels case.",
+    ),
+]
+PerClass = Annotated[
+    int | None,
+    typer.Option("--per-class", min=1, max=10**9, help="Train on at most N images of each class (seeded)."),
+]
+FinetuneBaseline = Annotated[
+    bool,
+    typer.Option(
+        "--baseline",
+        help="Also train the same architecture from random init with the same recipe, seed and data order, "
+        "into RUN/baseline, and show both.",
+    ),
+]
+MinLr = Annotated[float, typer.Option("--min-lr", min=0.0, callback=finite, help="Where the cosine schedule ends.")]
+LayerDecay = Annotated[
+    float,
+    typer.Option(
+        "--layer-decay",
+        min=0.0,
+        max=1.0,
+        callback=finite,
+        help="Layer-wise lr decay: each block trains this many times slower than the one above it (1: no decay).",
+    ),
+]
+DropPath = Annotated[
+    float,
+    typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate, below 1."),
+]
+Mixup = Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")]
+Cutmix = Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")]
+Smoothing = Annotated[
+    float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing, below 1.")
+]
+Reprob = Annotated[
+    float,
+    typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
+]
+Aa = Annotated[str, typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none.")]
+FinetuneImgSize = Annotated[
+    int | None,
+    typer.Option(
+        "--img-size",
+        min=8,
+        max=4096,
+        help="Input size [default: the weights'; another size resizes the position embeddings].",
+    ),
+]
+
+
+def finetune(
+    ctx: typer.Context,
+    data: LabelledData,
+    weights: EncoderWeights = None,
+    out: RunOut = None,
+    val: Val = None,
+    val_split: ValSplit = None,
+    fraction: Fraction = None,
+    per_class: PerClass = None,
+    baseline: FinetuneBaseline = False,
+    json_out: Json = False,
+    epochs: Epochs = 50,
+    steps: Steps = None,
+    batch_size: TrainBatchSize = 64,
+    blr: Blr = 1e-3,
+    lr: Lr = None,
+    min_lr: MinLr = 1e-6,
+    warmup_epochs: WarmupEpochs = 5,
+    accum_iter: AccumIter = 1,
+    clip_grad: ClipGrad = None,
+    weight_decay: WeightDecay = 0.05,
+    layer_decay: LayerDecay = 0.75,
+    drop_path: DropPath = 0.1,
+    mixup: Mixup = 0.8,
+    cutmix: Cutmix = 1.0,
+    smoothing: Smoothing = 0.1,
+    reprob: Reprob = 0.25,
+    aa: Aa = "rand-m9-mstd0.5-inc1",
+    pool: Pooling = Pool.mean,
+    img_size: FinetuneImgSize = None,
+    precision: TrainPrecision = "auto",
+    workers: Workers = None,
+    seed: Seed = 0,
+    save_every: SaveEvery = 500,
+    keep: Keep = 2,
+    log_every: LogEvery = 10,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
+    allow_data_change: AllowDataChange = False,
+    log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
+):
+    """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
+
+    Validates at each epoch end (val_top1, val_top5, val_loss in metrics.jsonl) and keeps the best epoch's
+    classifier in RUN/model.safetensors; config.json holds the classes in order and the recipe, per_class.json
+    the best epoch's accuracy per class. With --baseline the same recipe from random init runs next, into
+    RUN/baseline, and the closing table shows both.
+
+    --resume continues an interrupted run (and its baseline) exactly. Ctrl-C or SIGTERM saves a checkpoint and
+    exits with 130 or 143.
+    """
+    check_run_flags(out, resume, overwrite)
+    if weights is None and not resume:
+        fail("missing --weights: the pretrained encoder to fine-tune", 2)
+    for path in (data, val, weights):
+        if path is not None and not path.exists():
+            fail(f"{path} does not exist")
+    quiet_libraries()
+    from ..console import console
+    from ..runtime import default_device
+    from ..train.finetune import FinetuneArgs, json_summary, result_table, stopped_message
+    from ..train.finetune import finetune as run_finetune
+
+    host.tune_for_cpu(default_device())
+    args = command_args(ctx, FinetuneArgs, weights=str(weights) if weights else "")
+    given = given_flags(ctx)
+    try:
+        with reported():
+            result = run_finetune(args, given=given)
+    except KeyboardInterrupt:
+        fail("interrupted; the checkpoints on disk are complete (continue with --resume)", 130)
+    stopped = stopped_message(result, args)
+    if stopped:
+        import signal
+
+        console.print(f"[yellow]{stopped}[/]")
+        signum = next(r["signal"] for r in (result["finetuned"], result["baseline"]) if r and r["signal"])
+        raise typer.Exit(130 if signum == signal.SIGINT else 143)
+    console.print(result_table(result))
+    for name, r in (("finetuned", result["finetuned"]), ("baseline", result["baseline"])):
+        if r is not None:
+            console.print(
+                f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; {r['skipped']} "
+                f"unreadable training file(s) skipped, {r['val_unreadable']} validation file(s)"
+            )
+    if json_out:
+        import json
+
+        typer.echo(json.dumps(json_summary(result)))
