@@ -463,9 +463,13 @@ def run_info(path: str | os.PathLike) -> dict:
     damaged lines skipped). For anything else maecli.load reads: kind "weights", the model it infers and the
     weights file. Bad paths raise UserError.
     """
+    from .hub import fetch, is_hub_id
+
+    if is_hub_id(path):  # its snapshot folder in the Hub's cache, fetched there if need be
+        path = fetch(path)[0].parent
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; give a run folder or a weights file")
+        raise UserError(f"{path} does not exist; give a run folder, a weights file or a Hub id")
     if not path.is_dir():
         regular_file(path)  # a FIFO or a device is refused before anything opens it
     else:

@@ -285,6 +285,11 @@ def test_cli_reconstruct_and_embed_from_the_hub(hub_cache, tmp_path, photo_dir):
     assert result.exit_code == 0, result.output
     assert result.stdout.count("\n") == 1
 
+    result = invoke("info", "hf-hub:you/mae", "--json")
+    assert result.exit_code == 0 and '"kind": "weights"' in result.stdout, result.output
+    for command in (["predict", image], ["export", "hf-hub:you/mae", tmp_path / "x", "-f", "hf"]):
+        result = invoke(*command[:1], *command[1:], *([] if command[0] == "export" else ["-w", "hf-hub:you/mae"]))
+        assert "not found" not in result.stderr and "does not exist" not in result.stderr, result.output
     result = invoke("embed", image, "-w", "hf-hub:you/unknown")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: cannot fetch hf-hub:you/unknown: HF_HUB_OFFLINE is set")
@@ -306,7 +311,6 @@ def test_cli_pretrain_init_from_the_hub(hub_cache, tmp_path, photo_dir):
     assert same_weights(published, load(out))  # lr 0: exactly the published weights
 
 
-@pytest.mark.xfail(reason="cli rewrite pending: export refuses RUN unless Path(RUN).exists()", strict=True)
 def test_cli_export_from_the_hub(hub_cache, tmp_path):
     from conftest import invoke
 

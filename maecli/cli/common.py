@@ -46,12 +46,20 @@ def drop_stdout():
     os.close(devnull)
 
 
+def weights_missing(weights) -> bool:
+    """A local weights path that does not exist (a Hub id is checked when it is fetched)."""
+    from ..hub import is_hub_id
+
+    return weights is not None and not is_hub_id(weights) and not Path(weights).exists()
+
+
 def quiet_libraries():
     """Keep library chatter (accelerate, torch) off the user's screen; Python warnings print as one line."""
     import logging
     import warnings
 
     logging.getLogger("accelerate").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retries log each request; our error says it
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
 

@@ -12,7 +12,16 @@ import typer
 
 from .. import host
 from ..runtime import Precision
-from .common import STDOUT, fail, load_model, quiet_libraries, reported, stdout_closed_early, workers_or_default
+from .common import (
+    STDOUT,
+    fail,
+    load_model,
+    quiet_libraries,
+    reported,
+    stdout_closed_early,
+    weights_missing,
+    workers_or_default,
+)
 from .options import (
     ClassifierWeights,
     InferBatchSize,
@@ -314,7 +323,7 @@ def predict(
     for item in inputs:
         if item != "-" and not Path(item).exists():
             fail(f"{item} does not exist")
-    if not weights.exists():
+    if weights_missing(weights):
         fail(f"weights not found: {weights}")
     out = renamed_out(out, output)
     to_file = out is not None and str(out) != "-"
@@ -397,7 +406,7 @@ def serve(
     """
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder")
-    if not weights.exists():
+    if weights_missing(weights):
         fail(f"weights not found: {weights}")
     from ..serve import require_extra
     from ..serve import serve as run_serve

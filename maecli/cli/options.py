@@ -30,7 +30,8 @@ Tracker = Enum(
 )
 
 WEIGHTS_HELP = (
-    "A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, or a Hugging Face ViTMAE folder."
+    "A maecli run folder or weights file, an original MAE .pth, a timm ViT state dict, a Hugging Face ViTMAE folder, "
+    "or a Hub id: hf-hub:ORG/NAME[@REVISION] (e.g. hf-hub:facebook/vit-mae-base)."
 )
 SEED_MAX = 2**31 - 1  # numpy's generators take seeds below 2**32, and pretrain derives others from it
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .common import fail, quiet_libraries, reported
+from .common import fail, quiet_libraries, reported, weights_missing
 from .options import WEIGHTS_HELP, Json, ModelName, Overwrite, PngOut
 
 
@@ -46,10 +46,11 @@ def export(
     if format is ExportFormat.hf and out.exists() and not out.is_dir():
         fail(f"{out} is a file; --format hf writes a folder", 2)
     # a device or a FIFO (/dev/null) holds nothing to lose: only a regular file or a model folder is taken
-    taken = out.is_file() or (out.is_dir() and any((out / n).exists() for n in ("config.json", "model.safetensors")))
+    written = ("config.json", "model.safetensors", "README.md")  # what --format hf writes
+    taken = out.is_file() or (out.is_dir() and any((out / n).exists() for n in written))
     if taken and not overwrite:
-        fail(f"{out} already holds weights; pass --overwrite to replace them")
-    if not run.exists():
+        fail(f"{out} already holds weights or a model card; pass --overwrite to replace them")
+    if weights_missing(run):
         fail(f"weights not found: {run}")
     quiet_libraries()
     from ..export import export as run_export

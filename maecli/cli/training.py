@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from .. import host
-from .common import command_args, fail, given_flags, quiet_libraries, reported
+from .common import command_args, fail, given_flags, quiet_libraries, reported, weights_missing
 from .options import (
     AccumIter,
     AllowDataChange,
@@ -103,7 +103,10 @@ Depth = Annotated[int | None, typer.Option("--depth", min=1, max=256, help="Enco
 NumHeads = Annotated[
     int | None, typer.Option("--num-heads", min=1, max=256, help="Encoder heads [default: the model's].")
 ]
-InitFrom = Annotated[Path | None, typer.Option("--init-from", help="Start from these weights (fresh optimizer).")]
+InitFrom = Annotated[
+    Path | None,
+    typer.Option("--init-from", help="Start from these weights (fresh optimizer); any --weights form, Hub ids too."),
+]
 Previews = Annotated[
     int,
     typer.Option(
@@ -316,9 +319,11 @@ def finetune(
     check_run_flags(out, resume, overwrite)
     if weights is None and not resume:
         fail("missing --weights: the pretrained encoder to fine-tune", 2)
-    for path in (data, val, weights):
+    for path in (data, val):
         if path is not None and not path.exists():
             fail(f"{path} does not exist")
+    if weights_missing(weights):
+        fail(f"{weights} does not exist")
     quiet_libraries()
     from ..console import console
     from ..runtime import default_device
