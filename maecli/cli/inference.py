@@ -89,7 +89,7 @@ def reconstruct(
     quiet_libraries()
     import json
 
-    from ..console import console, warn
+    from ..console import console, plural, warn
     from ..reconstruct import png_bytes, render, write_png
     from ..reconstruct import reconstruct as run_reconstruct
 
@@ -123,7 +123,9 @@ def reconstruct(
         return
     with reported():
         write_png(data, out)
-    console.print(f"wrote {out} ({len(rec.names)} rows x 4 columns, {rec.original.shape[-1] * zoom} px tiles)")
+    console.print(
+        f"wrote {out} ({plural(len(rec.names), 'row')} x 4 columns, {rec.original.shape[-1] * zoom} px tiles)"
+    )
 
 
 def renamed_out(out: Path | None, output: Path | None) -> Path | None:
@@ -176,7 +178,7 @@ def embed(
         if item != "-" and not Path(item).exists():
             fail(f"{item} does not exist")
     quiet_libraries()
-    from ..console import console
+    from ..console import console, plural
     from ..embedding import write_embeddings
     from ..files import guarded
 
@@ -209,7 +211,7 @@ def embed(
     console.print(
         f"embedded {n} image{'s' if n != 1 else ''} ({summary['dim']}-d, {pool.value} pool) in {seconds:.1f}s, "
         f"{n / max(seconds, 1e-9):.1f} img/s"
-        + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
+        + (f"; [yellow]{plural(summary['skipped'], 'unreadable file')} skipped[/]" if summary["skipped"] else "")
         + (f"; written to {out}" if to_file else "")
     )
 
@@ -331,7 +333,7 @@ def predict(
         fail(f"--out {out} is a folder; give a file", 2)
     quiet_libraries()
     from ..classifier import load_classifier
-    from ..console import console
+    from ..console import console, plural
     from ..files import guarded, open_output
     from ..prediction import write_predictions
     from ..runtime import default_device
@@ -369,7 +371,7 @@ def predict(
     n, seconds = summary["predicted"], summary["seconds"]
     console.print(
         f"classified {n} image{'s' if n != 1 else ''} into {len(classes)} classes in {seconds:.1f}s"
-        + (f"; [yellow]{summary['skipped']} unreadable file(s) skipped[/]" if summary["skipped"] else "")
+        + (f"; [yellow]{plural(summary['skipped'], 'unreadable file')} skipped[/]" if summary["skipped"] else "")
         + (f"; written to {out}" if to_file else "")
     )
 

@@ -325,7 +325,7 @@ def finetune(
     if weights_missing(weights):
         fail(f"{weights} does not exist")
     quiet_libraries()
-    from ..console import console
+    from ..console import console, plural
     from ..runtime import default_device
     from ..train.finetune import FinetuneArgs, json_summary, result_table, stopped_message
     from ..train.finetune import finetune as run_finetune
@@ -349,8 +349,9 @@ def finetune(
     for name, r in (("finetuned", result["finetuned"]), ("baseline", result["baseline"])):
         if r is not None:
             console.print(
-                f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; {r['skipped']} "
-                f"unreadable training file(s) skipped, {r['val_unreadable']} validation file(s)"
+                f"{name}: best epoch {r['best_epoch']}, weights in {r['weights']}; "
+                f"{plural(r['skipped'], 'unreadable training file')} skipped, "
+                f"{plural(r['val_unreadable'], 'validation file')}"
             )
     if json_out:
         import json
