@@ -205,3 +205,33 @@ def test_repeat_makes_an_epoch_several_passes(tmp_path, photo_dir):
     assert rows[-1]["step"] == 6 and rows[-1]["images_seen"] == 24
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000006"]
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["epoch-0001.png"]
+
+
+def test_init_from_continues_the_sources_architecture_at_another_size(tmp_path, photo_dir, tiny_weights):
+    """No size flags: the source decides the architecture; --img-size 64 interpolates its position embeddings."""
+    out = tmp_path / "continued"
+    with pytest.warns(UserWarning, match="position embeddings resized from 4x4 to 8x8"):
+        r = invoke("pretrain", photo_dir, "--out", out, "--steps", "2", "--img-size", "64", "--init-from", tiny_weights)
+    assert r.exit_code == 0 and f"continuing {tiny_weights}" in r.stderr, r.output
+    source, cfg = maecli.load(tiny_weights).cfg, json.loads((out / "config.json").read_text())["model"]
+    assert cfg == {**source.to_dict(), "img_size": 64}  # patch, widths, depths, heads and the loss target kept
+    state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["step"] == 2  # a fresh schedule: the source's step count is not carried over
+    r = invoke("pretrain", photo_dir, "--out", out, "--resume", "--steps", "3")
+    assert r.exit_code == 0 and "from step 2" in r.stderr, r.output
+
+
+def test_init_from_an_encoder_gets_a_new_decoder_and_refuses_another_architecture(tmp_path, photo_dir, tiny_weights):
+    encoder = tmp_path / "encoder.safetensors"
+    assert invoke("export", tiny_weights, encoder, "--format", "timm").exit_code == 0
+    out = tmp_path / "run"
+    decoder = ["--decoder-dim", "16", "--decoder-depth", "1", "--decoder-heads", "2"]
+    r = invoke("pretrain", photo_dir, "--out", out, "--steps", "1", "--img-size", "32", "--num-heads", "2", *decoder,
+               "--init-from", encoder)  # fmt: skip
+    assert r.exit_code == 0 and "has no decoder: a new one (16-d x 1)" in r.stderr, r.output
+    trained, source = maecli.load(out), maecli.load(tiny_weights)
+    assert trained.has_decoder and trained.cfg.embed_dim == source.cfg.embed_dim
+    for flags, named in ((["--patch-size", "4"], "--patch-size"), (["--model", "vit-small"], "--model")):
+        r = invoke("pretrain", photo_dir, "--out", tmp_path / "x", "--steps", "1", *flags, "--init-from", tiny_weights)
+        assert r.exit_code == 2 and named in r.stderr and "leave the flag out" in r.stderr, r.output
+        assert not (tmp_path / "x").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -52,21 +52,28 @@ class TrainArgs(RunArgs):
     probe: str | None = None
 
 
-def build_config(args: TrainArgs) -> MAEConfig:
+# What --init-from's weights decide; a setting of these that disagrees with them is refused, not silently dropped.
+ARCHITECTURE = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "norm_pix_loss")
+DECODER = ("decoder_dim", "decoder_depth", "decoder_heads")
+
+
+def build_config(args: TrainArgs, source: MAE | None = None, given: set[str] = frozenset()) -> MAEConfig:
+    """The model to train: the preset and the size flags; with --init-from, the source's architecture (patch size,
+    widths, depths, heads, the loss target) at --img-size; on --resume, the run's own."""
     try:
-        cfg = MAEConfig.preset(
-            args.model,
-            img_size=args.img_size,
-            patch_size=args.patch_size,
-            in_chans=args.in_chans,
-            norm_pix_loss=args.norm_pix_loss,
-            decoder_dim=args.decoder_dim,
-            decoder_depth=args.decoder_depth,
-            decoder_heads=args.decoder_heads,
-            embed_dim=args.embed_dim,
-            depth=args.depth,
-            num_heads=args.num_heads,
-        )
+        if args.resume and (saved := saved_model(args.out)) is not None:
+            cfg = saved
+        elif source is not None:
+            cfg = continued_config(args, source, given)
+        else:
+            cfg = MAEConfig.preset(
+                args.model,
+                img_size=args.img_size,
+                patch_size=args.patch_size,
+                in_chans=args.in_chans,
+                norm_pix_loss=args.norm_pix_loss,
+                **{name: getattr(args, name) for name in (*DECODER, "embed_dim", "depth", "num_heads")},
+            )
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not 0 < args.mask < 1:
@@ -79,6 +86,71 @@ def build_config(args: TrainArgs) -> MAEConfig:
     return cfg
 
 
+def saved_model(out: str) -> MAEConfig | None:
+    """The model a run was started with, from its config.json (a resumed run keeps it)."""
+    from ..rundir import CONFIG_NAME, read_json_object
+
+    model = (read_json_object(Path(out) / CONFIG_NAME) or {}).get("model")
+    return MAEConfig.from_dict(model) if isinstance(model, dict) else None
+
+
+def continued_config(args: TrainArgs, source: MAE, given: set[str]) -> MAEConfig:
+    """--init-from's architecture at --img-size; an encoder-only source gets a decoder of the flags' (or its
+    size's) shape, trained from scratch. Flags set to another architecture are refused."""
+    cfg, defaults = source.cfg, TrainArgs(data="")
+    chosen = {n for n in ("model", *ARCHITECTURE, *DECODER) if n in given or getattr(args, n) != getattr(defaults, n)}
+    if "model" in chosen:  # a preset names the encoder's shape
+        chosen |= {"embed_dim", "depth", "num_heads"}
+    if chosen:
+        asked = MAEConfig.preset(
+            args.model,
+            img_size=cfg.img_size,
+            in_chans=args.in_chans,
+            norm_pix_loss=args.norm_pix_loss,
+            **{name: getattr(args, name) for name in ("patch_size", "embed_dim", "depth", "num_heads", *DECODER)},
+        )
+        checked = [*ARCHITECTURE, *(DECODER if source.has_decoder else ())]
+        for name in (n for n in checked if n in chosen and getattr(asked, n) != getattr(cfg, n)):
+            flag = "--model" if name in ("embed_dim", "depth", "num_heads") and name not in given else "--" + name
+            raise UsageError(
+                f"{flag.replace('_', '-')} asks for {name.replace('_', ' ')} {getattr(asked, name)}, but "
+                f"--init-from {args.init_from} has {getattr(cfg, name)}; a continued run takes the architecture of "
+                f"the weights it continues (leave the flag out)"
+            )
+    if source.has_decoder:
+        return cfg
+    preset = PRESETS.get(preset_of(cfg) or "", PRESETS["vit-base"])
+    decoder = {name: getattr(args, name) or getattr(preset, name) for name in DECODER}
+    warn(
+        f"--init-from {args.init_from} has no decoder: a new one ({decoder['decoder_dim']}-d x "
+        f"{decoder['decoder_depth']}) is trained from scratch beside its encoder"
+    )
+    return replace(cfg, **decoder)
+
+
+def preset_of(cfg: MAEConfig) -> str | None:
+    """The preset whose encoder `cfg` has, if any."""
+    return next(
+        (
+            name
+            for name, p in PRESETS.items()
+            if (p.embed_dim, p.depth, p.num_heads) == (cfg.embed_dim, cfg.depth, cfg.num_heads)
+        ),
+        None,
+    )
+
+
+def init_source(args: TrainArgs, given: set[str]) -> MAE | None:
+    """--init-from's model at --img-size (position embeddings interpolated, with a warning), unless a resumed run
+    takes its weights from a checkpoint. --num-heads or --model tell the heads of a file that does not say."""
+    if not args.init_from or (args.resume and checkpoint_dirs(Path(args.out))):
+        return None
+    from ..weights import load
+
+    hint = args.model if "model" in given or args.model != TrainArgs.model else None
+    return load(args.init_from, img_size=args.img_size, num_heads=args.num_heads, model_hint=hint)
+
+
 def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     """Train an MAE on a folder of images; returns a summary dict. Raises a maecli UserError for the user.
 
@@ -86,9 +158,10 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     settings; `given` names the settings the caller set explicitly (see `run.resumed_args`).
     """
     args = prepared(args, given)
-    cfg = build_config(args)
+    source = init_source(args, set(given))
+    cfg = build_config(args, source, set(given))
     paths = find_training_images(args, cfg)
-    model = initial_model(args, cfg, Path(args.out))
+    model = initial_model(args, cfg, source)
     groups = no_weight_decay_groups(model, args.weight_decay)
     with start(args, model, groups, paths, repeat=args.repeat, betas=(0.9, 0.95)) as run:
         loader = run.loader(D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed), D.collate)
@@ -96,8 +169,9 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
             run.write_config(cfg.to_dict())
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
             run.announce(
-                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {model_name(args, cfg)} at "
+                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {model_name(cfg)} at "
                 f"{cfg.img_size}px, patch {cfg.patch_size}, mask {args.mask}"
+                + (f"; continuing {args.init_from}" if args.init_from else "")
             )
         hooks = EpochEnd(args, paths, run.out)
         weights = run.out / WEIGHTS_NAME
@@ -114,12 +188,9 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     return summary
 
 
-def model_name(args: TrainArgs, cfg: MAEConfig) -> str:
-    """The preset's name, or the encoder's shape when --embed-dim, --depth or --num-heads changed it."""
-    p = PRESETS[args.model]
-    if (cfg.embed_dim, cfg.depth, cfg.num_heads) == (p.embed_dim, p.depth, p.num_heads):
-        return args.model
-    return f"ViT {cfg.embed_dim}-d x {cfg.depth}, {cfg.num_heads} heads"
+def model_name(cfg: MAEConfig) -> str:
+    """The preset's name, or the encoder's shape when it is none of them."""
+    return preset_of(cfg) or f"ViT {cfg.embed_dim}-d x {cfg.depth}, {cfg.num_heads} heads"
 
 
 def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
@@ -147,24 +218,16 @@ def find_training_images(args: TrainArgs, cfg: MAEConfig) -> list[Path]:
     return paths
 
 
-def initial_model(args: TrainArgs, cfg: MAEConfig, out: Path) -> MAE:
-    """A seeded fresh MAE, or --init-from's weights (unless a resumed run takes its weights from a checkpoint)."""
+def initial_model(args: TrainArgs, cfg: MAEConfig, source: MAE | None) -> MAE:
+    """A seeded fresh MAE, with --init-from's weights in it where given (all of them, or the encoder's)."""
     torch.manual_seed(args.seed)
     model = MAE(cfg)
-    if args.init_from and not (args.resume and checkpoint_dirs(out)):
-        from ..weights import load
-
-        src = load(args.init_from, num_heads=cfg.num_heads, img_size=cfg.img_size).state_dict()
-        target = model.state_dict()
-        wrong = [k for k, v in src.items() if k in target and v.shape != target[k].shape]
-        if wrong:
-            raise TrainError(
-                f"--init-from {args.init_from} does not fit this model: {wrong[0]} has shape "
-                f"{tuple(src[wrong[0]].shape)}, the model expects {tuple(target[wrong[0]].shape)}"
-            )
-        result = model.load_state_dict(src, strict=False)
-        if result.unexpected_keys:
-            raise TrainError(f"--init-from {args.init_from} does not fit this model ({result.unexpected_keys[:2]})")
+    if source is not None:
+        result = model.load_state_dict(source.state_dict(), strict=False)
+        decoder_only = all(k.startswith("decoder") or k == "mask_token" for k in result.missing_keys)
+        if result.unexpected_keys or not decoder_only:
+            missing = (result.unexpected_keys or result.missing_keys)[:2]
+            raise TrainError(f"--init-from {args.init_from} does not fit the model it describes ({missing})")
     return model
 
 
