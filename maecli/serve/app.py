@@ -1,0 +1,198 @@
+"""The routes: the page and the JSON API over one Server. FastAPI is imported here, on first use."""
+
+from .errors import Refused, require_extra
+from .folder import preview_files
+from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, thumbnail_jpeg
+from .server import MASK_MAX, MASK_MIN, Server
+
+
+def create_app(
+    weights,
+    images_dir=None,
+    *,
+    model=None,
+    cache_dir=None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_pixels: int = MAX_PIXELS,
+    allowed_hosts=None,
+    index: bool = True,
+    log=None,
+):
+    """The FastAPI app for `maecli serve` (tests drive it with its TestClient).
+
+    Loads the model from `weights` on the default device unless `model` is given (`weights` still names the run
+    folder), raising WeightsError for bad weights, and starts embedding `images_dir` in the background.
+    `allowed_hosts` restricts the Host header (serve() sets it to the loopback names when bound to loopback, so
+    a web page elsewhere cannot reach the server through DNS rebinding); `app.state.server.close()` stops the
+    background embedding.
+    """
+    require_extra()
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    server = Server(
+        weights,
+        images_dir,
+        model=model,
+        cache_dir=cache_dir,
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        index=index,
+        log=log,
+    )
+    app = FastAPI(title="maecli serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next):
+        response = await call_next(request)
+        # the page is self-contained: nothing may load from elsewhere, and no other site may frame it
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+            "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
+        )
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, e: Refused):
+        return JSONResponse({"detail": str(e)}, status_code=e.status, headers=e.headers)
+
+    page_routes(app)
+    folder_routes(app, server)
+    model_routes(app, server)
+    run_routes(app, server)
+    return app
+
+
+def page_routes(app) -> None:
+    from fastapi.responses import HTMLResponse
+
+    from ..serve_page import PAGE
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache"})
+
+
+def folder_routes(app, server: Server) -> None:
+    """The --images folder: its list, a file, a thumbnail."""
+    from fastapi.responses import FileResponse, Response
+
+    @app.get("/api/images")
+    def images():
+        if server.folder is None:
+            return {"folder": None, "images": []}
+        return {"folder": str(server.folder.given), "images": list(server.folder.files)}
+
+    @app.get("/api/image")
+    def image(path: str):
+        """The original file, for "open the original"."""
+        if server.folder is None:
+            raise Refused(404, "no image folder: start maecli serve with --images DIR")
+        return FileResponse(server.folder.path(path), headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/thumb")
+    def thumb(path: str):
+        if server.folder is None:
+            raise Refused(404, "no image folder: start maecli serve with --images DIR")
+        real = server.folder.path(path)
+        st = real.stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        data = server.thumbs.get(key)
+        if data is None:
+            from .. import data as D
+
+            try:
+                data = server.thumbs.put(key, thumbnail_jpeg(real))
+            except Exception as e:  # noqa: BLE001 -- an unreadable file, said on the page
+                raise Refused(400, f"cannot read {path}: {D.describe_error(e, real)}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+
+
+def model_routes(app, server: Server) -> None:
+    """What runs the model: uploads, reconstructions, neighbours, and the model's description."""
+    from fastapi import Query, Request
+    from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
+
+    mask_query = Query(0.75, ge=MASK_MIN, le=MASK_MAX, description="fraction of patches hidden")
+    seed_query = Query(0, ge=0, le=2**63 - 1)
+
+    @app.get("/api/info")
+    def info():
+        return server.info()
+
+    @app.post("/api/upload")
+    async def upload(request: Request, name: str = Query("upload", max_length=1000)):
+        """The image file as the request body (what `fetch(url, {body: file})` sends)."""
+        limit = server.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Refused(413, f"the upload is {int(declared) / 2**20:.1f} MB, over the limit of {limit / 2**20:g} MB")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, f"the upload goes on past the limit of {limit / 2**20:g} MB")
+            chunks.append(chunk)
+        return await run_in_threadpool(server.add_upload, b"".join(chunks), name)
+
+    def reconstruction(path, upload, mask, seed, patch_stats, zoom):
+        return server.reconstruction(path, upload, mask, seed, patch_stats, zoom or server.zoom)
+
+    @app.get("/api/reconstruct")
+    def reconstruct_json(
+        path: str | None = None,
+        upload: str | None = None,
+        mask: float = mask_query,
+        seed: int = seed_query,
+        patch_stats: bool = True,
+        zoom: int | None = Query(None, ge=1, le=16),
+    ):
+        """The four tiles as one PNG (a data URL: the same bytes `maecli reconstruct` writes), the hidden-patch
+        error, and what the prediction borrows."""
+        return reconstruction(path, upload, mask, seed, patch_stats, zoom)[0]
+
+    @app.get("/api/reconstruct.png")
+    def reconstruct_png(
+        path: str | None = None,
+        upload: str | None = None,
+        mask: float = mask_query,
+        seed: int = seed_query,
+        patch_stats: bool = True,
+        zoom: int | None = Query(None, ge=1, le=16),
+    ):
+        return Response(reconstruction(path, upload, mask, seed, patch_stats, zoom)[1], media_type="image/png")
+
+    @app.get("/api/neighbours")
+    def neighbours(path: str | None = None, upload: str | None = None, k: int = Query(12, ge=1, le=100)):
+        return server.neighbours(path, upload, k)
+
+    @app.get("/api/index")
+    def index_status():
+        if server.index is None:
+            return {"state": "off"}
+        return server.index.status()
+
+
+def run_routes(app, server: Server) -> None:
+    """The run folder's progress: the loss points and the previews."""
+    from fastapi.responses import FileResponse
+
+    @app.get("/api/run")
+    def run():
+        return server.progress()
+
+    @app.get("/api/run/previews/{epoch}")
+    def preview(epoch: int):
+        path = preview_files(server.run).get(epoch)
+        if path is None:
+            raise Refused(404, f"no preview for epoch {epoch}")
+        return FileResponse(path.resolve(), media_type="image/png", headers={"Cache-Control": "no-cache"})
