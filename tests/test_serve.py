@@ -129,14 +129,31 @@ def expected_png(model, path, mask, seed, zoom, patch_stats=True, name=None) -> 
 # Reconstruct
 
 
-def test_page_is_one_self_contained_file(client):
+def test_the_page_loads_nothing_from_elsewhere(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
+    assert '<script src="/app.js">' in page and '<link rel="stylesheet" href="/style.css">' in page
+    assert "<script>" not in page and "<style>" not in page  # nothing inline: the policy allows only 'self'
+    for url, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+        part = client.get(url)
+        assert part.status_code == 200 and part.headers["content-type"].startswith(kind)
+        page += part.text
     # nothing to fetch from elsewhere: no external script, style, font or image (the SVG namespace is a name)
     assert "http://" not in page.replace('"http://www.w3.org/2000/svg"', "")
-    assert "https://" not in page and "<script src" not in page and '<link rel="stylesheet"' not in page
-    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert "https://" not in page
+    policy = r.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "unsafe-inline" not in policy
+
+
+def test_the_page_script_parses():
+    """The page's script is a file of its own, so a JavaScript tool can check it (node, where installed)."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = ROOT / "maecli" / "serve" / "page" / "app.js"
+    result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_reconstruction_is_the_cli_picture(client, site, tmp_path):

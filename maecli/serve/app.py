@@ -5,6 +5,17 @@ from .folder import preview_files
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, thumbnail_jpeg
 from .server import MASK_MAX, MASK_MIN, Server
 
+PAGE_FILES = (  # url, file in page/, type
+    ("/", "index.html", "text/html; charset=utf-8"),
+    ("/app.js", "app.js", "text/javascript; charset=utf-8"),
+    ("/style.css", "style.css", "text/css; charset=utf-8"),
+)
+# The page loads its own script and style and nothing else; no other site may frame it.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
 
 def create_app(
     weights,
@@ -51,11 +62,7 @@ def create_app(
     @app.middleware("http")
     async def headers(request: Request, call_next):
         response = await call_next(request)
-        # the page is self-contained: nothing may load from elsewhere, and no other site may frame it
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-            "img-src 'self' data: blob:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'"
-        )
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
@@ -72,13 +79,19 @@ def create_app(
 
 
 def page_routes(app) -> None:
-    from fastapi.responses import HTMLResponse
+    """The page: three static files shipped in maecli/serve/page/, read once."""
+    from importlib.resources import files
 
-    from ..serve_page import PAGE
+    from fastapi.responses import Response
 
-    @app.get("/", response_class=HTMLResponse)
-    def page():
-        return HTMLResponse(PAGE, headers={"Cache-Control": "no-cache"})
+    folder = files(__package__) / "page"
+    for url, name, media_type in PAGE_FILES:
+        body = (folder / name).read_bytes()
+
+        def send(body=body, media_type=media_type):
+            return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+        app.get(url, include_in_schema=False)(send)
 
 
 def folder_routes(app, server: Server) -> None:
