@@ -392,6 +392,21 @@ def test_training_progress(client, site):
     assert preview.status_code == 200 and preview.content == (site["run"] / "previews" / "epoch-0002.png").read_bytes()
 
 
+def test_odd_metrics_files_draw_no_curve(tmp_path):
+    """metrics.jsonl is read by rundir.read_metrics: a FIFO is never opened, a folder or damage draws nothing."""
+    from maecli.serve.folder import loss_points
+
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    assert loss_points(tmp_path) == []  # returns at once: a FIFO would block a reader forever
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    assert loss_points(tmp_path) == []
+    (tmp_path / "metrics.jsonl").rmdir()
+    rows = ['{"step": 1, "loss": NaN}', '{"step": 2, "loss": true}', "[1]", '{"step": 3, "loss": 0.5, "lr": "x"}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n" + "x" * (2 << 20) + "\n")
+    assert loss_points(tmp_path) == [{"step": 3, "loss": 0.5}]
+
+
 def test_host_header_is_checked_when_asked(site):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient

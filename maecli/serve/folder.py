@@ -1,17 +1,15 @@
 """What the page may read: the images under --images by their path relative to it, and the run folder's
 previews and metrics. Every path from a request is checked here, and nowhere else."""
 
-import json
-import math
 import os
-import re
 from pathlib import Path
 
-from ..errors import DataError
+from .. import rundir
+from ..errors import DataError, UserError
 from .errors import Refused
 
-METRIC_POINTS = 2000  # points of the loss curve sent to the page at most
-PREVIEW_NAME = re.compile(r"epoch-(\d{1,9})\.png")
+METRIC_POINTS = 2000  # rows of metrics.jsonl sent to the page at most (about: read_metrics keeps up to twice)
+CURVE_KEYS = ("step", "loss", "lr", "epoch")
 
 
 def check_relative(rel: str) -> None:
@@ -89,40 +87,34 @@ def run_folder(weights: Path) -> Path:
 
 def preview_files(run: Path) -> dict[int, Path]:
     """epoch -> previews/epoch-NNNN.png, only regular files inside the run folder."""
-    folder = run / "previews"
+    folder = run / rundir.PREVIEWS_DIR
     if not folder.is_dir():
         return {}
     root = run.resolve()
     out = {}
     for path in folder.iterdir():
-        m = PREVIEW_NAME.fullmatch(path.name)
+        m = rundir.PREVIEW_PATTERN.fullmatch(path.name)
         if m and inside(path, root) and path.resolve().is_file():
             out[int(m.group(1))] = path
     return dict(sorted(out.items()))
 
 
-def read_metrics(path: Path, limit: int = METRIC_POINTS) -> list[dict]:
-    """metrics.jsonl -> [{step, loss, lr, epoch}], thinned evenly to `limit` points (the last one kept).
-
-    Training may be writing the file: a half-written last line, or any line that is not a JSON object with a
-    finite step and loss, is skipped.
-    """
-    points = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(row, dict):
-                    continue
-                point = {k: row.get(k) for k in ("step", "loss", "lr", "epoch")}
-                if all(isinstance(point[k], (int, float)) and math.isfinite(point[k]) for k in ("step", "loss")):
-                    points.append({k: v for k, v in point.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-    except OSError:
+def loss_points(run: Path) -> list[dict]:
+    """The loss curve of RUN/metrics.jsonl: [{step, loss, lr, epoch}] for the rows that have a loss, thinned evenly
+    (the last one kept). Training may be writing the file: rundir.read_metrics skips a half-written last line and
+    any damaged one. A metrics file that leads out of the run folder, or is not a regular file, has no points."""
+    path = run / rundir.METRICS_NAME
+    if not inside(path, run.resolve()):
         return []
-    if len(points) > limit:
-        stride = len(points) / limit
-        points = [points[int(i * stride)] for i in range(limit - 1)] + [points[-1]]
-    return points
+    try:
+        rows = rundir.read_metrics(path, max_rows=METRIC_POINTS).rows
+    except UserError:  # a FIFO or a folder named metrics.jsonl: nothing to draw
+        return []
+    points = ({k: row.get(k) for k in CURVE_KEYS} for row in rows)
+    points = ({k: v for k, v in p.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for p in points)
+    return [p for p in points if "loss" in p]
+
+
+def progress(run: Path) -> dict:
+    """What the page shows of a run: its folder, the epochs that have a preview, the loss curve."""
+    return {"run": str(run), "previews": list(preview_files(run)), "metrics": loss_points(run)}

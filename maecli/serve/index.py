@@ -15,6 +15,7 @@ from .folder import Folder
 
 EMBED_BATCH = 16  # small batches: the model lock is held per batch, and reconstructions wait behind it
 CACHE_VERSION = 1
+CACHE_FOLDER = "serve-cache"  # in the run folder; the only file the page writes there
 CACHE_SAVE_S = 60  # a long first embedding saves what it has this often, so an interrupted start is not lost
 
 
@@ -31,7 +32,7 @@ def weights_digest(model) -> str:
 
 def default_cache_dir(run: Path) -> Path:
     """serve-cache/ in the run folder where it can be written, else the user's cache folder."""
-    folder = run / "serve-cache"
+    folder = run / CACHE_FOLDER
     if os.access(folder if folder.exists() else run, os.W_OK):
         return folder
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

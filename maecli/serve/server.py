@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .errors import Refused, require_extra
-from .folder import Folder, inside, preview_files, read_metrics, run_folder
+from .folder import Folder, progress, run_folder
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, clean_name, model_input, upload_pixels
 from .index import Index, default_cache_dir, weights_digest
 
@@ -232,12 +232,7 @@ class Server:
         }
 
     def progress(self) -> dict:
-        metrics = self.run / "metrics.jsonl"
-        return {
-            "run": str(self.run),
-            "previews": list(preview_files(self.run)),
-            "metrics": read_metrics(metrics) if metrics.is_file() and inside(metrics, self.run.resolve()) else [],
-        }
+        return progress(self.run)
 
 
 # ----------------------------------------------------------------------------------------------
