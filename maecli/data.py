@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -97,21 +98,30 @@ def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
     return np.array(img if img.mode == target else img.convert(target))  # a writable copy for torch
 
 
-def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = None) -> torch.Tensor:
-    """Read one image as a uint8 tensor (C, H, W), EXIF orientation applied.
+def decode(
+    source: str | os.PathLike | BinaryIO,
+    in_chans: int = 3,
+    min_side: int | None = None,
+    *,
+    max_pixels: int | None = None,
+) -> torch.Tensor:
+    """Read one image, a file or a binary file object (an upload's bytes), as a uint8 tensor (C, H, W), EXIF
+    orientation applied.
 
     `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
-    at least that many pixels on each side). Raises OSError/ValueError on anything undecodable.
+    at least that many pixels on each side). `max_pixels` refuses a larger image from its header, before any pixel
+    is decoded (check_size). Raises OSError/ValueError on anything undecodable.
     """
     # A FIFO or device named like an image would block open() forever: only regular files are read.
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if isinstance(source, (str, os.PathLike)) and not stat.S_ISREG(os.stat(source).st_mode):
         raise ValueError("not a regular file")
     with warnings.catch_warnings():
         # PIL warns about quirks it handles (palette transparency, odd EXIF), once per file: noise in a
         # long run. Too many pixels, though, is a decompression bomb and an error here.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            check_size(img.width, img.height, max_pixels=max_pixels)
             if min_side and img.format == "JPEG":
                 img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
             img.load()
@@ -120,6 +130,15 @@ def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = No
             except Exception:  # broken EXIF: the pixels are fine, keep their stored orientation
                 pass
             return _to_tensor(to_array(img, in_chans))
+
+
+def check_size(width: int, height: int, *, max_pixels: int | None = None) -> None:
+    """Refuse (ValueError), from an image's header, one that would take too much memory to decode."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"the image has {width} x {height} = {width * height:,} pixels; the limit is {max_pixels:,} "
+            "(a decompression bomb?)"
+        )
 
 
 def from_pil(img: Image.Image, in_chans: int = 3) -> torch.Tensor:

@@ -2,7 +2,6 @@
 JPEGs of the page's grids."""
 
 import io
-import warnings
 from pathlib import Path
 
 from .errors import Refused
@@ -13,37 +12,17 @@ THUMB_SIDE = 160
 
 
 def upload_pixels(data: bytes, in_chans: int, img_size: int, max_pixels: int = MAX_PIXELS):
-    """Uploaded bytes -> uint8 (C, H, W), the pixels `data.decode` gives for the same file.
-
-    The only preparation code for uploads: the size is checked from the header before any pixel is decoded,
-    and a JPEG is decoded in draft mode at the model's size, as `decode(path, min_side=img_size)` does for a
-    file (draft changes the pixels, so skipping it would break "same picture as the CLI").
-    Raises Refused(400) with a reason the page can show.
+    """Uploaded bytes -> uint8 (C, H, W) through `data.decode`, the project's one decoder: the pixels a file of the
+    same bytes gives (a JPEG decoded in draft mode at the model's size, as for a file: draft changes the pixels,
+    so skipping it would break "same picture as the CLI"). The size is checked from the header before any pixel
+    is decoded. Raises Refused(400) with a reason the page can show.
     """
-    from PIL import Image
-
     from .. import data as D
 
     if not data:
         raise Refused(400, "the upload is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                pixels = img.width * img.height
-                if pixels > max_pixels:
-                    raise Refused(
-                        400,
-                        f"the image has {img.width} x {img.height} = {pixels:,} pixels; the limit is "
-                        f"{max_pixels:,} (a decompression bomb?)",
-                    )
-                if img.format == "JPEG":
-                    img.draft("L" if in_chans == 1 else "RGB", (img_size, img_size))
-                img.load()
-                return D.from_pil(img, in_chans)
-    except Refused:
-        raise
+        return D.decode(io.BytesIO(data), in_chans, min_side=img_size, max_pixels=max_pixels)
     except Exception as e:  # noqa: BLE001 -- every decoder failure is the upload's fault, told in a few words
         raise Refused(400, f"cannot read the upload: {D.describe_error(e)}") from None
 
