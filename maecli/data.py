@@ -104,12 +104,14 @@ def decode(
     min_side: int | None = None,
     *,
     max_pixels: int | None = None,
+    resize_to: int | None = None,
 ) -> torch.Tensor:
     """Read one image, a file or a binary file object (an upload's bytes), as a uint8 tensor (C, H, W), EXIF
     orientation applied.
 
     `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
-    at least that many pixels on each side). `max_pixels` refuses a larger image from its header, before any pixel
+    at least that many pixels on each side). `max_pixels` refuses a larger image, and `resize_to` (the side its
+    shorter side will be resized to) one whose resize would be too large, both from the header before any pixel
     is decoded (check_size). Raises OSError/ValueError on anything undecodable.
     """
     # A FIFO or device named like an image would block open() forever: only regular files are read.
@@ -121,7 +123,7 @@ def decode(
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:
-            check_size(img.width, img.height, max_pixels=max_pixels)
+            check_size(img.width, img.height, max_pixels=max_pixels, resize_to=resize_to)
             if min_side and img.format == "JPEG":
                 img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
             img.load()
@@ -132,13 +134,27 @@ def decode(
             return _to_tensor(to_array(img, in_chans))
 
 
-def check_size(width: int, height: int, *, max_pixels: int | None = None) -> None:
-    """Refuse (ValueError), from an image's header, one that would take too much memory to decode."""
+# The most pixels an image may have once its shorter side is resized to the model's size (200 MB as float32 RGB):
+# a 1 x 200,000 PNG of a few hundred bytes would otherwise become 32 x 6,400,000 pixels at 32 px, 10 gigapixels at
+# 224. Photos and panoramas stay far below it (a 10:1 panorama at 224 px is 0.5 megapixels).
+MAX_RESIZED_PIXELS = 1 << 24
+
+
+def check_size(width: int, height: int, *, max_pixels: int | None = None, resize_to: int | None = None) -> None:
+    """Refuse (ValueError), from an image's header, one that would take too much memory to decode (more than
+    `max_pixels`) or to resize (more than MAX_RESIZED_PIXELS once its shorter side is `resize_to`)."""
     if max_pixels is not None and width * height > max_pixels:
         raise ValueError(
             f"the image has {width} x {height} = {width * height:,} pixels; the limit is {max_pixels:,} "
             "(a decompression bomb?)"
         )
+    if resize_to is not None and min(width, height) > 0:
+        long_side = max(width, height) * resize_to // min(width, height)
+        if long_side * resize_to > MAX_RESIZED_PIXELS:
+            raise ValueError(
+                f"the image is {width} x {height}: resized to {resize_to} px on its shorter side it would have "
+                f"{long_side * resize_to:,} pixels; the limit is {MAX_RESIZED_PIXELS:,} (too long and thin)"
+            )
 
 
 def from_pil(img: Image.Image, in_chans: int = 3) -> torch.Tensor:
@@ -375,14 +391,16 @@ class EvalImages(torch.utils.data.Dataset):
 
     def load(self, source) -> torch.Tensor:
         if isinstance(source, Image.Image):
+            check_size(source.width, source.height, resize_to=self.min_side)
             return from_pil(source, self.in_chans)
         if isinstance(source, torch.Tensor):
             if source.ndim != 3 or source.shape[0] != self.in_chans:
                 raise ValueError(
                     f"expected an image tensor of shape ({self.in_chans}, H, W), got {tuple(source.shape)}"
                 )
+            check_size(source.shape[2], source.shape[1], resize_to=self.min_side)
             return source
-        return decode(source, self.in_chans, self.min_side)
+        return decode(source, self.in_chans, self.min_side, resize_to=self.min_side)
 
     def __getitem__(self, item):
         return self.__getitems__([item])[0]

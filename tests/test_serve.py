@@ -455,6 +455,37 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, site):
     assert client.get("/api/reconstruct", params={"upload": good.json()["id"]}).status_code == 200
 
 
+def test_pixel_bombs_by_shape_are_refused_from_the_header(client, site, tmp_path):
+    """A 1 x 200,000 PNG is under the pixel limit, but resized to 32 px on its shorter side it would hold 32 x
+    6,400,000 pixels (gigabytes as float). It is refused from its header alone, as an upload, as a folder file,
+    and on the commands' image path (data.eval_batches)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli import data as D
+    from maecli.serve import create_app
+
+    strip = bomb_png(1, 200_000)  # a true header with one row behind it: decoding it would fail, not refuse
+    r = client.post("/api/upload", params={"name": "strip.png"}, content=strip)
+    assert r.status_code == 400 and "1 x 200000" in r.json()["detail"] and "too long and thin" in r.json()["detail"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "strip.png").write_bytes(strip)
+    shutil.copy(site["images"] / "skimage_coffee.jpg", folder / "coffee.jpg")
+    app = create_app(site["run"], folder, model=site["model"], cache_dir=tmp_path / "cache")
+    index = ready(app)
+    assert list(index.rows) == ["coffee.jpg"] and "too long and thin" in index.skipped["strip.png"]
+    r = TestClient(app).get("/api/reconstruct", params={"path": "strip.png"})
+    assert r.status_code == 400 and "too long and thin" in r.json()["detail"]
+    app.state.server.close()
+
+    failed = []
+    batches = D.eval_batches([folder / "strip.png", folder / "coffee.jpg"], 32, 3, on_error=lambda *a: failed.append(a))
+    assert [len(paths) for paths, _ in batches] == [1]
+    assert "too long and thin" in failed[0][1]
+
+
 def test_every_file_of_the_bad_corpus_uploads_or_is_refused(client, bad_images_dir):
     from bad_images import CORPUS
 

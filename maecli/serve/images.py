@@ -22,7 +22,7 @@ def upload_pixels(data: bytes, in_chans: int, img_size: int, max_pixels: int = M
     if not data:
         raise Refused(400, "the upload is empty")
     try:
-        return D.decode(io.BytesIO(data), in_chans, min_side=img_size, max_pixels=max_pixels)
+        return D.decode(io.BytesIO(data), in_chans, min_side=img_size, max_pixels=max_pixels, resize_to=img_size)
     except Exception as e:  # noqa: BLE001 -- every decoder failure is the upload's fault, told in a few words
         raise Refused(400, f"cannot read the upload: {D.describe_error(e)}") from None
 

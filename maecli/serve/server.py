@@ -121,7 +121,7 @@ class Server:
 
         cfg = self.model.cfg
         try:
-            pixels = D.decode(path, cfg.in_chans, min_side=cfg.img_size)  # as reconstruct reads a file
+            pixels = D.decode(path, cfg.in_chans, min_side=cfg.img_size, resize_to=cfg.img_size)  # as reconstruct does
         except Exception as e:  # noqa: BLE001 -- any decoder failure: the file's fault, said on the page
             raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
         return self.inputs.put(key, model_input(pixels, cfg.img_size, cfg.in_chans))
