@@ -27,6 +27,9 @@ from torchvision.transforms import v2
 from .errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The only decoders Image.open may try (the formats of IMAGE_SUFFIXES; a multi-picture JPEG opens as JPEG). Left to
+# itself Pillow tries every format it knows, whatever the name: an EPS file would start Ghostscript.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
@@ -122,7 +125,7 @@ def decode(
         # long run. Too many pixels, though, is a decompression bomb and an error here.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as img:
+        with Image.open(source, formats=FORMATS) as img:
             check_size(img.width, img.height, max_pixels=max_pixels, resize_to=resize_to)
             if min_side and img.format == "JPEG":
                 img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))

@@ -486,6 +486,31 @@ def test_pixel_bombs_by_shape_are_refused_from_the_header(client, site, tmp_path
     assert "too long and thin" in failed[0][1]
 
 
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+def test_uploads_open_only_the_formats_maecli_reads(client, tmp_path, monkeypatch):
+    """Pillow would try every decoder it knows: an EPS upload would start Ghostscript. data.decode, the one decoder
+    of uploads, folder files and the commands, names its formats, so the EPS decoder is never even asked."""
+    from PIL import EpsImagePlugin, Image
+
+    from maecli import data as D
+
+    with Image.open(io.BytesIO(EPS)) as img:  # left to itself, Pillow takes it for an image
+        assert img.format == "EPS"
+    asked = []
+    original = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: asked.append(1) or original(self))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: asked.append("gs"))
+    r = client.post("/api/upload", params={"name": "drawing.png"}, content=EPS)
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+    (tmp_path / "drawing.png").write_bytes(EPS)
+    with pytest.raises(Image.UnidentifiedImageError):
+        D.decode(tmp_path / "drawing.png")
+    assert asked == []
+    assert set(D.FORMATS) >= {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
+
+
 def test_every_file_of_the_bad_corpus_uploads_or_is_refused(client, bad_images_dir):
     from bad_images import CORPUS
 
