@@ -33,6 +33,7 @@ PICKED = [
     "skimage_rocket.jpg",
 ]
 SECRET = b"top secret: not an image of the folder"
+PAGE_HEADERS = {"X-Maecli": "1"}  # what the page's script sends with an upload
 
 
 def tiny_model():
@@ -105,7 +106,7 @@ def client(site):
 
     app = create_app(site["run"], site["images"])  # the default cache: serve-cache/ in the run folder
     ready(app)
-    with TestClient(app) as c:
+    with TestClient(app, headers=PAGE_HEADERS) as c:
         yield c
     app.state.server.close()
 
@@ -418,6 +419,61 @@ def test_host_header_is_checked_when_asked(site):
     assert TestClient(app, base_url="http://attacker.example").get("/api/info").status_code == 400
 
 
+def test_requests_from_other_sites_are_refused(client, site, tmp_path):
+    """What a browser sends on behalf of another web site (an <img> tag, a form, a script's fetch) is refused:
+    Sec-Fetch-Site other than same-origin or none, an Origin that is not this server; an upload needs the page's
+    header and a body type no form can send. The page itself stays open to links from anywhere."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli.model import MAE, MAEConfig
+    from maecli.serve import create_app
+
+    thumb = {"path": "skimage_coffee.jpg"}
+    for site_header, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        r = client.get("/api/thumb", params=thumb, headers={"Sec-Fetch-Site": site_header})
+        assert r.status_code == status, site_header
+    r = client.get("/api/reconstruct", params=thumb, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "another web site" in r.json()["detail"]
+    assert client.get("/api/reconstruct", params=thumb, headers={"Origin": "http://testserver"}).status_code == 200
+    assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the page
+
+    jpeg = (site["images"] / "skimage_chelsea.jpg").read_bytes()
+    bare = TestClient(client.app)  # no X-Maecli header
+    for headers, status in (
+        ({"Content-Type": "text/plain"}, 403),  # what a form or a no-cors fetch from elsewhere can send
+        ({"Content-Type": "application/octet-stream"}, 403),
+        ({"Content-Type": "text/plain", **PAGE_HEADERS}, 415),
+        ({"Content-Type": "multipart/form-data; boundary=x", **PAGE_HEADERS}, 415),
+        ({"Content-Type": "application/octet-stream", "Origin": "http://evil.example", **PAGE_HEADERS}, 403),
+        ({"Content-Type": "application/octet-stream", **PAGE_HEADERS}, 200),
+        ({"Content-Type": "image/jpeg", "Origin": "http://testserver", **PAGE_HEADERS}, 200),
+    ):
+        r = bare.post("/api/upload", params={"name": "x.jpg"}, content=jpeg, headers=headers)
+        assert r.status_code == status, (headers, r.text)
+
+    # zoom is bounded by the picture's size: tiles of at most 1024 px, whatever the query asks
+    big = MAE(
+        MAEConfig(
+            img_size=128,
+            patch_size=32,
+            embed_dim=16,
+            depth=1,
+            num_heads=2,
+            decoder_dim=16,
+            decoder_depth=1,
+            decoder_heads=2,
+        )
+    )
+    app = create_app(site["run"], site["images"], model=big, index=False)
+    c = TestClient(app)
+    assert c.get("/api/info").json()["max_zoom"] == 8
+    assert c.get("/api/reconstruct", params={**thumb, "zoom": 8}).status_code == 200
+    r = c.get("/api/reconstruct.png", params={**thumb, "zoom": 9})
+    assert r.status_code == 400 and "at most 8 for this 128 px model" in r.json()["detail"]
+    app.state.server.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad uploads
 
@@ -583,7 +639,7 @@ def test_concurrent_requests(client, site):
     jobs += [("/api/neighbours", {"path": p}) for p in ("skimage_coffee.jpg", "skimage_chelsea.jpg")] * 3
     jobs += [("/api/thumb", {"path": p}) for p in ("skimage_coffee.jpg", "sub/sklearn_flower.jpg")] * 3
     expected = {i: client.get(url, params=params).content for i, (url, params) in enumerate(jobs)}
-    with live(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with live(app) as url, httpx.Client(base_url=url, timeout=60, headers=PAGE_HEADERS) as http:
 
         def fetch(i):
             path, params = jobs[i]

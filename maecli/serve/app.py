@@ -2,6 +2,7 @@
 
 from .errors import Refused, require_extra
 from .folder import preview_files
+from .guard import cross_site, upload_refusal
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, thumbnail_jpeg
 from .server import MASK_MAX, MASK_MIN, Server
 
@@ -61,7 +62,11 @@ def create_app(
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
-        response = await call_next(request)
+        why = cross_site(request.headers) if request.url.path.startswith("/api/") else None
+        if why is not None:  # the page and its files are free to open; the API answers the page only
+            response = JSONResponse({"detail": why}, status_code=403)
+        else:
+            response = await call_next(request)
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
@@ -144,7 +149,10 @@ def model_routes(app, server: Server) -> None:
 
     @app.post("/api/upload")
     async def upload(request: Request, name: str = Query("upload", max_length=1000)):
-        """The image file as the request body (what `fetch(url, {body: file})` sends)."""
+        """The image file as the request body, with the header X-Maecli: 1 (what the page's script sends)."""
+        refusal = upload_refusal(request.headers)
+        if refusal is not None:
+            raise Refused(*refusal)
         limit = server.max_upload_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -23,6 +23,7 @@ THUMBS_KEPT = 2048
 DECODING = 2  # uploads decoded at once (up to MAX_PIXELS x 3 bytes each)
 MASK_MIN, MASK_MAX = 0.05, 0.95
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_TILE_SIDE = 1024
 
 
 class LRU:
@@ -47,6 +48,12 @@ class LRU:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
         return value
+
+
+def max_zoom(img_size: int) -> int:
+    """The largest zoom the page draws: tiles of at most MAX_TILE_SIDE px, so a picture holds at most 4 x 1024^2
+    pixels whatever is asked (a zoom of 16 on a 224 px model would draw four 3584 px tiles, 150 MB each)."""
+    return max(1, min(16, MAX_TILE_SIDE // img_size))
 
 
 def page_zoom(img_size: int) -> int:
@@ -167,6 +174,11 @@ class Server:
             raise Refused(
                 409, "these weights hold only the encoder: reconstruction needs the decoder (similar images still work)"
             )
+        if zoom > max_zoom(self.model.cfg.img_size):
+            side = self.model.cfg.img_size
+            raise Refused(
+                400, f"zoom {zoom} would draw {side * zoom} px tiles; at most {max_zoom(side)} for this {side} px model"
+            )
         name, x = self.source(path, upload)
         with self.model_lock:
             rec = reconstruct(self.model, x, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, names=[name])
@@ -227,6 +239,7 @@ class Server:
             },
             "images": str(self.folder.given) if self.folder is not None else None,
             "zoom": self.zoom,
+            "max_zoom": max_zoom(cfg.img_size),
             "mask_range": [MASK_MIN, MASK_MAX],
             "limits": {"upload_bytes": self.max_upload_bytes, "pixels": self.max_pixels},
         }

@@ -105,8 +105,9 @@ async function upload(file) {
   showError("recon-error", "");
   $("current-name").textContent = "reading " + file.name + "\u2026";
   try {
+    // The header tells the server this comes from the page: another web site cannot send it (see guard.py).
     const r = await getJSON("/api/upload?name=" + encodeURIComponent(file.name),
-      {method: "POST", body: file, headers: {"Content-Type": "application/octet-stream"}});
+      {method: "POST", body: file, headers: {"Content-Type": "application/octet-stream", "X-Maecli": "1"}});
     select({upload: r.id, name: r.name, thumb: URL.createObjectURL(file)});
   } catch (e) {
     showError("recon-error", file.name + ": " + e.message);
