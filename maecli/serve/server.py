@@ -1,18 +1,14 @@
-"""The server: the model with its lock, the folder, its index and the uploads (Server), and the process that
-serves the app (listen, serve)."""
+"""The server's state and work: the model with its lock, the folder, its index, the uploads and the caches, and
+the three features (reconstruction, neighbours, progress) as plain methods the routes call."""
 
 import base64
 import hashlib
 import shlex
-import signal
-import socket
-import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import UserError
-from .errors import Refused, require_extra
+from .errors import Refused
 from .folder import Folder, progress, run_folder
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, clean_name, model_input, upload_pixels
 from .index import Index, default_cache_dir, weights_digest
@@ -22,7 +18,6 @@ INPUTS_KEPT = 64  # folder images kept prepared for the slider
 THUMBS_KEPT = 2048
 DECODING = 2  # uploads decoded at once (up to MAX_PIXELS x 3 bytes each)
 MASK_MIN, MASK_MAX = 0.05, 0.95
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_TILE_SIDE = 1024
 
 
@@ -246,96 +241,3 @@ class Server:
 
     def progress(self) -> dict:
         return progress(self.run)
-
-
-# ----------------------------------------------------------------------------------------------
-# Serving
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A bound socket, so that a port in use is one line for the user before the model loads."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-    except socket.gaierror as e:
-        raise UserError(f"cannot listen on {host}: {e.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def serve(
-    weights, images=None, host: str = "127.0.0.1", port: int = 8000, *, model=None, cache_dir=None, log=None, ready=None
-) -> None:
-    """Serve the page until Ctrl-C (or SIGTERM). Raises UserError (bad weights or folder, port taken) and,
-    after a clean shutdown on Ctrl-C, KeyboardInterrupt.
-
-    `model` is the loaded `weights` if the caller has it; `ready(url)` is called once the server accepts
-    connections (default: print the address on stderr). Messages go to `log` (default: stderr).
-    """
-    require_extra()
-    import uvicorn
-
-    from .app import create_app
-
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    sock = listen(host, port)
-    server = None
-    try:
-        loopback = is_loopback(host)
-        if not loopback:
-            log(f"warning: listening on {host}: anyone who can reach this machine can use the page (no login)")
-        app = create_app(
-            weights,
-            images,
-            model=model,
-            cache_dir=cache_dir,
-            log=log,
-            allowed_hosts=[*LOOPBACK, "[::1]"] if loopback else None,
-        )
-        server = app.state.server
-        bound = sock.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{bound}/"
-
-        class Uvicorn(uvicorn.Server):
-            interrupted = False
-
-            async def startup(self, sockets=None):
-                await super().startup(sockets=sockets)
-                if self.started:
-                    (ready or (lambda u: log(f"maecli serve: open {u} (Ctrl-C to stop)")))(url)
-
-            def handle_exit(self, sig, frame):
-                self.interrupted = self.interrupted or sig == signal.SIGINT
-                super().handle_exit(sig, frame)
-
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        uv = Uvicorn(config)
-        uv.run(sockets=[sock])
-        if uv.interrupted:  # uvicorn does not always pass the Ctrl-C on once it has shut down: say it ourselves
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:  # uvicorn has shut down cleanly and passes the Ctrl-C on
-        log("maecli serve: stopped")
-        raise
-    finally:
-        if server is not None:
-            server.close()
-        sock.close()
