@@ -659,6 +659,44 @@ def test_concurrent_requests(client, site):
             assert status == 200 and content == expected[i], jobs[i]
 
 
+def test_cheap_requests_do_not_wait_for_renders(site, tmp_path):
+    """60 reconstructions wait for a model that is busy (its lock held here). The page's other requests answer at
+    once; 8 reconstructions are queued, the others are told 503 with Retry-After, and the queued ones finish."""
+    httpx = pytest.importorskip("httpx")
+    from maecli.serve import create_app
+    from maecli.serve.server import RENDERS_ADMITTED
+
+    app = create_app(site["run"], site["images"], model=site["model"], cache_dir=tmp_path / "cache")
+    server = app.state.server
+    ready(app)
+    with live(app) as url, httpx.Client(base_url=url, timeout=60, headers=PAGE_HEADERS) as http:
+        with ThreadPoolExecutor(60) as pool:
+            server.model_lock.acquire()
+            try:
+                renders = [
+                    pool.submit(http.get, "/api/reconstruct", params={"path": "skimage_coffee.jpg", "seed": i})
+                    for i in range(60)
+                ]
+                deadline = time.monotonic() + 60
+                while sum(r.done() for r in renders) < 60 - RENDERS_ADMITTED:  # the refused answer at once
+                    assert time.monotonic() < deadline, "the queue did not refuse what it cannot hold"
+                    time.sleep(0.05)
+                refused = [r.result() for r in renders if r.done()]
+                assert server.renders.admitted == RENDERS_ADMITTED and {r.status_code for r in refused} == {503}
+                start = time.monotonic()
+                for path in ("/api/info", "/api/run", "/api/images", "/api/index", "/api/neighbours?path=sub/x.jpg"):
+                    r = http.get(path, timeout=5)
+                    assert r.status_code in (200, 404), (path, r.text)
+                assert http.get("/api/thumb", params={"path": "sub/skimage_rocket.jpg"}, timeout=5).status_code == 200
+                assert time.monotonic() - start < 5
+            finally:
+                server.model_lock.release()
+            statuses = [r.result().status_code for r in renders]
+    assert statuses.count(200) == RENDERS_ADMITTED and statuses.count(503) == 60 - RENDERS_ADMITTED
+    assert refused[0].headers["retry-after"] == "1" and "busy" in refused[0].json()["detail"]
+    app.state.server.close()
+
+
 def test_ctrl_c_stops_the_cli_cleanly(site, tmp_path):
     pytest.importorskip("fastapi")
     httpx = pytest.importorskip("httpx")

@@ -3,7 +3,7 @@
 from .errors import Refused, require_extra
 from .folder import preview_files
 from .guard import cross_site, upload_refusal
-from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, thumbnail_jpeg
+from .images import MAX_PIXELS, MAX_UPLOAD_BYTES
 from .server import MASK_MAX, MASK_MIN, Server
 
 PAGE_FILES = (  # url, file in page/, type
@@ -102,9 +102,10 @@ def page_routes(app) -> None:
 def folder_routes(app, server: Server) -> None:
     """The --images folder: its list, a file, a thumbnail."""
     from fastapi.responses import FileResponse, Response
+    from starlette.concurrency import run_in_threadpool
 
     @app.get("/api/images")
-    def images():
+    async def images():  # async: from memory, on the event loop, never waiting for a worker thread
         if server.folder is None:
             return {"folder": None, "images": []}
         return {"folder": str(server.folder.given), "images": list(server.folder.files)}
@@ -117,20 +118,9 @@ def folder_routes(app, server: Server) -> None:
         return FileResponse(server.folder.path(path), headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/thumb")
-    def thumb(path: str):
-        if server.folder is None:
-            raise Refused(404, "no image folder: start maecli serve with --images DIR")
-        real = server.folder.path(path)
-        st = real.stat()
-        key = (path, st.st_size, st.st_mtime_ns)
-        data = server.thumbs.get(key)
-        if data is None:
-            from .. import data as D
-
-            try:
-                data = server.thumbs.put(key, thumbnail_jpeg(real))
-            except Exception as e:  # noqa: BLE001 -- an unreadable file, said on the page
-                raise Refused(400, f"cannot read {path}: {D.describe_error(e, real)}") from None
+    async def thumb(path: str):
+        with server.files.admit():  # admitted before a thread is taken: a flood of them cannot take them all
+            data = await run_in_threadpool(server.thumbnail, path)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
 
 
@@ -144,7 +134,7 @@ def model_routes(app, server: Server) -> None:
     seed_query = Query(0, ge=0, le=2**63 - 1)
 
     @app.get("/api/info")
-    def info():
+    async def info():
         return server.info()
 
     @app.post("/api/upload")
@@ -153,23 +143,18 @@ def model_routes(app, server: Server) -> None:
         refusal = upload_refusal(request.headers)
         if refusal is not None:
             raise Refused(*refusal)
-        limit = server.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise Refused(413, f"the upload is {int(declared) / 2**20:.1f} MB, over the limit of {limit / 2**20:g} MB")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise Refused(413, f"the upload goes on past the limit of {limit / 2**20:g} MB")
-            chunks.append(chunk)
-        return await run_in_threadpool(server.add_upload, b"".join(chunks), name)
+        with server.renders.admit():  # before the body is read: a full queue holds no uploads in memory
+            data = await read_body(request, server.max_upload_bytes)
+            return await run_in_threadpool(server.add_upload, data, name)
 
-    def reconstruction(path, upload, mask, seed, patch_stats, zoom):
-        return server.reconstruction(path, upload, mask, seed, patch_stats, zoom or server.zoom)
+    async def reconstruction(path, upload, mask, seed, patch_stats, zoom):
+        with server.renders.admit():
+            return await run_in_threadpool(
+                server.reconstruction, path, upload, mask, seed, patch_stats, zoom or server.zoom
+            )
 
     @app.get("/api/reconstruct")
-    def reconstruct_json(
+    async def reconstruct_json(
         path: str | None = None,
         upload: str | None = None,
         mask: float = mask_query,
@@ -179,10 +164,10 @@ def model_routes(app, server: Server) -> None:
     ):
         """The four tiles as one PNG (a data URL: the same bytes `maecli reconstruct` writes), the hidden-patch
         error, and what the prediction borrows."""
-        return reconstruction(path, upload, mask, seed, patch_stats, zoom)[0]
+        return (await reconstruction(path, upload, mask, seed, patch_stats, zoom))[0]
 
     @app.get("/api/reconstruct.png")
-    def reconstruct_png(
+    async def reconstruct_png(
         path: str | None = None,
         upload: str | None = None,
         mask: float = mask_query,
@@ -190,17 +175,32 @@ def model_routes(app, server: Server) -> None:
         patch_stats: bool = True,
         zoom: int | None = Query(None, ge=1, le=16),
     ):
-        return Response(reconstruction(path, upload, mask, seed, patch_stats, zoom)[1], media_type="image/png")
+        png = (await reconstruction(path, upload, mask, seed, patch_stats, zoom))[1]
+        return Response(png, media_type="image/png")
 
     @app.get("/api/neighbours")
     def neighbours(path: str | None = None, upload: str | None = None, k: int = Query(12, ge=1, le=100)):
         return server.neighbours(path, upload, k)
 
     @app.get("/api/index")
-    def index_status():
+    async def index_status():
         if server.index is None:
             return {"state": "off"}
         return server.index.status()
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request's body, refused with 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"the upload is {int(declared) / 2**20:.1f} MB, over the limit of {limit / 2**20:g} MB")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the upload goes on past the limit of {limit / 2**20:g} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def run_routes(app, server: Server) -> None:

@@ -6,17 +6,20 @@ import hashlib
 import shlex
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import Refused
 from .folder import Folder, progress, run_folder
-from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, clean_name, model_input, upload_pixels
+from .images import MAX_PIXELS, MAX_UPLOAD_BYTES, clean_name, model_input, thumbnail_jpeg, upload_pixels
 from .index import Index, default_cache_dir, weights_digest
 
 UPLOADS_KEPT = 64  # prepared uploads remembered, so the slider can move without sending the file again
 INPUTS_KEPT = 64  # folder images kept prepared for the slider
 THUMBS_KEPT = 2048
 DECODING = 2  # uploads decoded at once (up to MAX_PIXELS x 3 bytes each)
+RENDERS_ADMITTED = 8  # requests that run the model, admitted at once (one runs, the rest wait for it); more: 503
+FILES_ADMITTED = 16  # thumbnails being made at once; more: 503
 MASK_MIN, MASK_MAX = 0.05, 0.95
 MAX_TILE_SIDE = 1024
 
@@ -43,6 +46,35 @@ class LRU:
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
         return value
+
+
+class Gate:
+    """At most `size` requests of one kind admitted at once; one more is refused at the door with 503 and
+    Retry-After. The routes admit on the event loop, before a worker thread is taken, so admitted requests hold at
+    most `size` of the thread pool's threads (40), and the cheap requests (the model's description, the run's
+    progress, the lists) never queue behind the model."""
+
+    def __init__(self, size: int, what: str):
+        self.size = size
+        self.what = what
+        self.admitted = 0
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def admit(self):
+        with self.lock:
+            if self.admitted >= self.size:
+                raise Refused(
+                    503,
+                    f"the server is busy: {self.size} {self.what} are queued already; try again in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            self.admitted += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.admitted -= 1
 
 
 def max_zoom(img_size: int) -> int:
@@ -90,6 +122,8 @@ class Server:
         self.inputs = LRU(INPUTS_KEPT)
         self.thumbs = LRU(THUMBS_KEPT)
         self.decoding = threading.BoundedSemaphore(DECODING)  # big uploads at once would each hold their pixels
+        self.renders = Gate(RENDERS_ADMITTED, "requests for the model")
+        self.files = Gate(FILES_ADMITTED, "thumbnails")
         self.zoom = page_zoom(self.model.cfg.img_size)
         self.index = None
         if self.folder is not None and index:
@@ -127,6 +161,23 @@ class Server:
         except Exception as e:  # noqa: BLE001 -- any decoder failure: the file's fault, said on the page
             raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
         return self.inputs.put(key, model_input(pixels, cfg.img_size, cfg.in_chans))
+
+    def thumbnail(self, rel: str) -> bytes:
+        """A small JPEG of a folder image, made once per version of the file."""
+        if self.folder is None:
+            raise Refused(404, "no image folder: start maecli serve with --images DIR")
+        path = self.folder.path(rel)
+        st = path.stat()
+        key = (rel, st.st_size, st.st_mtime_ns)
+        data = self.thumbs.get(key)
+        if data is None:
+            from .. import data as D
+
+            try:
+                data = self.thumbs.put(key, thumbnail_jpeg(path))
+            except Exception as e:  # noqa: BLE001 -- an unreadable file, said on the page
+                raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
+        return data
 
     def add_upload(self, data: bytes, name: str) -> dict:
         cfg = self.model.cfg

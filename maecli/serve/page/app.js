@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 let info = null;
 let current = null;          // {path} for a folder image, {upload, name, thumb} for an upload
-let busy = false, again = false;
+let busy = false, again = false, retrying = false;
 
 async function getJSON(url, options) {
   const response = await fetch(url, options);
@@ -54,6 +54,10 @@ async function refresh() {
     showError("recon-error", "");
   } catch (e) {
     showError("recon-error", e.message);
+    if (e.status === 503 && !retrying) {  // the server's queue is full (other tabs, scripts): ask again shortly
+      retrying = true;
+      setTimeout(() => { retrying = false; refresh(); }, 1000);
+    }
   } finally {
     busy = false;
     $("picture").classList.remove("stale");
