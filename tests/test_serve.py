@@ -393,6 +393,44 @@ def test_training_progress(client, site):
     assert preview.status_code == 200 and preview.content == (site["run"] / "previews" / "epoch-0002.png").read_bytes()
 
 
+def test_odd_files_in_the_folder(site, tmp_path):
+    """A FIFO named like an image is never listed or opened (at start, or put in a file's place later); a file deleted
+    since the start is said to be gone; a name with a backslash (an ordinary character on POSIX) is listed and
+    served like any other."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli.serve import create_app
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("gone.jpg", "becomes_pipe.jpg", "back\\slash.jpg", "kept.jpg"):
+        shutil.copy(site["images"] / "skimage_coffee.jpg", folder / name)
+    os.mkfifo(folder / "pipe.jpg")
+    logged = []
+    app = create_app(site["run"], folder, model=site["model"], cache_dir=tmp_path / "cache", log=logged.append)
+    ready(app)
+    c = TestClient(app)
+    listed = c.get("/api/images").json()["images"]
+    assert listed == ["back\\slash.jpg", "becomes_pipe.jpg", "gone.jpg", "kept.jpg"]
+    assert any("1 not regular files (FIFOs, devices)" in line for line in logged), logged
+
+    (folder / "gone.jpg").unlink()
+    (folder / "becomes_pipe.jpg").unlink()
+    os.mkfifo(folder / "becomes_pipe.jpg")
+    for url in ("/api/image", "/api/thumb", "/api/reconstruct", "/api/neighbours"):
+        for name, status, words in (
+            ("gone.jpg", 404, "gone.jpg no longer exists"),
+            ("becomes_pipe.jpg", 403, "no longer a regular file"),
+            ("pipe.jpg", 404, "not an image in the folder"),
+        ):
+            r = c.get(url, params={"path": name})  # returns at once: nothing opens a FIFO
+            assert r.status_code == status and words in r.json()["detail"], (url, name, r.text)
+        assert c.get(url, params={"path": "back\\slash.jpg"}).status_code == 200, url
+    assert c.get("/api/image", params={"path": "back\\slash.jpg"}).content == (folder / "kept.jpg").read_bytes()
+    app.state.server.close()
+
+
 def test_odd_metrics_files_draw_no_curve(tmp_path):
     """metrics.jsonl is read by rundir.read_metrics: a FIFO is never opened, a folder or damage draws nothing."""
     from maecli.serve.folder import loss_points

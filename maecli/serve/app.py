@@ -115,7 +115,8 @@ def folder_routes(app, server: Server) -> None:
         """The original file, for "open the original"."""
         if server.folder is None:
             raise Refused(404, "no image folder: start maecli serve with --images DIR")
-        return FileResponse(server.folder.path(path), headers={"Cache-Control": "no-cache"})
+        real, st = server.folder.file(path)
+        return FileResponse(real, stat_result=st, headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/thumb")
     async def thumb(path: str):

@@ -2,6 +2,8 @@
 previews and metrics. Every path from a request is checked here, and nowhere else."""
 
 import os
+import stat
+from collections import Counter
 from pathlib import Path
 
 from .. import rundir
@@ -13,11 +15,12 @@ CURVE_KEYS = ("step", "loss", "lr", "epoch")
 
 
 def check_relative(rel: str) -> None:
-    """Refuse what is not a plain relative path inside a folder: `..`, absolute paths, backslashes, NULs. (Only
-    listed files are served anyway; this says why, where a lookup would only say "not found".)"""
+    """Refuse what is not a plain relative path inside a folder: `..`, absolute paths, NULs. (Only listed files are
+    served anyway; this says why, where a lookup would only say "not found". A backslash is an ordinary character
+    of a POSIX file name, listed and served as such; on Windows no listed name holds one.)"""
     if not rel:
         raise Refused(400, "no path given")
-    if "\x00" in rel or "\\" in rel or rel.startswith("/") or ".." in rel.split("/"):
+    if "\x00" in rel or rel.startswith("/") or ".." in rel.split("/"):
         raise Refused(403, f"refused {rel!r}: give a path relative to the image folder, without '..'")
 
 
@@ -29,11 +32,20 @@ def inside(path: Path, root: Path) -> bool:
         return False
 
 
-class Folder:
-    """The images under --images that may be served: found once, each checked to resolve inside the folder.
+def regular(path: Path) -> bool:
+    """Whether `path` (links followed) is a regular file: a FIFO would block whoever opens it, a device never ends."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
-    A symlink that points out of the folder (a file, or a folder that find_images follows) is left out, and the
-    check runs again on every request, in case a link changed since.
+
+class Folder:
+    """The images under --images that may be served: found once, each a regular file that resolves inside the folder.
+
+    A symlink that points out of the folder (a file, or a folder that find_images follows), a FIFO or a device named
+    like an image, and a name that is not UTF-8 are left out (`left_out` counts each reason). The checks run again
+    on every request, in case the file changed since.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -45,28 +57,43 @@ class Folder:
         self.given = given
         self.root = given.resolve()
         self.files: dict[str, Path] = {}
-        self.left_out = 0
+        self.left_out: Counter[str] = Counter()
         for path in D.find_images(self.root):
             rel = path.relative_to(self.root).as_posix()
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:  # a name that is not UTF-8 cannot travel in JSON
-                self.left_out += 1
-                continue
-            if inside(path, self.root):
-                self.files[rel] = path
+                self.left_out["names that are not UTF-8"] += 1
             else:
-                self.left_out += 1
+                if not inside(path, self.root):
+                    self.left_out["links out of the folder, or to nothing"] += 1
+                elif not regular(path):
+                    self.left_out["not regular files (FIFOs, devices)"] += 1
+                else:
+                    self.files[rel] = path
 
-    def path(self, rel: str) -> Path:
-        """The file for a relative path from the page, resolved; Refused for anything else."""
+    def file(self, rel: str) -> tuple[Path, os.stat_result]:
+        """The file for a relative path from the page, resolved, and its stat; Refused for anything else."""
         check_relative(rel)
         path = self.files.get(rel)
         if path is None:
             raise Refused(404, f"{rel} is not an image in the folder")
-        if not inside(path, self.root):
+        try:
+            real = path.resolve(strict=True)
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise Refused(404, f"{rel} no longer exists (deleted or moved since the server started)") from None
+        except (OSError, RuntimeError) as e:  # a symlink loop, no permission on a folder
+            raise Refused(403, f"refused {rel}: {getattr(e, 'strerror', None) or e}") from None
+        if not real.is_relative_to(self.root):
             raise Refused(403, f"refused {rel}: it now leads out of the folder")
-        return path.resolve()
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(403, f"refused {rel}: it is no longer a regular file (a FIFO or a device?)")
+        return real, st
+
+    def path(self, rel: str) -> Path:
+        """The file for a relative path from the page, resolved; Refused for anything else."""
+        return self.file(rel)[0]
 
     def stats(self) -> dict[str, tuple[int, int]]:
         """(size, mtime_ns) of each file, what the embedding cache is keyed by; a vanished file is left out."""

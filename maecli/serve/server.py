@@ -130,10 +130,8 @@ class Server:
             cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.run)
             self.index = Index(self.folder, cache, log=self.log)
             if self.folder.left_out:
-                self.log(
-                    f"warning: {self.folder.left_out} file(s) of {self.folder.given} left out: links out of the "
-                    "folder or names that are not UTF-8"
-                )
+                why = ", ".join(f"{n} {reason}" for reason, n in self.folder.left_out.items())
+                self.log(f"warning: {self.folder.left_out.total()} file(s) of {self.folder.given} left out: {why}")
             self.indexing = self.index.start(self.model, self.model_lock, weights_digest(self.model))
 
     def close(self, wait: float = 10.0):
@@ -147,8 +145,7 @@ class Server:
     def folder_input(self, rel: str):
         if self.folder is None:
             raise Refused(404, "no image folder: start maecli serve with --images DIR")
-        path = self.folder.path(rel)
-        st = path.stat()
+        path, st = self.folder.file(rel)
         key = (rel, st.st_size, st.st_mtime_ns)
         cached = self.inputs.get(key)
         if cached is not None:
@@ -166,8 +163,7 @@ class Server:
         """A small JPEG of a folder image, made once per version of the file."""
         if self.folder is None:
             raise Refused(404, "no image folder: start maecli serve with --images DIR")
-        path = self.folder.path(rel)
-        st = path.stat()
+        path, st = self.folder.file(rel)
         key = (rel, st.st_size, st.st_mtime_ns)
         data = self.thumbs.get(key)
         if data is None:
