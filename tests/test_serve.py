@@ -452,9 +452,41 @@ def test_host_header_is_checked_when_asked(site):
 
     from maecli.serve import create_app
 
-    app = create_app(site["run"], model=site["model"], allowed_hosts=["127.0.0.1", "localhost"])
-    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/api/info").status_code == 200
-    assert TestClient(app, base_url="http://attacker.example").get("/api/info").status_code == 400
+    app = create_app(site["run"], model=site["model"], allowed_hosts=["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+    for base in ("http://127.0.0.1:8000", "http://LOCALHOST:8000", "http://[::1]:8000", "http://127.0.0.2"):
+        assert TestClient(app, base_url=base).get("/api/info").status_code == 200, base
+    r = TestClient(app, base_url="http://attacker.example").get("/api/info")
+    assert r.status_code == 400 and "not at 'attacker.example'" in r.json()["detail"]
+
+
+def test_every_host_answers_at_the_printed_url(site):
+    """--host 127.0.0.2 (loopback, but not a name the Host check knew) printed a URL that answered 400 to
+    everything; 0.0.0.0 printed http://0.0.0.0:PORT/. Each prints an address that answers."""
+    httpx = pytest.importorskip("httpx")
+    from maecli.serve.process import page_url
+
+    assert page_url("0.0.0.0", 80) == "http://127.0.0.1:80/" and page_url("::", 80) == "http://[::1]:80/"
+    assert page_url("::1", 80) == "http://[::1]:80/" and page_url("localhost", 80) == "http://localhost:80/"
+    for host, prefix in (("127.0.0.2", "http://127.0.0.2:"), ("0.0.0.0", "http://127.0.0.1:")):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maecli", "serve", "-w", str(site["run"]), "--host", host, "--port", "0"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            seen = []
+            for line in proc.stderr:
+                seen.append(line)
+                if "open http://" in line:
+                    break
+            assert "open http://" in seen[-1], "".join(seen)
+            url = seen[-1].split("open ", 1)[1].split()[0]
+            assert url.startswith(prefix), "".join(seen)
+            assert httpx.get(url + "api/info", timeout=10).status_code == 200, host
+            assert httpx.get(url, timeout=10).status_code == 200, host
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def test_requests_from_other_sites_are_refused(client, site, tmp_path):

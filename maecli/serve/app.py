@@ -2,7 +2,7 @@
 
 from .errors import Refused, require_extra
 from .folder import preview_files
-from .guard import cross_site, upload_refusal
+from .guard import cross_site, upload_refusal, wrong_host
 from .images import MAX_PIXELS, MAX_UPLOAD_BYTES
 from .server import MASK_MAX, MASK_MIN, Server
 
@@ -34,9 +34,9 @@ def create_app(
 
     Loads the model from `weights` on the default device unless `model` is given (`weights` still names the run
     folder), raising WeightsError for bad weights, and starts embedding `images_dir` in the background.
-    `allowed_hosts` restricts the Host header (serve() sets it to the loopback names when bound to loopback, so
-    a web page elsewhere cannot reach the server through DNS rebinding); `app.state.server.close()` stops the
-    background embedding.
+    `allowed_hosts` restricts the Host header to those names (serve() sets it when bound to loopback, so a web page
+    elsewhere cannot reach the server through DNS rebinding); `app.state.server.close()` stops the background
+    embedding.
     """
     require_extra()
     from fastapi import FastAPI, Request
@@ -55,16 +55,15 @@ def create_app(
     app = FastAPI(title="maecli serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
-    if allowed_hosts:
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
 
     @app.middleware("http")
     async def headers(request: Request, call_next):
-        why = cross_site(request.headers) if request.url.path.startswith("/api/") else None
-        if why is not None:  # the page and its files are free to open; the API answers the page only
-            response = JSONResponse({"detail": why}, status_code=403)
+        why = wrong_host(request.headers, allowed_hosts)
+        if why is not None:
+            response = JSONResponse({"detail": why}, status_code=400)
+        elif request.url.path.startswith("/api/") and (why := cross_site(request.headers)) is not None:
+            response = JSONResponse({"detail": why}, status_code=403)  # the page opens from links; the API does not
         else:
             response = await call_next(request)
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY

@@ -6,10 +6,13 @@ form, a script's fetch) must not reach the API: it is told apart by the headers 
 - Origin: sent with every POST and cross-origin fetch; it must name this server (the Host the request was sent to).
 - Uploads need the header X-Maecli: 1 and a body type a form cannot send: a page elsewhere can only set either
   after a CORS preflight, which this server never answers.
+- Host: bound to a loopback address, the server answers only to this machine's names and the --host given, so a
+  site elsewhere cannot reach it through DNS rebinding (its name would be the Host).
 """
 
 from urllib.parse import urlsplit
 
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 SAFE_FETCH_SITES = ("same-origin", "none")
 UPLOAD_HEADER = "x-maecli"
 UPLOAD_TYPES = ("application/octet-stream", "image/")  # a form can send only text/plain, multipart, urlencoded
@@ -34,3 +37,22 @@ def upload_refusal(headers) -> tuple[int, str] | None:
     if kind is not None and not kind.lower().startswith(UPLOAD_TYPES):
         return 415, f"send the image file itself as the body, as application/octet-stream (not {kind})"
     return None
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header (or a --host), without a port, lower-case, an IPv6 address without its brackets:
+    "[::1]:8000" -> "::1", "LocalHost:8000" -> "localhost", "::1" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def wrong_host(headers, allowed: tuple[str, ...] | None) -> str | None:
+    """Why a request's Host is not one this server answers to, or None (always None when `allowed` is None)."""
+    if allowed is None:
+        return None
+    name = host_name(headers.get("host", ""))
+    if name in {host_name(a) for a in allowed}:
+        return None
+    return f"refused: this server answers only at {', '.join(allowed)}, not at {name!r}"

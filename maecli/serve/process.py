@@ -6,8 +6,7 @@ import sys
 
 from ..errors import UserError
 from .errors import require_extra
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+from .guard import LOOPBACK_NAMES, host_name
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -28,15 +27,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def is_loopback(host: str) -> bool:
+def loopback(sock: socket.socket) -> bool:
+    """Whether the socket is bound to a loopback address (127.0.0.0/8, ::1): whatever name --host gave for it."""
     import ipaddress
 
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return ipaddress.ip_address(sock.getsockname()[0].split("%")[0]).is_loopback
+
+
+def page_url(host: str, port: int) -> str:
+    """The address to open. Bound to every address (0.0.0.0, ::), the page is at this machine's loopback address."""
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host_name(host), host_name(host))
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/"
 
 
 def serve(
@@ -57,21 +58,13 @@ def serve(
     sock = listen(host, port)
     server = None
     try:
-        loopback = is_loopback(host)
-        if not loopback:
+        local = loopback(sock)
+        if not local:
             log(f"warning: listening on {host}: anyone who can reach this machine can use the page (no login)")
-        app = create_app(
-            weights,
-            images,
-            model=model,
-            cache_dir=cache_dir,
-            log=log,
-            allowed_hosts=[*LOOPBACK, "[::1]"] if loopback else None,
-        )
+        allowed = (*LOOPBACK_NAMES, host_name(host)) if local else None  # the names of this machine, and --host
+        app = create_app(weights, images, model=model, cache_dir=cache_dir, log=log, allowed_hosts=allowed)
         server = app.state.server
-        bound = sock.getsockname()[1]
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{bound}/"
+        url = page_url(host, sock.getsockname()[1])
 
         class Uvicorn(uvicorn.Server):
             interrupted = False
