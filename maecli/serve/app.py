@@ -58,7 +58,7 @@ def create_app(
     allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
 
     @app.middleware("http")
-    async def headers(request: Request, call_next):
+    async def guard_and_headers(request: Request, call_next):
         why = wrong_host(request.headers, allowed_hosts)
         if why is not None:
             response = JSONResponse({"detail": why}, status_code=400)
