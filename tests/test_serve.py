@@ -145,6 +145,10 @@ def test_the_page_loads_nothing_from_elsewhere(client):
     assert "https://" not in page
     policy = r.headers["content-security-policy"]
     assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "unsafe-inline" not in policy
+    # the files are what is shipped, whatever the query string says
+    for url in ("/", "/app.js"):
+        tricked = client.get(url, params={"body": "<script>alert(1)</script>", "media_type": "text/html"})
+        assert tricked.content == client.get(url).content and "alert" not in tricked.text
 
 
 def test_the_page_script_parses():

@@ -90,12 +90,16 @@ def page_routes(app) -> None:
 
     folder = files(__package__) / "page"
     for url, name, media_type in PAGE_FILES:
-        body = (folder / name).read_bytes()
+        app.get(url, include_in_schema=False)(static(Response, (folder / name).read_bytes(), media_type))
 
-        def send(body=body, media_type=media_type):
-            return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
-        app.get(url, include_in_schema=False)(send)
+def static(response, body: bytes, media_type: str):
+    """A route that sends `body`. It takes no arguments: FastAPI would read any from the query string."""
+
+    def send():
+        return response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return send
 
 
 def folder_routes(app, server: Server) -> None:
