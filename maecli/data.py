@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torchvision.transforms import v2
 from .errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The only decoders Image.open may try (the formats of IMAGE_SUFFIXES; a multi-picture JPEG opens as JPEG). Left to
+# itself Pillow tries every format it knows, whatever the name: an EPS file would start Ghostscript.
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 
@@ -96,21 +100,32 @@ def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
     return np.array(img if img.mode == target else img.convert(target))  # a writable copy for torch
 
 
-def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = None) -> torch.Tensor:
-    """Read one image as a uint8 tensor (C, H, W), EXIF orientation applied.
+def decode(
+    source: str | os.PathLike | BinaryIO,
+    in_chans: int = 3,
+    min_side: int | None = None,
+    *,
+    max_pixels: int | None = None,
+    resize_to: int | None = None,
+) -> torch.Tensor:
+    """Read one image, a file or a binary file object (an upload's bytes), as a uint8 tensor (C, H, W), EXIF
+    orientation applied.
 
     `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
-    at least that many pixels on each side). Raises OSError/ValueError on anything undecodable.
+    at least that many pixels on each side). `max_pixels` refuses a larger image, and `resize_to` (the side its
+    shorter side will be resized to) one whose resize would be too large, both from the header before any pixel
+    is decoded (check_size). Raises OSError/ValueError on anything undecodable.
     """
     # A FIFO or device named like an image would block open() forever: only regular files are read.
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if isinstance(source, (str, os.PathLike)) and not stat.S_ISREG(os.stat(source).st_mode):
         raise ValueError("not a regular file")
     with warnings.catch_warnings():
         # PIL warns about quirks it handles (palette transparency, odd EXIF), once per file: noise in a
         # long run. Too many pixels, though, is a decompression bomb and an error here.
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(source, formats=FORMATS) as img:
+            check_size(img.width, img.height, max_pixels=max_pixels, resize_to=resize_to)
             if min_side and img.format == "JPEG":
                 img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
             img.load()
@@ -119,6 +134,29 @@ def decode(path: str | os.PathLike, in_chans: int = 3, min_side: int | None = No
             except Exception:  # broken EXIF: the pixels are fine, keep their stored orientation
                 pass
             return _to_tensor(to_array(img, in_chans))
+
+
+# The most pixels an image may have once its shorter side is resized to the model's size (200 MB as float32 RGB):
+# a 1 x 200,000 PNG of a few hundred bytes would otherwise become 32 x 6,400,000 pixels at 32 px, 10 gigapixels at
+# 224. Photos and panoramas stay far below it (a 10:1 panorama at 224 px is 0.5 megapixels).
+MAX_RESIZED_PIXELS = 1 << 24
+
+
+def check_size(width: int, height: int, *, max_pixels: int | None = None, resize_to: int | None = None) -> None:
+    """Refuse (ValueError), from an image's header, one that would take too much memory to decode (more than
+    `max_pixels`) or to resize (more than MAX_RESIZED_PIXELS once its shorter side is `resize_to`)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"the image has {width} x {height} = {width * height:,} pixels; the limit is {max_pixels:,} "
+            "(a decompression bomb?)"
+        )
+    if resize_to is not None and min(width, height) > 0:
+        long_side = max(width, height) * resize_to // min(width, height)
+        if long_side * resize_to > MAX_RESIZED_PIXELS:
+            raise ValueError(
+                f"the image is {width} x {height}: resized to {resize_to} px on its shorter side it would have "
+                f"{long_side * resize_to:,} pixels; the limit is {MAX_RESIZED_PIXELS:,} (too long and thin)"
+            )
 
 
 def from_pil(img: Image.Image, in_chans: int = 3) -> torch.Tensor:
@@ -355,14 +393,16 @@ class EvalImages(torch.utils.data.Dataset):
 
     def load(self, source) -> torch.Tensor:
         if isinstance(source, Image.Image):
+            check_size(source.width, source.height, resize_to=self.min_side)
             return from_pil(source, self.in_chans)
         if isinstance(source, torch.Tensor):
             if source.ndim != 3 or source.shape[0] != self.in_chans:
                 raise ValueError(
                     f"expected an image tensor of shape ({self.in_chans}, H, W), got {tuple(source.shape)}"
                 )
+            check_size(source.shape[2], source.shape[1], resize_to=self.min_side)
             return source
-        return decode(source, self.in_chans, self.min_side)
+        return decode(source, self.in_chans, self.min_side, resize_to=self.min_side)
 
     def __getitem__(self, item):
         return self.__getitems__([item])[0]

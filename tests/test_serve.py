@@ -33,6 +33,7 @@ PICKED = [
     "skimage_rocket.jpg",
 ]
 SECRET = b"top secret: not an image of the folder"
+PAGE_HEADERS = {"X-Maecli": "1"}  # what the page's script sends with an upload
 
 
 def tiny_model():
@@ -105,7 +106,7 @@ def client(site):
 
     app = create_app(site["run"], site["images"])  # the default cache: serve-cache/ in the run folder
     ready(app)
-    with TestClient(app) as c:
+    with TestClient(app, headers=PAGE_HEADERS) as c:
         yield c
     app.state.server.close()
 
@@ -129,14 +130,35 @@ def expected_png(model, path, mask, seed, zoom, patch_stats=True, name=None) -> 
 # Reconstruct
 
 
-def test_page_is_one_self_contained_file(client):
+def test_the_page_loads_nothing_from_elsewhere(client):
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     page = r.text
+    assert '<script src="/app.js">' in page and '<link rel="stylesheet" href="/style.css">' in page
+    assert "<script>" not in page and "<style>" not in page  # nothing inline: the policy allows only 'self'
+    for url, kind in (("/app.js", "text/javascript"), ("/style.css", "text/css")):
+        part = client.get(url)
+        assert part.status_code == 200 and part.headers["content-type"].startswith(kind)
+        page += part.text
     # nothing to fetch from elsewhere: no external script, style, font or image (the SVG namespace is a name)
     assert "http://" not in page.replace('"http://www.w3.org/2000/svg"', "")
-    assert "https://" not in page and "<script src" not in page and '<link rel="stylesheet"' not in page
-    assert "connect-src 'self'" in r.headers["content-security-policy"]
+    assert "https://" not in page
+    policy = r.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "unsafe-inline" not in policy
+    # the files are what is shipped, whatever the query string says
+    for url in ("/", "/app.js"):
+        tricked = client.get(url, params={"body": "<script>alert(1)</script>", "media_type": "text/html"})
+        assert tricked.content == client.get(url).content and "alert" not in tricked.text
+
+
+def test_the_page_script_parses():
+    """The page's script is a file of its own, so a JavaScript tool can check it (node, where installed)."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = ROOT / "maecli" / "serve" / "page" / "app.js"
+    result = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_reconstruction_is_the_cli_picture(client, site, tmp_path):
@@ -375,15 +397,155 @@ def test_training_progress(client, site):
     assert preview.status_code == 200 and preview.content == (site["run"] / "previews" / "epoch-0002.png").read_bytes()
 
 
+def test_odd_files_in_the_folder(site, tmp_path):
+    """A FIFO named like an image is never listed or opened (at start, or put in a file's place later); a file deleted
+    since the start is said to be gone; a name with a backslash (an ordinary character on POSIX) is listed and
+    served like any other."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli.serve import create_app
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("gone.jpg", "becomes_pipe.jpg", "back\\slash.jpg", "kept.jpg"):
+        shutil.copy(site["images"] / "skimage_coffee.jpg", folder / name)
+    os.mkfifo(folder / "pipe.jpg")
+    logged = []
+    app = create_app(site["run"], folder, model=site["model"], cache_dir=tmp_path / "cache", log=logged.append)
+    ready(app)
+    c = TestClient(app)
+    listed = c.get("/api/images").json()["images"]
+    assert listed == ["back\\slash.jpg", "becomes_pipe.jpg", "gone.jpg", "kept.jpg"]
+    assert any("1 not regular files (FIFOs, devices)" in line for line in logged), logged
+
+    (folder / "gone.jpg").unlink()
+    (folder / "becomes_pipe.jpg").unlink()
+    os.mkfifo(folder / "becomes_pipe.jpg")
+    for url in ("/api/image", "/api/thumb", "/api/reconstruct", "/api/neighbours"):
+        for name, status, words in (
+            ("gone.jpg", 404, "gone.jpg no longer exists"),
+            ("becomes_pipe.jpg", 403, "no longer a regular file"),
+            ("pipe.jpg", 404, "not an image in the folder"),
+        ):
+            r = c.get(url, params={"path": name})  # returns at once: nothing opens a FIFO
+            assert r.status_code == status and words in r.json()["detail"], (url, name, r.text)
+        assert c.get(url, params={"path": "back\\slash.jpg"}).status_code == 200, url
+    assert c.get("/api/image", params={"path": "back\\slash.jpg"}).content == (folder / "kept.jpg").read_bytes()
+    app.state.server.close()
+
+
+def test_odd_metrics_files_draw_no_curve(tmp_path):
+    """metrics.jsonl is read by rundir.read_metrics: a FIFO is never opened, a folder or damage draws nothing."""
+    from maecli.serve.folder import loss_points
+
+    os.mkfifo(tmp_path / "metrics.jsonl")
+    assert loss_points(tmp_path) == []  # returns at once: a FIFO would block a reader forever
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    assert loss_points(tmp_path) == []
+    (tmp_path / "metrics.jsonl").rmdir()
+    rows = ['{"step": 1, "loss": NaN}', '{"step": 2, "loss": true}', "[1]", '{"step": 3, "loss": 0.5, "lr": "x"}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n" + "x" * (2 << 20) + "\n")
+    assert loss_points(tmp_path) == [{"step": 3, "loss": 0.5}]
+
+
 def test_host_header_is_checked_when_asked(site):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from maecli.serve import create_app
 
-    app = create_app(site["run"], model=site["model"], allowed_hosts=["127.0.0.1", "localhost"])
-    assert TestClient(app, base_url="http://127.0.0.1:8000").get("/api/info").status_code == 200
-    assert TestClient(app, base_url="http://attacker.example").get("/api/info").status_code == 400
+    app = create_app(site["run"], model=site["model"], allowed_hosts=["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+    for base in ("http://127.0.0.1:8000", "http://LOCALHOST:8000", "http://[::1]:8000", "http://127.0.0.2"):
+        assert TestClient(app, base_url=base).get("/api/info").status_code == 200, base
+    r = TestClient(app, base_url="http://attacker.example").get("/api/info")
+    assert r.status_code == 400 and "not at 'attacker.example'" in r.json()["detail"]
+
+
+def test_every_host_answers_at_the_printed_url(site):
+    """--host 127.0.0.2 (loopback, but not a name the Host check knew) printed a URL that answered 400 to
+    everything; 0.0.0.0 printed http://0.0.0.0:PORT/. Each prints an address that answers."""
+    httpx = pytest.importorskip("httpx")
+    from maecli.serve.process import page_url
+
+    assert page_url("0.0.0.0", 80) == "http://127.0.0.1:80/" and page_url("::", 80) == "http://[::1]:80/"
+    assert page_url("::1", 80) == "http://[::1]:80/" and page_url("localhost", 80) == "http://localhost:80/"
+    for host, prefix in (("127.0.0.2", "http://127.0.0.2:"), ("0.0.0.0", "http://127.0.0.1:")):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "maecli", "serve", "-w", str(site["run"]), "--host", host, "--port", "0"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            seen = []
+            for line in proc.stderr:
+                seen.append(line)
+                if "open http://" in line:
+                    break
+            assert "open http://" in seen[-1], "".join(seen)
+            url = seen[-1].split("open ", 1)[1].split()[0]
+            assert url.startswith(prefix), "".join(seen)
+            assert httpx.get(url + "api/info", timeout=10).status_code == 200, host
+            assert httpx.get(url, timeout=10).status_code == 200, host
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_requests_from_other_sites_are_refused(client, site, tmp_path):
+    """What a browser sends on behalf of another web site (an <img> tag, a form, a script's fetch) is refused:
+    Sec-Fetch-Site other than same-origin or none, an Origin that is not this server; an upload needs the page's
+    header and a body type no form can send. The page itself stays open to links from anywhere."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli.model import MAE, MAEConfig
+    from maecli.serve import create_app
+
+    thumb = {"path": "skimage_coffee.jpg"}
+    for site_header, status in (("cross-site", 403), ("same-site", 403), ("same-origin", 200), ("none", 200)):
+        r = client.get("/api/thumb", params=thumb, headers={"Sec-Fetch-Site": site_header})
+        assert r.status_code == status, site_header
+    r = client.get("/api/reconstruct", params=thumb, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "another web site" in r.json()["detail"]
+    assert client.get("/api/reconstruct", params=thumb, headers={"Origin": "http://testserver"}).status_code == 200
+    assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the page
+
+    jpeg = (site["images"] / "skimage_chelsea.jpg").read_bytes()
+    bare = TestClient(client.app)  # no X-Maecli header
+    for headers, status in (
+        ({"Content-Type": "text/plain"}, 403),  # what a form or a no-cors fetch from elsewhere can send
+        ({"Content-Type": "application/octet-stream"}, 403),
+        ({"Content-Type": "text/plain", **PAGE_HEADERS}, 415),
+        ({"Content-Type": "multipart/form-data; boundary=x", **PAGE_HEADERS}, 415),
+        ({"Content-Type": "application/octet-stream", "Origin": "http://evil.example", **PAGE_HEADERS}, 403),
+        ({"Content-Type": "application/octet-stream", **PAGE_HEADERS}, 200),
+        ({"Content-Type": "image/jpeg", "Origin": "http://testserver", **PAGE_HEADERS}, 200),
+    ):
+        r = bare.post("/api/upload", params={"name": "x.jpg"}, content=jpeg, headers=headers)
+        assert r.status_code == status, (headers, r.text)
+
+    # zoom is bounded by the picture's size: tiles of at most 1024 px, whatever the query asks
+    big = MAE(
+        MAEConfig(
+            img_size=128,
+            patch_size=32,
+            embed_dim=16,
+            depth=1,
+            num_heads=2,
+            decoder_dim=16,
+            decoder_depth=1,
+            decoder_heads=2,
+        )
+    )
+    app = create_app(site["run"], site["images"], model=big, index=False)
+    c = TestClient(app)
+    assert c.get("/api/info").json()["max_zoom"] == 8
+    assert c.get("/api/reconstruct", params={**thumb, "zoom": 8}).status_code == 200
+    r = c.get("/api/reconstruct.png", params={**thumb, "zoom": 9})
+    assert r.status_code == 400 and "at most 8 for this 128 px model" in r.json()["detail"]
+    app.state.server.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +583,62 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(client, site):
     good = client.post("/api/upload", params={"name": "ok.jpg"}, content=jpeg)
     assert good.status_code == 200
     assert client.get("/api/reconstruct", params={"upload": good.json()["id"]}).status_code == 200
+
+
+def test_pixel_bombs_by_shape_are_refused_from_the_header(client, site, tmp_path):
+    """A 1 x 200,000 PNG is under the pixel limit, but resized to 32 px on its shorter side it would hold 32 x
+    6,400,000 pixels (gigabytes as float). It is refused from its header alone, as an upload, as a folder file,
+    and on the commands' image path (data.eval_batches)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from maecli import data as D
+    from maecli.serve import create_app
+
+    strip = bomb_png(1, 200_000)  # a true header with one row behind it: decoding it would fail, not refuse
+    r = client.post("/api/upload", params={"name": "strip.png"}, content=strip)
+    assert r.status_code == 400 and "1 x 200000" in r.json()["detail"] and "too long and thin" in r.json()["detail"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "strip.png").write_bytes(strip)
+    shutil.copy(site["images"] / "skimage_coffee.jpg", folder / "coffee.jpg")
+    app = create_app(site["run"], folder, model=site["model"], cache_dir=tmp_path / "cache")
+    index = ready(app)
+    assert list(index.rows) == ["coffee.jpg"] and "too long and thin" in index.skipped["strip.png"]
+    r = TestClient(app).get("/api/reconstruct", params={"path": "strip.png"})
+    assert r.status_code == 400 and "too long and thin" in r.json()["detail"]
+    app.state.server.close()
+
+    failed = []
+    batches = D.eval_batches([folder / "strip.png", folder / "coffee.jpg"], 32, 3, on_error=lambda *a: failed.append(a))
+    assert [len(paths) for paths, _ in batches] == [1]
+    assert "too long and thin" in failed[0][1]
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nnewpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n"
+
+
+def test_uploads_open_only_the_formats_maecli_reads(client, tmp_path, monkeypatch):
+    """Pillow would try every decoder it knows: an EPS upload would start Ghostscript. data.decode, the one decoder
+    of uploads, folder files and the commands, names its formats, so the EPS decoder is never even asked."""
+    from PIL import EpsImagePlugin, Image
+
+    from maecli import data as D
+
+    with Image.open(io.BytesIO(EPS)) as img:  # left to itself, Pillow takes it for an image
+        assert img.format == "EPS"
+    asked = []
+    original = EpsImagePlugin.EpsImageFile._open
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: asked.append(1) or original(self))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: asked.append("gs"))
+    r = client.post("/api/upload", params={"name": "drawing.png"}, content=EPS)
+    assert r.status_code == 400 and "not a readable image" in r.json()["detail"]
+    (tmp_path / "drawing.png").write_bytes(EPS)
+    with pytest.raises(Image.UnidentifiedImageError):
+        D.decode(tmp_path / "drawing.png")
+    assert asked == []
+    assert set(D.FORMATS) >= {"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"}
 
 
 def test_every_file_of_the_bad_corpus_uploads_or_is_refused(client, bad_images_dir):
@@ -495,7 +713,7 @@ def test_concurrent_requests(client, site):
     jobs += [("/api/neighbours", {"path": p}) for p in ("skimage_coffee.jpg", "skimage_chelsea.jpg")] * 3
     jobs += [("/api/thumb", {"path": p}) for p in ("skimage_coffee.jpg", "sub/sklearn_flower.jpg")] * 3
     expected = {i: client.get(url, params=params).content for i, (url, params) in enumerate(jobs)}
-    with live(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with live(app) as url, httpx.Client(base_url=url, timeout=60, headers=PAGE_HEADERS) as http:
 
         def fetch(i):
             path, params = jobs[i]
@@ -513,6 +731,44 @@ def test_concurrent_requests(client, site):
         assert list(uploads) == [200] * 4
         for i, status, content in results:
             assert status == 200 and content == expected[i], jobs[i]
+
+
+def test_cheap_requests_do_not_wait_for_renders(site, tmp_path):
+    """60 reconstructions wait for a model that is busy (its lock held here). The page's other requests answer at
+    once; 8 reconstructions are queued, the others are told 503 with Retry-After, and the queued ones finish."""
+    httpx = pytest.importorskip("httpx")
+    from maecli.serve import create_app
+    from maecli.serve.server import RENDERS_ADMITTED
+
+    app = create_app(site["run"], site["images"], model=site["model"], cache_dir=tmp_path / "cache")
+    server = app.state.server
+    ready(app)
+    with live(app) as url, httpx.Client(base_url=url, timeout=60, headers=PAGE_HEADERS) as http:
+        with ThreadPoolExecutor(60) as pool:
+            server.model_lock.acquire()
+            try:
+                renders = [
+                    pool.submit(http.get, "/api/reconstruct", params={"path": "skimage_coffee.jpg", "seed": i})
+                    for i in range(60)
+                ]
+                deadline = time.monotonic() + 60
+                while sum(r.done() for r in renders) < 60 - RENDERS_ADMITTED:  # the refused answer at once
+                    assert time.monotonic() < deadline, "the queue did not refuse what it cannot hold"
+                    time.sleep(0.05)
+                refused = [r.result() for r in renders if r.done()]
+                assert server.renders.admitted == RENDERS_ADMITTED and {r.status_code for r in refused} == {503}
+                start = time.monotonic()
+                for path in ("/api/info", "/api/run", "/api/images", "/api/index", "/api/neighbours?path=sub/x.jpg"):
+                    r = http.get(path, timeout=5)
+                    assert r.status_code in (200, 404), (path, r.text)
+                assert http.get("/api/thumb", params={"path": "sub/skimage_rocket.jpg"}, timeout=5).status_code == 200
+                assert time.monotonic() - start < 5
+            finally:
+                server.model_lock.release()
+            statuses = [r.result().status_code for r in renders]
+    assert statuses.count(200) == RENDERS_ADMITTED and statuses.count(503) == 60 - RENDERS_ADMITTED
+    assert refused[0].headers["retry-after"] == "1" and "busy" in refused[0].json()["detail"]
+    app.state.server.close()
 
 
 def test_ctrl_c_stops_the_cli_cleanly(site, tmp_path):

@@ -1,142 +1,10 @@
-"""The one page `maecli serve` sends: HTML, CSS and JavaScript inline, so nothing is fetched from anywhere else.
-
-The page only calls the JSON API in maecli/serve.py; file names from the folder are set as text, never as HTML.
-"""
-
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="data:,">
-<title>maecli serve</title>
-<style>
-  :root { --ink: #1d2330; --muted: #5d6677; --line: #d9dde5; --bg: #f4f5f8; --card: #fff; --accent: #2f5fd0;
-          --bad: #a4262c; --warn: #8a5a00; }
-  * { box-sizing: border-box; }
-  [hidden] { display: none !important; }
-  body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
-         background: var(--bg); }
-  header { padding: 14px 24px; background: var(--card); border-bottom: 1px solid var(--line); }
-  header h1 { margin: 0; font-size: 18px; }
-  header .model { color: var(--muted); margin-top: 2px; word-break: break-all; }
-  main { max-width: 1180px; margin: 0 auto; padding: 16px 24px 40px; }
-  section { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 16px 18px;
-            margin-bottom: 16px; }
-  h2 { margin: 0 0 10px; font-size: 16px; }
-  h3 { margin: 14px 0 6px; font-size: 14px; }
-  .row { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; }
-  .drop { flex: 1 1 320px; border: 2px dashed var(--line); border-radius: 8px; padding: 14px; color: var(--muted);
-          text-align: center; }
-  .drop.over { border-color: var(--accent); background: #eef3ff; }
-  .drop label { color: var(--accent); cursor: pointer; text-decoration: underline; }
-  .drop input { display: none; }
-  .current { display: flex; gap: 10px; align-items: center; min-width: 200px; }
-  .current img { width: 56px; height: 56px; object-fit: cover; border-radius: 4px; background: var(--bg); }
-  .controls { display: flex; gap: 22px; align-items: center; flex-wrap: wrap; margin: 14px 0 10px; }
-  .controls input[type=range] { width: 260px; vertical-align: middle; }
-  .controls input[type=number] { width: 110px; }
-  output { display: inline-block; min-width: 3em; font-variant-numeric: tabular-nums; font-weight: 600; }
-  button { font: inherit; padding: 3px 10px; border: 1px solid var(--line); border-radius: 4px; background: #fafbfc;
-           cursor: pointer; }
-  .picture { min-height: 60px; overflow-x: auto; }
-  .picture img, .preview img { image-rendering: pixelated; max-width: 100%; display: block; }
-  .picture.stale img { opacity: .85; }
-  .facts { margin: 8px 0 0; }
-  .facts p { margin: 3px 0; }
-  .muted { color: var(--muted); }
-  .error { color: var(--bad); background: #fdecee; border: 1px solid #f3c2c6; border-radius: 4px; padding: 6px 10px;
-           margin: 8px 0; }
-  .warning { color: var(--warn); }
-  code { font: 12px ui-monospace, SFMono-Regular, Menlo, monospace; background: var(--bg); padding: 1px 4px;
-         border-radius: 3px; word-break: break-all; }
-  .thumbs { display: grid; grid-template-columns: repeat(auto-fill, minmax(112px, 1fr)); gap: 10px; }
-  .thumb { border: 1px solid var(--line); border-radius: 6px; padding: 4px; cursor: pointer; background: var(--card);
-           text-align: center; font-size: 12px; }
-  .thumb:hover { border-color: var(--accent); }
-  .thumb.selected { outline: 2px solid var(--accent); }
-  .thumb img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 3px; background: var(--bg);
-               display: block; }
-  .thumb .name { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-  .thumb .sim { font-weight: 600; font-variant-numeric: tabular-nums; }
-  .gallery { max-height: 420px; overflow-y: auto; padding: 2px; }
-  .split { display: grid; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); gap: 18px; }
-  @media (max-width: 900px) { .split { grid-template-columns: 1fr; } }
-  svg text { font: 11px system-ui, sans-serif; fill: var(--muted); }
-  svg .curve { fill: none; stroke: var(--accent); stroke-width: 1.5; }
-  svg .grid { stroke: #eceef3; }
-  svg .axis { stroke: #b9bfcc; }
-  svg .dot { fill: var(--accent); }
-</style>
-</head>
-<body>
-<header>
-  <h1>maecli serve</h1>
-  <div class="model" id="model">loading the model description&hellip;</div>
-</header>
-<main>
-<section id="reconstruct">
-  <h2>Reconstruct</h2>
-  <div class="row">
-    <div class="drop" id="drop">Drop an image here, or <label>choose a file<input type="file" id="file"
-      accept="image/*"></label><span id="pick-hint"> or pick one from the folder below</span>.
-      <div class="muted" id="limits"></div></div>
-    <div class="current"><img id="current-thumb" alt=""><div><div id="current-name" class="muted">no image
-      chosen</div><a id="original" href="#" target="_blank" rel="noopener" hidden>original</a></div></div>
-  </div>
-  <div class="controls">
-    <label>mask <input type="range" id="mask" min="0.05" max="0.95" step="0.05" value="0.75">
-      <output id="mask-value">0.75</output></label>
-    <label>seed <input type="number" id="seed" min="0" step="1" value="0"></label>
-    <button id="reseed" type="button">new seed</button>
-    <label id="stats-label" title="--patch-stats / --no-patch-stats"><input type="checkbox" id="stats" checked>
-      patch statistics: borrow each hidden patch's mean and variance</label>
-  </div>
-  <div class="error" id="recon-error" hidden></div>
-  <div class="picture" id="picture"><img id="grid" alt="original | masked | prediction | prediction + visible"
-    hidden><p class="muted" id="picture-hint">Choose an image to see what the model fills in.</p></div>
-  <div class="facts">
-    <p id="mse"></p>
-    <p id="note" class="muted"></p>
-    <p id="warning" class="warning"></p>
-    <p id="same" hidden><span class="muted">Same picture as</span> <code id="command"></code>
-      <a id="download" href="#">PNG</a></p>
-  </div>
-</section>
-
-<section id="similar">
-  <h2>Similar images</h2>
-  <p id="index-status" class="muted"></p>
-  <div class="error" id="similar-error" hidden></div>
-  <div id="neighbours" class="thumbs"></div>
-  <div id="folder-part">
-    <h3>Folder <input type="search" id="filter" placeholder="filter by name"> <span id="folder-count"
-      class="muted"></span></h3>
-    <div id="gallery" class="thumbs gallery"></div>
-  </div>
-</section>
-
-<section id="training">
-  <h2>Training progress</h2>
-  <p id="run-status" class="muted"></p>
-  <div class="split">
-    <div><h3>Loss</h3><div id="loss"></div></div>
-    <div class="preview"><h3>Previews</h3>
-      <label id="epoch-label" hidden>epoch <input type="range" id="epoch" min="0" max="0" value="0">
-        <output id="epoch-value"></output></label>
-      <img id="preview" alt="preview of the epoch" hidden>
-      <p id="preview-hint" class="muted"></p>
-    </div>
-  </div>
-</section>
-</main>
-
-<script>
+// maecli serve: the page's behaviour. It calls only the JSON API of maecli/serve/app.py, and sets file names as
+// text, never as HTML.
 "use strict";
 const $ = (id) => document.getElementById(id);
 let info = null;
 let current = null;          // {path} for a folder image, {upload, name, thumb} for an upload
-let busy = false, again = false;
+let busy = false, again = false, retrying = false;
 
 async function getJSON(url, options) {
   const response = await fetch(url, options);
@@ -186,6 +54,10 @@ async function refresh() {
     showError("recon-error", "");
   } catch (e) {
     showError("recon-error", e.message);
+    if (e.status === 503 && !retrying) {  // the server's queue is full (other tabs, scripts): ask again shortly
+      retrying = true;
+      setTimeout(() => { retrying = false; refresh(); }, 1000);
+    }
   } finally {
     busy = false;
     $("picture").classList.remove("stale");
@@ -237,8 +109,9 @@ async function upload(file) {
   showError("recon-error", "");
   $("current-name").textContent = "reading " + file.name + "\u2026";
   try {
+    // The header tells the server this comes from the page: another web site cannot send it (see guard.py).
     const r = await getJSON("/api/upload?name=" + encodeURIComponent(file.name),
-      {method: "POST", body: file, headers: {"Content-Type": "application/octet-stream"}});
+      {method: "POST", body: file, headers: {"Content-Type": "application/octet-stream", "X-Maecli": "1"}});
     select({upload: r.id, name: r.name, thumb: URL.createObjectURL(file)});
   } catch (e) {
     showError("recon-error", file.name + ": " + e.message);
@@ -448,7 +321,3 @@ for (const type of ["dragleave", "drop"])
   document.addEventListener(type, (e) => { e.preventDefault(); drop.classList.remove("over"); });
 document.addEventListener("drop", (e) => { if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); });
 start().catch((e) => { $("model").textContent = "Cannot reach the server: " + e.message; });
-</script>
-</body>
-</html>
-"""
