@@ -250,7 +250,7 @@ class EpochEnd:
                 path = save_preview(model, self.paths, self.out, epoch, self.args.previews, self.args.seed)
                 if path:
                     self.preview = str(path)
-                    with Image.open(path) as picture:
+                    with Image.open(path, formats=["PNG"]) as picture:
                         row["preview"] = picture.convert("RGB")
             except (OSError, DataError) as e:
                 warn(f"no preview for epoch {epoch}: {e}")
