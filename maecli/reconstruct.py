@@ -18,6 +18,7 @@ from . import data as D
 from .errors import DataError, EncoderOnlyError
 from .files import write_bytes
 from .model import MAE, patch_stats, patchify, unpatchify
+from .rundir import PREVIEWS_DIR, preview_name
 from .runtime import autocast, resolve_precision
 
 COLUMNS = ("original", "masked", "prediction", "pred + visible")
@@ -341,14 +342,22 @@ def preview_paths(paths: list[Path], count: int, in_chans: int) -> list[Path]:
     return chosen
 
 
-def save_preview(model: MAE, paths: list[Path], out: Path, epoch: int, count: int, seed: int) -> Path | None:
-    """previews/epoch-NNNN.png for a few fixed images at mask 0.75 and a fixed seed; None if none decodes."""
+def readable_zoom(img_size: int) -> int:
+    """How many times to enlarge tiles of `img_size` pixels so that eyes can read them: about 256 px, at most 16x."""
+    return max(1, min(16, round(256 / img_size)))
+
+
+def save_preview(
+    model: MAE, paths: list[Path], out: Path, epoch: int, count: int, seed: int, mask_ratio: float = PREVIEW_MASK
+) -> Path | None:
+    """previews/epoch-NNNN.png for a few fixed images at the run's mask and a fixed seed, enlarged to a readable
+    size; None if none decodes."""
     chosen = preview_paths(paths, count, model.cfg.in_chans)
     if not chosen:
         return None
-    rec = reconstruct(model, chosen, mask_ratio=PREVIEW_MASK, seed=seed)
-    folder = Path(out) / "previews"
+    rec = reconstruct(model, chosen, mask_ratio=mask_ratio, seed=seed)
+    folder = Path(out) / PREVIEWS_DIR
     folder.mkdir(exist_ok=True)
-    path = folder / f"epoch-{epoch:04d}.png"
-    write_png(png_bytes(render(rec)), path)
+    path = folder / preview_name(epoch)
+    write_png(png_bytes(render(rec, readable_zoom(model.cfg.img_size))), path)
     return path

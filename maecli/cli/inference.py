@@ -29,7 +29,6 @@ from .options import (
     Inputs,
     Json,
     LabelledData,
-    Mask,
     OldOutput,
     OutFile,
     PngOut,
@@ -41,13 +40,24 @@ from .options import (
     ValSplit,
     Weights,
     Workers,
+    finite,
 )
 
 
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files, any format pretrain reads.")],
     weights: Weights,
-    mask: Mask = 0.95,
+    mask: Annotated[
+        float | None,
+        typer.Option(
+            "--mask",
+            min=0.0,
+            max=1.0,
+            callback=finite,
+            help="Fraction of patches hidden, strictly between 0 and 1 [default: the mask the model was trained "
+            "with, 0.75 where the weights do not say].",
+        ),
+    ] = None,
     seed: Seed = 0,
     out: PngOut = "reconstruction.png",
     json_out: Json = False,
@@ -60,8 +70,14 @@ def reconstruct(
         ),
     ] = True,
     zoom: Annotated[
-        int, typer.Option("--zoom", min=1, max=16, help="Enlarge the tiles this many times (nearest pixel), up to 16.")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--zoom",
+            min=1,
+            max=16,
+            help="Enlarge the tiles this many times (nearest pixel), up to 16 [default: to about 256 px a tile].",
+        ),
+    ] = None,
     precision: InferPrecision = Precision.no,
 ):
     """Show what the model fills in: mask each image, reconstruct it, save a labelled grid.
@@ -77,7 +93,7 @@ def reconstruct(
     The weights must hold the decoder: a maecli run, an original MAE checkpoint or a Hugging Face
     ViTMAEForPreTraining folder. -o - writes the PNG to stdout.
     """
-    if not 0 < mask < 1:
+    if mask is not None and not 0 < mask < 1:
         fail(f"--mask must lie strictly between 0 and 1, got {mask}", 2)
     if out == "-" and json_out:
         fail("--out - and --json both write to stdout; pick one", 2)
@@ -90,11 +106,16 @@ def reconstruct(
     import json
 
     from ..console import console, plural, warn
-    from ..reconstruct import png_bytes, render, write_png
+    from ..reconstruct import png_bytes, readable_zoom, render, write_png
     from ..reconstruct import reconstruct as run_reconstruct
 
     with reported():
         model = load_model(weights)
+        if mask is None:
+            from ..export import trained_mask_ratio
+
+            mask = trained_mask_ratio(weights)
+        zoom = zoom or readable_zoom(model.cfg.img_size)
         rec = run_reconstruct(
             model, images, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, precision=precision.value
         )

@@ -84,8 +84,10 @@ def max_zoom(img_size: int) -> int:
 
 
 def page_zoom(img_size: int) -> int:
-    """Enlarge small models' tiles to about 256 px on the page (the same `--zoom` the CLI would take)."""
-    return max(1, min(16, round(256 / img_size)))
+    """Enlarge small models' tiles on the page as `maecli reconstruct` does by default."""
+    from ..reconstruct import readable_zoom
+
+    return readable_zoom(img_size)
 
 
 class Server:

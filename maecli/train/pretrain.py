@@ -247,7 +247,9 @@ class EpochEnd:
             from ..reconstruct import save_preview
 
             try:
-                path = save_preview(model, self.paths, self.out, epoch, self.args.previews, self.args.seed)
+                path = save_preview(
+                    model, self.paths, self.out, epoch, self.args.previews, self.args.seed, self.args.mask
+                )
                 if path:
                     self.preview = str(path)
                     with Image.open(path, formats=["PNG"]) as picture:
