@@ -74,7 +74,7 @@ def test_finetune_end_to_end(finetuned, labelled):
     assert result["classes"] == list(CLASSES)
     for name in ("finetuned", "baseline"):
         assert set(result[name]) == {"top1", "top5", "best_epoch"}
-        assert 0 <= result[name]["top1"] <= result[name]["top5"] == 1.0  # 3 classes: top-5 holds every class
+        assert 0 <= result[name]["top1"] <= 1 and result[name]["top5"] is None  # 3 classes: top-5 would hold all
         assert result[name]["best_epoch"] in (1, 2)
     for folder in (out, out / "baseline"):
         config = json.loads((folder / "config.json").read_text())
@@ -82,7 +82,9 @@ def test_finetune_end_to_end(finetuned, labelled):
         assert config["finetune"]["mixup"] == 0.8 and config["finetune"]["layer_decay"] == 0.75
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         val = [row for row in rows if "val_top1" in row]
-        assert [row["epoch"] for row in val] == [1, 2] and all("val_top5" in row and "val_loss" in row for row in val)
+        assert [row["epoch"] for row in val] == [1, 2] and all(
+            "val_top5" not in row and "val_loss" in row for row in val
+        )
         assert any("loss" in row and "lr" in row and "images_per_sec" in row for row in rows)
         per_class = json.loads((folder / "per_class.json").read_text())
         assert [c["class"] for c in per_class["classes"]] == list(CLASSES)
@@ -395,4 +397,4 @@ def test_log_with_tensorboard_holds_the_validation_metrics(tmp_path, labelled, t
     logged = {e.step: e.value for e in events.Scalars("val_top1")}
     assert list(logged) == list(val) == [4, 8]  # 25 training files (one broken) in batches of 8: 4 steps an epoch
     assert all(abs(logged[s] - val[s]) < 1e-6 for s in val)
-    assert {"loss", "lr", "val_top5", "val_loss"} <= set(events.Tags()["scalars"])
+    assert {"loss", "lr", "val_top1", "val_loss"} <= set(events.Tags()["scalars"])

@@ -239,8 +239,9 @@ def classification_loss(args: FinetuneArgs, num_classes: int, rank: int):
 
 @torch.no_grad()
 def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, workers: int = 0, on_error=None) -> dict:
-    """Top-1, top-5 (top-k for fewer classes), mean cross-entropy and per-class correct counts of `model` on
-    `split`, each image whole (data.eval_batches: resized, center-cropped), in fp32 and eval mode."""
+    """Top-1, top-5 (None for 5 classes or fewer, where it holds every class), mean cross-entropy and per-class
+    correct counts of `model` on `split`, each image whole (data.eval_batches: resized, center-cropped), in fp32
+    and eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -277,7 +278,7 @@ def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, wor
         raise DataError("none of the validation images could be read")
     return {
         "top1": correct1 / seen,
-        "top5": correct5 / seen,
+        "top5": correct5 / seen if num_classes > 5 else None,
         "loss": loss_sum / seen,
         "images": seen,
         "per_class": per_class,
@@ -315,14 +316,15 @@ class Validation:
             self.state.extra["best"] = {"epoch": epoch, "step": step, **result}
         best_now = self.state.extra["best"]["epoch"] == epoch
         console.print(
-            f"epoch {epoch}: val top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, loss "
-            f"{result['loss']:.4f}" + (" (best so far)" if best_now else "")
+            f"epoch {epoch}: val top-1 {result['top1']:.4f}, "
+            + ("" if result["top5"] is None else f"top-5 {result['top5']:.4f}, ")
+            + f"loss {result['loss']:.4f}"
+            + (" (best so far)" if best_now else "")
         )
-        return {
-            "val_top1": round(result["top1"], 6),
-            "val_top5": round(result["top5"], 6),
-            "val_loss": round(result["loss"], 6),
-        }
+        row = {"val_top1": round(result["top1"], 6), "val_loss": round(result["loss"], 6)}
+        if result["top5"] is not None:
+            row["val_top5"] = round(result["top5"], 6)
+        return row
 
     def catch_up(self, schedule: Schedule, model) -> None:
         """On resume from an epoch-end checkpoint: that epoch's validation ran after the checkpoint was written, so
@@ -550,9 +552,11 @@ def result_table(result: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.2f}%"
 
-    lines = [f"{'':<10} {'top-1':>8} {'top-5':>8} {'best epoch':>11}"]
+    five = len(result["classes"]) > 5  # with 5 classes or fewer, top-5 holds every class
+    lines = [f"{'':<10} {'top-1':>8} " + (f"{'top-5':>8} " if five else "") + f"{'best epoch':>11}"]
     for name, r in runs:
-        lines.append(f"{name:<10} {pct(r['top1']):>8} {pct(r['top5']):>8} {str(r['best_epoch'] or '-'):>11}")
+        top5 = f"{pct(r['top5']):>8} " if five else ""
+        lines.append(f"{name:<10} {pct(r['top1']):>8} {top5}{str(r['best_epoch'] or '-'):>11}")
     width = max([len("class")] + [len(c) for c in result["classes"]])
     lines.append("")
     lines.append(f"{'class':<{width}} {'images':>6} " + " ".join(f"{name:>10}" for name, _ in runs))
