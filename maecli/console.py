@@ -35,17 +35,20 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
+            # the counter and the time come before the bar and the info: on an 80-column terminal the info is what
+            # gets cut, not the step count
             self.bar = RichProgress(
                 TextColumn(f"[bold]{label}"),
-                BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
                 TimeRemainingColumn() if keep else TimeElapsedColumn(),
+                BarColumn(bar_width=12),
+                TextColumn("{task.fields[info]}"),
                 console=console,
                 transient=not keep,
             )
             self.task = self.bar.add_task(label, total=total, info="")
-        self.enabled = enabled
+        self.enabled, self.total = enabled, total
+        self.started = None  # (time, count) at the first update: a resumed run's rate counts only its own steps
 
     def __enter__(self):
         if self.bar is not None:
@@ -61,8 +64,35 @@ class Progress:
             self.bar.advance(self.task, n)
 
     def update(self, completed: int, info: str = "", line: bool = False) -> None:
-        """Move the bar to step `completed`; with `line`, print `step N: info` where there is no bar."""
+        """Move the bar to step `completed`; with `line`, print `step N/T: info, elapsed, time left` where there is
+        no bar (a log file), as the bar would show it."""
+        import time
+
+        now = time.monotonic()
+        if self.started is None:
+            self.started = (now, completed)
         if self.bar is not None:
-            self.bar.update(self.task, completed=completed, info=info)
+            room = max(0, self.bar.console.width - len(self.label) - 2 * len(str(self.total)) - 30)
+            self.bar.update(self.task, completed=completed, info=info if len(info) <= room else info[: room - 1] + "…")
         elif line and self.enabled:
-            console.print(f"step {completed}: {info}")
+            console.print(
+                f"step {completed}{f'/{self.total}' if self.total else ''}: {info}{self.timing(completed, now)}"
+            )
+
+    def timing(self, completed: int, now: float) -> str:
+        """`, 1m05s elapsed, 4m10s left` from the rate since the first update; the estimate once there is one."""
+        t0, first = self.started
+        text = f", {clock(now - t0)} elapsed"
+        if self.total and completed > first and now > t0:
+            text += f", {clock((self.total - completed) * (now - t0) / (completed - first))} left"
+        return text
+
+
+def clock(seconds: float) -> str:
+    """12s, 4m05s, 2h03m."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
