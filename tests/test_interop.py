@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from maecli.cli import app
+from maecli.errors import UsageError
 from maecli.export import export_hf, export_timm, timm_create_call
 from maecli.model import MAE, MAEConfig, sincos_pos_embed
 from maecli.weights import WeightsError, load
@@ -466,7 +467,7 @@ def test_other_input_size_recomputes_sincos_and_interpolates_learned(tmp_path):
         warnings.simplefilter("error")
         same = load(tmp_path / "learned.pth", num_heads=2, img_size=32)  # same size: untouched, no warning
     assert torch.equal(same.pos_embed, sd["pos_embed"])
-    with pytest.raises(WeightsError, match="not divisible by patch size"):
+    with pytest.raises(UsageError, match="not divisible by patch size"):
         load(path, img_size=50)
 
 
