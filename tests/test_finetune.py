@@ -4,6 +4,7 @@ and the timm export of a classifier."""
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -79,7 +80,9 @@ def test_finetune_end_to_end(finetuned, labelled):
     for folder in (out, out / "baseline"):
         config = json.loads((folder / "config.json").read_text())
         assert config["classes"] == list(CLASSES) and config["classifier"] == {"num_classes": 3, "pool": "mean"}
-        assert config["finetune"]["mixup"] == 0.8 and config["finetune"]["layer_decay"] == 0.75
+        # 8 steps: auto takes the light recipe, and the config records what it filled in
+        assert config["finetune"]["recipe"] == "auto" and config["finetune"]["layer_decay"] == 0.75
+        assert (config["finetune"]["mixup"], config["finetune"]["aa"], config["finetune"]["blr"]) == (0, "none", 5e-3)
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         val = [row for row in rows if "val_top1" in row]
         assert [row["epoch"] for row in val] == [1, 2] and all(
@@ -95,10 +98,8 @@ def test_finetune_end_to_end(finetuned, labelled):
     assert "skipped validation image" in r.stderr and "broken.png" in r.stderr
     assert "skipped" in r.stderr and "broken.jpg" in r.stderr
     assert "1 unreadable training file skipped" in r.stderr
-    assert (
-        "hint: 8 steps is a short fine-tuning" in r.stderr and "--mixup 0 --cutmix 0 --aa none --reprob 0" in r.stderr
-    )
-    assert r.stderr.count("hint:") == 1  # not again for the baseline
+    assert r.stderr.count("recipe light (auto: 8 steps, under 2000): mixup 0, cutmix 0, RandAugment off") == 2
+    assert "hint:" not in r.stderr
     # the pretrained and the scratch run share data order and init seed but not weights
     a, b = load_file(out / "model.safetensors"), load_file(out / "baseline" / "model.safetensors")
     assert a.keys() == b.keys() and "head.weight" in a and "fc_norm.weight" in a
@@ -358,9 +359,9 @@ def test_bad_weights_are_one_line(tmp_path, tiny_weights):
 
 def test_pillow_13_posterize_at_zero_bits_keeps_the_image():
     """RandAugment `inc1` asks for 0 bits at magnitude 10; Pillow 13 raises there, our floor keeps 1 bit."""
-    from maecli.train.finetune import FinetuneArgs, train_transform
+    from maecli.train.finetune import RECIPES, FinetuneArgs, train_transform
 
-    transform = train_transform(FinetuneArgs(data="", weights=""), 32, 3)
+    transform = train_transform(FinetuneArgs(data="", weights="", **RECIPES["paper"]), 32, 3)
     ops = [op for t in transform.transforms for op in getattr(t, "ops", [])]
     posterize = next(op for op in ops if op.name == "PosterizeIncreasing")
     posterize.magnitude, posterize.magnitude_std, posterize.prob = 10, 0, 1.0
@@ -398,3 +399,26 @@ def test_log_with_tensorboard_holds_the_validation_metrics(tmp_path, labelled, t
     assert list(logged) == list(val) == [4, 8]  # 25 training files (one broken) in batches of 8: 4 steps an epoch
     assert all(abs(logged[s] - val[s]) < 1e-6 for s in val)
     assert {"loss", "lr", "val_top1", "val_loss"} <= set(events.Tags()["scalars"])
+
+
+def test_the_recipe_fills_what_the_user_left_unset_by_the_runs_length():
+    from maecli.train.finetune import FinetuneArgs, with_recipe
+
+    short = FinetuneArgs("data", weights="w", epochs=2, batch_size=8)  # 24 images: 3 steps an epoch, 6 in all
+    args, line = with_recipe(short, 24)
+    assert line == "recipe light (auto: 6 steps, under 2000)"
+    assert (args.mixup, args.cutmix, args.aa, args.reprob, args.blr, args.crop_scale) == (0, 0, "none", 0, 5e-3, 0.35)
+    assert args.warmup_epochs == 0.2  # 10% of the run
+    args, line = with_recipe(replace(short, epochs=1000), 24)
+    assert line == "recipe paper (auto: 3000 steps, at least 2000)" and (args.mixup, args.warmup_epochs) == (0.8, 5)
+    args, line = with_recipe(replace(short, recipe="paper", mixup=0.1, blr=2e-3), 24)
+    assert line == "recipe paper" and (args.mixup, args.cutmix, args.blr, args.crop_scale) == (0.1, 1.0, 2e-3, 0.08)
+
+
+def test_the_papers_recipe_on_a_short_run_gets_a_hint(tmp_path, tiny_weights):
+    data = make_labelled(tmp_path / "data", per_class=2, val_per_class=1)
+    r = invoke("finetune", data, "-w", tiny_weights, "--out", tmp_path / "run", "--epochs", "1", "--recipe", "paper",
+               *FAST)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "recipe paper: mixup 0.8, cutmix 1, RandAugment rand-m9-mstd0.5-inc1" in r.stderr
+    assert "hint: 1 step is a short fine-tuning" in r.stderr and "--recipe light" in r.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -244,16 +245,56 @@ DropPath = Annotated[
     float,
     typer.Option("--drop-path", min=0.0, max=0.99, callback=finite, help="Stochastic depth rate, below 1."),
 ]
-Mixup = Annotated[float, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off).")]
-Cutmix = Annotated[float, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off).")]
+
+
+class Recipe(str, Enum):
+    auto = "auto"
+    paper = "paper"
+    light = "light"
+
+
+RecipeName = Annotated[
+    Recipe,
+    typer.Option(
+        "--recipe",
+        help="What the regularisation flags below default to. paper: the MAE paper's (Mixup, CutMix, RandAugment, "
+        "erasing, blr 1e-3, warmup 5 epochs); light: none of them, blr 5e-3, crop scale 0.35, warmup 10% of the "
+        "run; auto: paper from 2000 optimizer steps on, light below (measured: docs/finetune.md).",
+    ),
+]
+RECIPE_DEFAULT = " [default: the recipe's]"
+FinetuneBlr = Annotated[
+    float | None,
+    typer.Option("--blr", min=0.0, callback=finite, help="Base learning rate: lr = blr x effective batch / 256."
+                 + RECIPE_DEFAULT),
+]  # fmt: skip
+FinetuneWarmup = Annotated[
+    float | None,
+    typer.Option("--warmup-epochs", min=0.0, max=10**7, callback=finite, help="Linear warmup, in epochs."
+                 + RECIPE_DEFAULT),
+]  # fmt: skip
+CropScale = Annotated[
+    float | None,
+    typer.Option("--crop-scale", min=0.01, max=1.0, callback=finite,
+                 help="Smallest area the random resized crop keeps, as a fraction of the image." + RECIPE_DEFAULT),
+]  # fmt: skip
+Mixup = Annotated[
+    float | None, typer.Option("--mixup", min=0.0, callback=finite, help="Mixup alpha (0: off)." + RECIPE_DEFAULT)
+]
+Cutmix = Annotated[
+    float | None, typer.Option("--cutmix", min=0.0, callback=finite, help="CutMix alpha (0: off)." + RECIPE_DEFAULT)
+]
 Smoothing = Annotated[
     float, typer.Option("--smoothing", min=0.0, max=0.99, callback=finite, help="Label smoothing, below 1.")
 ]
 Reprob = Annotated[
-    float,
-    typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability."),
+    float | None,
+    typer.Option("--reprob", min=0.0, max=1.0, callback=finite, help="Random erasing probability." + RECIPE_DEFAULT),
 ]
-Aa = Annotated[str, typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none.")]
+Aa = Annotated[
+    str | None,
+    typer.Option("--aa", metavar="<policy>", help="timm RandAugment policy, or none." + RECIPE_DEFAULT),
+]
 FinetuneImgSize = Annotated[
     int | None,
     typer.Option(
@@ -279,20 +320,22 @@ def finetune(
     epochs: Epochs = 50,
     steps: Steps = None,
     batch_size: TrainBatchSize = 64,
-    blr: Blr = 1e-3,
+    recipe: RecipeName = Recipe.auto,
+    blr: FinetuneBlr = None,
     lr: Lr = None,
     min_lr: MinLr = 1e-6,
-    warmup_epochs: WarmupEpochs = 5,
+    warmup_epochs: FinetuneWarmup = None,
     accum_iter: AccumIter = 1,
     clip_grad: ClipGrad = None,
     weight_decay: WeightDecay = 0.05,
     layer_decay: LayerDecay = 0.75,
     drop_path: DropPath = 0.1,
-    mixup: Mixup = 0.8,
-    cutmix: Cutmix = 1.0,
+    mixup: Mixup = None,
+    cutmix: Cutmix = None,
     smoothing: Smoothing = 0.1,
-    reprob: Reprob = 0.25,
-    aa: Aa = "rand-m9-mstd0.5-inc1",
+    reprob: Reprob = None,
+    aa: Aa = None,
+    crop_scale: CropScale = None,
     pool: Pooling = Pool.mean,
     img_size: FinetuneImgSize = None,
     precision: TrainPrecision = "auto",
@@ -306,7 +349,8 @@ def finetune(
     allow_data_change: AllowDataChange = False,
     log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
 ):
-    """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe).
+    """Fine-tune a pretrained MAE encoder into a classifier on a labelled folder (the paper's recipe, or a light one
+    for short runs: --recipe).
 
     Validates at each epoch end (val_top1, val_top5, val_loss in metrics.jsonl) and keeps the best epoch's
     classifier in RUN/model.safetensors; config.json holds the classes in order and the recipe, per_class.json

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .. import data as D
 from ..classifier import Classifier, from_encoder, save_classifier
-from ..console import console, warn
+from ..console import console, plural, warn
 from ..errors import DataError, UsageError
 from ..files import write_json
 from ..labelled import Labelled, Split, load_labelled
@@ -43,6 +43,10 @@ class FinetuneArgs(RunArgs):
 
     weights: str
     epochs: int = 50
+    recipe: str = "auto"  # auto, paper or light (RECIPES): what the settings left as None take
+    blr: float | None = None
+    warmup_epochs: float | None = None
+    crop_scale: float | None = None  # the smallest area of the random resized crop, as a fraction
     val: str | None = None
     val_split: float | None = None
     fraction: float | None = None
@@ -52,13 +56,53 @@ class FinetuneArgs(RunArgs):
     min_lr: float = 1e-6
     layer_decay: float = 0.75
     drop_path: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
+    mixup: float | None = None
+    cutmix: float | None = None
     smoothing: float = 0.1
-    reprob: float = 0.25
-    aa: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float | None = None
+    aa: str | None = None
     baseline: bool = False
     scratch: bool = False  # this run starts from random init (the baseline's own run)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: the paper's for long runs, a light one for short ones
+
+
+# The settings each recipe gives where the user set none. paper: the MAE paper's fine-tuning (Mixup 0.8, CutMix
+# 1.0, RandAugment m9, random erasing 0.25, warmup 5 epochs, timm's crop scale 0.08-1). light: none of that
+# regularisation, a larger lr, a milder crop (0.35-1: harsh crops of small images leave little object) and
+# warmup over 10% of the run; measured better over a few thousand steps or less (docs/finetune.md).
+RECIPES = {
+    "paper": {"mixup": 0.8, "cutmix": 1.0, "aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "blr": 1e-3,
+              "warmup_epochs": 5.0, "crop_scale": 0.08},
+    "light": {"mixup": 0.0, "cutmix": 0.0, "aa": "none", "reprob": 0.0, "blr": 5e-3,
+              "warmup_epochs": None, "crop_scale": 0.35},
+}  # fmt: skip
+LIGHT_WARMUP = 0.1  # of the run's steps
+PAPER_FROM = 2000  # optimizer steps from which `auto` takes the paper's recipe
+
+
+def with_recipe(args: FinetuneArgs, train_images: int) -> tuple[FinetuneArgs, str]:
+    """`args` with every recipe setting the user left as None filled from its recipe, and a line saying which (and,
+    for auto, why). auto: the paper's from PAPER_FROM optimizer steps on, the light one below."""
+    import os
+
+    from .run import plan
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    _, schedule = plan(replace(args, blr=args.blr or 1.0, warmup_epochs=0.0), train_images, world)
+    steps = schedule.total_steps
+    name = args.recipe
+    if name == "auto":
+        name = "paper" if steps >= PAPER_FROM else "light"
+    if name not in RECIPES:
+        raise UsageError(f"--recipe must be auto, paper or light, got {args.recipe}")
+    values = {k: v for k, v in RECIPES[name].items() if getattr(args, k) is None}
+    if "warmup_epochs" in values and values["warmup_epochs"] is None:
+        values["warmup_epochs"] = round(LIGHT_WARMUP * steps / schedule.steps_per_epoch, 4)
+    why = f" (auto: {steps} steps, {'at least' if name == 'paper' else 'under'} {PAPER_FROM})"
+    return replace(args, **values), f"recipe {name}{why if args.recipe == 'auto' else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +171,7 @@ def train_transform(args: FinetuneArgs, img_size: int, in_chans: int):
             re_mode="pixel",
             re_count=1,
             interpolation="bicubic",
+            scale=(args.crop_scale, 1.0),
             mean=mean,
             std=std,
         )
@@ -360,16 +405,17 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
     """
     args = prepared(args, given)
     out = Path(args.out)
-    check_recipe(args)
     labelled = load_labelled(args.data, args.val, args.val_split, args.seed)
     labelled = replace(
         labelled, train=subset(labelled.train, labelled.classes, args.fraction, args.per_class, args.seed)
     )
+    args, recipe = with_recipe(args, len(labelled.train.paths))
+    check_recipe(args)
     if args.resume:
         check_same_classes(out, labelled.classes)
     encoder = load_encoder(args)
     check_readable(labelled, encoder.cfg.in_chans)
-    finetuned = train_classifier(args, labelled, encoder, out)
+    finetuned = train_classifier(args, labelled, encoder, out, recipe)
     baseline = None
     if args.baseline and finetuned["signal"] is None:
         base_out = out / BASELINE_DIR
@@ -377,7 +423,7 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
         base_args = replace(args, out=str(base_out), resume=resume, overwrite=not resume, baseline=False, scratch=True)
         torch.manual_seed(args.seed)  # the same seeded init the pretraining began from
         scratch = MAE(encoder.cfg, decoder=False)
-        baseline = train_classifier(base_args, labelled, scratch, base_out)
+        baseline = train_classifier(base_args, labelled, scratch, base_out, recipe)
     return {"finetuned": finetuned, "baseline": baseline, "classes": labelled.classes, "labelled": labelled}
 
 
@@ -442,7 +488,7 @@ def load_encoder(args: FinetuneArgs) -> MAE:
     return load(args.weights, img_size=args.img_size)
 
 
-def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: Path) -> dict:
+def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: Path, recipe: str = "") -> dict:
     """One fine-tuning run into `out`: the classifier on `encoder`, trained by the shared loop, validated at each
     epoch end. Returns {"out", "top1", "top5", "loss", "best_epoch", "per_class", "steps", ...}."""
     cfg, classes, train = encoder.cfg, labelled.classes, labelled.train
@@ -472,6 +518,7 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
                 f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool",
                 extra=f", layer decay {args.layer_decay:g}",
             )
+            console.print(recipe_line(args, recipe))
             hint = None if args.scratch else short_run_hint(args, run.schedule.total_steps)
             if hint:
                 console.print(hint)
@@ -499,27 +546,24 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
     return summary
 
 
-SHORT_RUN = 1000  # optimizer steps below which the paper's regularisation costs more than it gives (docs/finetune.md)
+def recipe_line(args: FinetuneArgs, recipe: str) -> str:
+    """The regularisation the run trains with, in one line."""
+    aa = args.aa if args.aa and args.aa.lower() != "none" else "off"
+    return (
+        f"{recipe or 'recipe'}: mixup {args.mixup:g}, cutmix {args.cutmix:g}, RandAugment {aa}, erasing "
+        f"{args.reprob:g}, crop scale {args.crop_scale:g}-1, smoothing {args.smoothing:g}, drop path {args.drop_path:g}"
+    )
 
 
 def short_run_hint(args: FinetuneArgs, total_steps: int) -> str | None:
     """A line of advice when a short run keeps the paper's regularisation, which is made for long ones: measured on
     flowers-160 over 300 steps, it cost the pretrained run 9.5 points of top-1."""
-    heavy = [
-        flag
-        for flag, on in (
-            ("--mixup 0", args.mixup > 0),
-            ("--cutmix 0", args.cutmix > 0),
-            ("--aa none", bool(args.aa) and args.aa.lower() != "none"),
-            ("--reprob 0", args.reprob > 0),
-        )
-        if on
-    ]
-    if total_steps >= SHORT_RUN or not heavy:
+    heavy = args.mixup > 0 or args.cutmix > 0 or (bool(args.aa) and args.aa.lower() != "none") or args.reprob > 0
+    if total_steps >= PAPER_FROM or not heavy:
         return None
     return (
-        f"hint: {total_steps} steps is a short fine-tuning for the paper's regularisation; on small data sets "
-        f"{' '.join(heavy)} and a larger --blr do better over a few hundred steps (docs/finetune.md)"
+        f"hint: {plural(total_steps, 'step')} is a short fine-tuning for the paper's regularisation; on small data sets "
+        f"--recipe light does better over a few thousand steps or less (docs/finetune.md)"
     )
 
 

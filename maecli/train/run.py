@@ -279,6 +279,24 @@ class Run:
         }
 
 
+def plan(args: RunArgs, per_epoch: int, world: int, *, min_lr: float = 0.0) -> tuple[int, Schedule]:
+    """The batch each process takes (capped at what an epoch gives it, never padded with repeats) and the schedule:
+    lr = blr x effective batch / 256 unless `args.lr`, warmup capped at half the run."""
+    batch = min(args.batch_size, math.ceil(per_epoch / world))
+    peak_lr = args.lr if args.lr is not None else args.blr * batch * args.accum_iter * world / 256
+    micro_per_epoch = D.EpochBatches(per_epoch, batch, args.seed, epochs=1, world=world).micro_per_epoch()
+    schedule = Schedule.plan(
+        micro_per_epoch,
+        args.accum_iter,
+        peak_lr,
+        epochs=args.epochs,
+        steps=args.steps,
+        warmup_epochs=args.warmup_epochs,
+        min_lr=min(min_lr, peak_lr),
+    )
+    return batch, schedule
+
+
 @contextlib.contextmanager
 def start(
     args: RunArgs,
@@ -300,19 +318,9 @@ def start(
     lock = prepare(out, args.resume, args.overwrite) if acc.is_main_process else None
     try:
         acc.wait_for_everyone()
-        per_epoch = len(items) * repeat
-        batch = min(args.batch_size, math.ceil(per_epoch / world))
-        peak_lr = args.lr if args.lr is not None else args.blr * batch * args.accum_iter * world / 256
-        sampler = D.EpochBatches(per_epoch, batch, args.seed, epochs=1, rank=rank, world=world)
-        schedule = Schedule.plan(
-            sampler.micro_per_epoch(),
-            args.accum_iter,
-            peak_lr,
-            epochs=args.epochs,
-            steps=args.steps,
-            warmup_epochs=args.warmup_epochs,
-            min_lr=min(min_lr, peak_lr),
-        )
+        batch, schedule = plan(args, len(items) * repeat, world, min_lr=min_lr)
+        sampler = D.EpochBatches(len(items) * repeat, batch, args.seed, epochs=1, rank=rank, world=world)
+        peak_lr = schedule.peak_lr
         optimizer = make_optimizer(param_groups, peak_lr, acc.device, betas=betas)
         files = DataList.of(args.data, items)
         state = restore(args, out, model, optimizer, schedule, len(items), world, files=files) if args.resume else None
