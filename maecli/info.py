@@ -615,48 +615,51 @@ def _recipe_line(r: dict) -> str:
     return ", ".join(parts)
 
 
-def format_info(info: dict) -> str:
-    """A few readable lines from `run_info`'s answer."""
-    lines = []
+def _row(label: str, text: str) -> str:
+    """One line of format_info: `label` in the left column, then `text`."""
+    return f"  {label:<{LABEL}}{text}".rstrip()
 
-    def row(label: str, text: str):
-        lines.append(f"  {label:<{LABEL}}{text}".rstrip())
 
-    if info["kind"] == "weights":
-        head = f"{info['path']}: weights, "
-        head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
-        lines.append(head)
-        row("model", _model_line(info["model"]))
-        w = info.get("weights")
-        if w:
-            row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})")
-        return "\n".join(lines)
+def _format_weights(info: dict) -> str:
+    """format_info's lines for weights that are not a run: the model and the file."""
+    head = f"{info['path']}: weights, "
+    head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
+    lines = [head, _row("model", _model_line(info["model"]))]
+    w = info.get("weights")
+    if w:
+        lines.append(_row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})"))
+    return "\n".join(lines)
 
+
+def _run_head(info: dict) -> str:
+    """The first line for a run: its path, its kind and where it stands."""
     status, prog = info["status"], info["progress"]
     head = f"{info['path']}: {info['kind']}" + (" from scratch (a baseline)" if info.get("scratch") else "")
     head += f", {status}"
     if status == "unfinished":
         ago = prog["seconds_since_last_write"]
         head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
-    lines.append(head)
-    if info["model"]:
-        row("model", _model_line(info["model"]))
-    if info.get("classes") is not None:
-        classes = info["classes"]
-        shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
-        row("classes", f"{len(classes)}: {shown}")
-    d = info["data"]
-    if d:
-        if not d["exists"]:
-            row("data", f"{d['path']} (not found here)")
-        else:
-            text = f"{d['path']} ({plural(d['images'], 'image')}"
-            if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
-                text += f"; {d['images_at_start']} when the run started"
-            row("data", text + ")")
-    if info["recipe"]:
-        row("recipe", _recipe_line(info["recipe"]))
+    return head
 
+
+def _classes_text(classes: list[str]) -> str:
+    """How many classes, and the first eight of their names."""
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
+    return f"{len(classes)}: {shown}"
+
+
+def _data_text(d: dict) -> str:
+    """The data folder, with its images now and when the run started, or that it is not found here."""
+    if not d["exists"]:
+        return f"{d['path']} (not found here)"
+    text = f"{d['path']} ({plural(d['images'], 'image')}"
+    if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
+        text += f"; {d['images_at_start']} when the run started"
+    return text + ")"
+
+
+def _progress_text(prog: dict) -> str:
+    """Step, epoch, images seen and training time, as far as the run recorded them."""
     text = f"step {prog['step']}" + (f" of {prog['total_steps']}" if prog["total_steps"] else "")
     if prog["epoch"] is not None:
         text += f", epoch {_number(prog['epoch'])}" + (f" of {_number(prog['epochs'])}" if prog["epochs"] else "")
@@ -664,49 +667,78 @@ def format_info(info: dict) -> str:
         text += f", {plural(prog['images_seen'], 'image')} seen"
     if prog["seconds"] is not None:
         text += f", {_duration(prog['seconds'])} of training"
-    row("progress", text)
-    if status == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
+    return text
+
+
+def _metric_text(name: str, m: dict) -> str:
+    """One metric's last value and its best (for lr: its highest, and the schedule's peak)."""
+    if name == "lr":
+        text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
+        text += f" (step {m['highest_step']})"
+        if m["schedule_peak"] is not None:
+            text += f"; the schedule's peak {m['schedule_peak']:.3g}"
+        return text
+    when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
+    word = "lowest" if name.endswith("loss") else "best"
+    return f"last {m['last']:.4f} (step {m['last_step']}), {word} {m['best']:.4f} ({when})"
+
+
+def _skipped_text(skipped: dict) -> str:
+    """How many files the run could not read, and the first three with why."""
+    first = list(skipped.items())[:3]
+    return (
+        f"{plural(len(skipped), 'unreadable file')}: "
+        + "; ".join(f"{p} ({why})" for p, why in first)
+        + ("; ..." if len(skipped) > 3 else "")
+    )
+
+
+def _checkpoint_lines(checkpoints: list[dict]) -> list[str]:
+    """The checkpoints heading, then one line per checkpoint: its size and whether it can be resumed."""
+    if not checkpoints:
+        return [_row("checkpoints", "none")]
+    lines = [_row("checkpoints", "")]
+    resumable = [c for c in checkpoints if c["resumable"]]
+    for c in checkpoints:
+        if c["resumable"]:
+            state = "resumable" + (" (newest)" if c is resumable[-1] else "")
+        else:
+            state = f"incomplete: {c.get('why', 'unusable')}"
+        lines.append(f"    {c['name']:<26}{_size(c['bytes']):>10}  {state}")
+    return lines
+
+
+def _run_weights_text(w: dict | None) -> str:
+    """The run's weights file, its size and when it was written, or that there are none yet."""
+    if not w:
+        return "none yet (written at each epoch end)"
+    return f"{w['path']} ({_size(w['bytes'])}, written {w['modified']})"
+
+
+def format_info(info: dict) -> str:
+    """A few readable lines from `run_info`'s answer."""
+    if info["kind"] == "weights":
+        return _format_weights(info)
+
+    prog = info["progress"]
+    lines = [_run_head(info)]
+    if info["model"]:
+        lines.append(_row("model", _model_line(info["model"])))
+    if info.get("classes") is not None:
+        lines.append(_row("classes", _classes_text(info["classes"])))
+    if info["data"]:
+        lines.append(_row("data", _data_text(info["data"])))
+    if info["recipe"]:
+        lines.append(_row("recipe", _recipe_line(info["recipe"])))
+    lines.append(_row("progress", _progress_text(prog)))
+    if info["status"] == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
         data = info["recipe"].get("data", "DATA")
-        row("", f"resumes from step {prog['checkpoint_step']}: maecli pretrain {data} --out {info['path']} --resume")
-
-    for name, m in info["metrics"].items():
-        if name == "lr":
-            text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
-            text += f" (step {m['highest_step']})"
-            if m["schedule_peak"] is not None:
-                text += f"; the schedule's peak {m['schedule_peak']:.3g}"
-            row("lr", text)
-            continue
-        when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
-        word = "lowest" if name.endswith("loss") else "best"
-        row(name, f"last {m['last']:.4f} (step {m['last_step']}), {word} {m['best']:.4f} ({when})")
-
-    skipped = info["skipped"]
-    if skipped:
-        first = list(skipped.items())[:3]
-        row(
-            "skipped",
-            f"{plural(len(skipped), 'unreadable file')}: "
-            + "; ".join(f"{p} ({why})" for p, why in first)
-            + ("; ..." if len(skipped) > 3 else ""),
-        )
-
-    if info["checkpoints"]:
-        row("checkpoints", "")
-        resumable = [c for c in info["checkpoints"] if c["resumable"]]
-        for c in info["checkpoints"]:
-            if c["resumable"]:
-                state = "resumable" + (" (newest)" if c is resumable[-1] else "")
-            else:
-                state = f"incomplete: {c.get('why', 'unusable')}"
-            lines.append(f"    {c['name']:<26}{_size(c['bytes']):>10}  {state}")
-    else:
-        row("checkpoints", "none")
-    w = info["weights"]
-    if w:
-        row("weights", f"{w['path']} ({_size(w['bytes'])}, written {w['modified']})")
-    else:
-        row("weights", "none yet (written at each epoch end)")
-    for note in info["notes"]:
-        lines.append(f"  note: {note}")
+        resume = f"maecli pretrain {data} --out {info['path']} --resume"
+        lines.append(_row("", f"resumes from step {prog['checkpoint_step']}: {resume}"))
+    lines += [_row(name, _metric_text(name, m)) for name, m in info["metrics"].items()]
+    if info["skipped"]:
+        lines.append(_row("skipped", _skipped_text(info["skipped"])))
+    lines += _checkpoint_lines(info["checkpoints"])
+    lines.append(_row("weights", _run_weights_text(info["weights"])))
+    lines += [f"  note: {note}" for note in info["notes"]]
     return "\n".join(lines)
