@@ -299,12 +299,23 @@ def model_card(model: MAE, architecture: str, mask_ratio: float, record: dict) -
 
 
 def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str]:
+    """The model card's account of how the weights were trained: a sentence, a settings table and the results."""
     if "command" not in record:
         origin = f"`{record['from']}`" if "from" in record else "other weights"
         return [f"Converted by `maecli export` from {origin}; no training record came with them.", ""]
-    recipe = record["recipe"]
-    finetuned = record["command"] == "finetune"
-    if finetuned:
+    out = [_training_sentence(record)]
+    out += ["", "| setting | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in _card_settings(cfg, mask_ratio, record) if v is not None]
+    out.append("")
+    results = _card_results(record)
+    if results:
+        out += ["## Results", "", *[f"- {r}" for r in results], ""]
+    return out
+
+
+def _training_sentence(record: dict) -> str:
+    """One sentence on the command that trained the weights, on how many images, and for how many steps."""
+    if record["command"] == "finetune":
         data = f"{_count(record.get('images'))} training images"
         if record.get("val_images") is not None:
             data += f", {_count(record['val_images'])} validation images"
@@ -319,14 +330,26 @@ def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str
             said += f" of {record['total_steps']:,}"
         if _is_number(record.get("epoch")):
             said += f" ({record['epoch']:.4g} epochs)"
-    out = [said + "."]
+    return said + "."
+
+
+def _learning_rate(recipe: dict, effective: int | None) -> str | None:
+    """The recipe's learning rate as the card shows it: lr itself, or blr scaled by the effective batch."""
+    lr, blr = recipe.get("lr"), recipe.get("blr")
+    if _is_number(lr):
+        return f"{lr:g}"
+    if _is_number(blr):
+        return f"{blr * effective / 256:.3g} ({blr:g} x {effective} / 256)" if effective else f"{blr:g} x batch / 256"
+    return None
+
+
+def _card_settings(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[tuple[str, object]]:
+    """The rows of the card's settings table, as (setting, value); a value of None is a row the card leaves out."""
+    recipe = record["recipe"]
+    finetuned = record["command"] == "finetune"
     batch = recipe.get("batch_size")
     accum, processes = recipe.get("accum_iter") or 1, record.get("processes") or 1
     effective = batch * accum * processes if isinstance(batch, int) and isinstance(accum, int) else None
-    lr, blr = recipe.get("lr"), recipe.get("blr")
-    rate = f"{lr:g}" if _is_number(lr) else None
-    if rate is None and _is_number(blr):
-        rate = f"{blr * effective / 256:.3g} ({blr:g} x {effective} / 256)" if effective else f"{blr:g} x batch / 256"
     rows = [
         ("model", preset_name(cfg) or f"custom: {cfg.embed_dim} wide, {cfg.depth} blocks, {cfg.num_heads} heads"),
         ("image size, patch", f"{cfg.img_size} px, {cfg.patch_size} px"),
@@ -335,7 +358,7 @@ def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str
         ("epochs", recipe.get("epochs") if recipe.get("steps") is None else None),
         ("steps", recipe.get("steps")),
         ("batch", f"{batch} per step" + (f", {effective} effective" if effective not in (None, batch) else "")),
-        ("learning rate", rate),
+        ("learning rate", _learning_rate(recipe, effective)),
         ("warmup epochs", recipe.get("warmup_epochs")),
         ("weight decay", recipe.get("weight_decay")),
         ("layer decay", recipe.get("layer_decay") if finetuned else None),
@@ -345,9 +368,11 @@ def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str
     init = recipe.get("init_from") if not finetuned else recipe.get("weights")
     if init:
         rows.append(("started from", f"`{init}`" if hub.is_hub_id(init) else "other weights"))
-    out += ["", "| setting | value |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in rows if v is not None]
-    out.append("")
+    return rows
+
+
+def _card_results(record: dict) -> list[str]:
+    """The scores the run recorded at its end: kNN top-1 for pretraining, validation top-1 for fine-tuning."""
     results = []
     if record.get("knn_top1") is not None:
         results.append(f"kNN top-1 on the run's probe folder, at the end: {record['knn_top1']:.1%}")
@@ -355,9 +380,7 @@ def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str
         results.append(f"validation top-1 at the end: {record['val_top1']:.1%}")
     if record.get("best_top1") is not None:
         results.append(f"validation top-1 at the best epoch ({record.get('best_epoch')}): {record['best_top1']:.1%}")
-    if results:
-        out += ["## Results", "", *[f"- {r}" for r in results], ""]
-    return out
+    return results
 
 
 def _is_number(x) -> bool:

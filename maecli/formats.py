@@ -216,14 +216,26 @@ def from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tens
             else:
                 ours[f"{prefix}.{part}.{m.group(3)}"] = value
             continue
-        base, _, leaf = key.rpartition(".")
-        name = top.get(key) or top.get("vit." + key)  # tokens and position embeddings have no .weight
-        if name is None and leaf in ("weight", "bias"):
-            name = top.get(base) or top.get("vit." + base)
-            name = name and f"{name}.{leaf}"
+        name = _hf_top_name(key, top)
         if name is None:
             raise WeightsError(f"{source}: unexpected tensor {key} for a Hugging Face ViTMAE")
         ours[name] = value
+    _fuse_qkv(ours, qkv, source)
+    return ours
+
+
+def _hf_top_name(key: str, top: dict[str, str]) -> str | None:
+    """The maecli name of a Hugging Face tensor outside the blocks (`top` maps Hub names to ours), or None."""
+    base, _, leaf = key.rpartition(".")
+    name = top.get(key) or top.get("vit." + key)  # tokens and position embeddings have no .weight
+    if name is None and leaf in ("weight", "bias"):
+        name = top.get(base) or top.get("vit." + base)
+        name = name and f"{name}.{leaf}"
+    return name
+
+
+def _fuse_qkv(ours: dict[str, torch.Tensor], qkv: dict[tuple[str, str], dict[str, torch.Tensor]], source: str) -> None:
+    """Add to `ours` each block's query, key and value joined into one qkv tensor, and zeros for a missing bias."""
     for (prefix, leaf), parts in qkv.items():
         if leaf == "bias" and len(parts) < 3:
             continue  # qkv_bias=False in the config; filled with zeros below
@@ -234,7 +246,6 @@ def from_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tens
         if leaf == "weight" and f"{prefix}.attn.qkv.bias" not in ours:
             w = ours[f"{prefix}.attn.qkv.weight"]
             ours[f"{prefix}.attn.qkv.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
-    return ours
 
 
 def hf_settings(hf_config: dict, source: str) -> dict:

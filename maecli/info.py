@@ -243,64 +243,66 @@ def _command(config: dict) -> str:
     return "finetune" if isinstance(config.get("finetune"), dict) or "classes" in config else "pretrain"
 
 
-def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
-    command = _command(config)
-    recipe_key = "finetune" if command == "finetune" else "train"
-    recipe = config.get(recipe_key) if isinstance(config.get(recipe_key), dict) else {}
-    info: dict = {
-        "path": str(run),
-        "kind": f"{command} run",
-        "command": command,
-        "scratch": command == "finetune" and recipe.get("scratch") is True,  # finetune --baseline's own run
-        "recipe": recipe,
-    }
+def _run_recipe(config: dict, command: str) -> dict:
+    """The run's recipe: config.json's "finetune" section for a finetune run, its "train" section otherwise."""
+    key = "finetune" if command == "finetune" else "train"
+    return config.get(key) if isinstance(config.get(key), dict) else {}
 
-    weights = run / WEIGHTS_NAME
-    shapes = None
-    if weights.is_file():
-        info["weights"] = {
-            "path": str(weights),
-            "bytes": weights.stat().st_size,
-            "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(weights.stat().st_mtime)),
-        }
-        try:
-            shapes, meta = safetensors_header(weights)
-            info["weights"]["tensors"] = len(shapes)
-        except (OSError, ValueError, TypeError) as e:
-            notes.append(f"{weights} cannot be read ({e})")
-            meta = {}
-    else:
-        info["weights"] = None
-        meta = {}
+
+def _run_weights(weights: Path, notes: list[str]) -> tuple[dict | None, dict | None, dict]:
+    """(the entry for RUN/model.safetensors, its tensor shapes, its header's metadata): the entry is None before the
+    run has written its weights, the shapes None when there are none or they cannot be read."""
+    if not weights.is_file():
         if weights.exists():
             notes.append(f"{weights} is not a regular file")
-    checkpoints = _checkpoints(run)
-    if shapes is None:  # no weights handed over yet: the newest checkpoint's have the same tensors
-        for c in reversed(checkpoints):
-            if c["complete"]:
-                try:
-                    shapes, meta = safetensors_header(Path(c["path"]) / WEIGHTS_NAME)
-                    break
-                except (OSError, ValueError, TypeError):
-                    continue
+        return None, None, {}
+    entry = {
+        "path": str(weights),
+        "bytes": weights.stat().st_size,
+        "modified": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(weights.stat().st_mtime)),
+    }
+    try:
+        shapes, meta = safetensors_header(weights)
+    except (OSError, ValueError, TypeError) as e:
+        notes.append(f"{weights} cannot be read ({e})")
+        return entry, None, {}
+    entry["tensors"] = len(shapes)
+    return entry, shapes, meta
+
+
+def _newest_checkpoint_header(checkpoints: list[dict]) -> tuple[dict, dict] | None:
+    """(tensor shapes, header metadata) of the newest complete checkpoint whose weights can be read, else None."""
+    for c in reversed(checkpoints):
+        if c["complete"]:
+            try:
+                return safetensors_header(Path(c["path"]) / WEIGHTS_NAME)
+            except (OSError, ValueError, TypeError):
+                continue
+    return None
+
+
+def _model_config(config: dict, meta: dict, weights: Path, notes: list[str]) -> dict | None:
+    """The model's config: config.json's "model" section, else the one in the weights' header; None if neither."""
     cfg = config.get("model") if isinstance(config.get("model"), dict) else None
     if cfg is None and "maecli_config" in meta:
         try:
             cfg = json.loads(meta["maecli_config"])
         except (TypeError, ValueError, RecursionError):
             notes.append(f"the config in {weights}'s header is not valid JSON")
-    info["model"] = _model_summary(cfg, shapes) if isinstance(cfg, dict) else None
-    if info["weights"] is not None and info["model"] is not None:
-        info["weights"]["has_decoder"] = info["model"]["has_decoder"]
+    return cfg if isinstance(cfg, dict) else None
 
+
+def _run_classes(config: dict) -> list[str] | None:
+    """A finetune run's class names: config.json's "classes", or its "finetune" section's in older runs."""
     classes = config.get("classes")
     if classes is None and isinstance(config.get("finetune"), dict):
         classes = config["finetune"].get("classes")
-    if isinstance(classes, list):
-        info["classes"] = [str(c) for c in classes]
+    return [str(c) for c in classes] if isinstance(classes, list) else None
 
+
+def _run_rows(run: Path, notes: list[str]) -> list[dict]:
+    """The run's metrics rows (about INFO_ROWS of each kind), with a note when lines were damaged or thinned."""
     metrics = read_metrics(metrics_file(run), max_rows=INFO_ROWS)
-    rows = metrics.rows
     if metrics.bad:
         notes.append(f"{metrics_file(run)}: {plural(metrics.bad, 'damaged line')} skipped")
     if metrics.thinned:
@@ -308,83 +310,135 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
             f"{metrics_file(run)}: {plural(metrics.lines, 'line')}, read as an even spread of rows; a lowest or "
             "best value may fall between them"
         )
-    resumable = [c for c in checkpoints if c["resumable"]]
-    state: dict = {}
-    if resumable:
-        newest, _ = _read_json(Path(resumable[-1]["path"]) / STATE_NAME)
-        state = newest if isinstance(newest, dict) else {}
-    info["checkpoints"] = checkpoints
+    return metrics.rows
 
+
+def _newest_state(resumable: list[dict]) -> dict:
+    """The newest resumable checkpoint's state.json, or {} when there is none."""
+    if not resumable:
+        return {}
+    newest, _ = _read_json(Path(resumable[-1]["path"]) / STATE_NAME)
+    return newest if isinstance(newest, dict) else {}
+
+
+def _data_summary(recipe: dict, state: dict) -> dict | None:
+    """The run's data: its path, whether it is still there, and its images now and when the run started."""
     data = recipe.get("data")
-    info["data"] = None
-    if isinstance(data, str):
-        exists = Path(data).exists()
-        info["data"] = {
-            "path": data,
-            "exists": exists,
-            "images": _count_images(data) if exists else None,
-            "images_at_start": _whole(state.get("images")),
-        }
+    if not isinstance(data, str):
+        return None
+    exists = Path(data).exists()
+    return {
+        "path": data,
+        "exists": exists,
+        "images": _count_images(data) if exists else None,
+        "images_at_start": _whole(state.get("images")),
+    }
 
-    series = metric_series(rows)  # in step order, a resumed run's repeats resolved
 
-    def last(name):
-        return series[name][1][-1] if name in series else None
+def _last_logged(series: dict, name: str):
+    """The latest value of the metric `name` in `series`, or None if it was never logged."""
+    return series[name][1][-1] if name in series else None
 
-    step = max([steps[-1] for steps, _ in series.values()] + [state.get("step") or 0])
-    total = state.get("total_steps") if isinstance(state.get("total_steps"), int) else None
-    if total is None and isinstance(recipe.get("steps"), int) and recipe["steps"] > 0:
-        total = recipe["steps"]
+
+def _total_steps(state: dict, recipe: dict) -> int | None:
+    """The steps the run is to take: as its newest checkpoint's state says, else as its recipe set them."""
+    if isinstance(state.get("total_steps"), int):
+        return state["total_steps"]
+    if isinstance(recipe.get("steps"), int) and recipe["steps"] > 0:
+        return recipe["steps"]
+    return None
+
+
+def _epochs(rows: list[dict], state: dict, recipe: dict, step: int, total: int | None) -> tuple:
+    """(the epoch the run is at, the epochs it is to run), the latter from the run's own steps per epoch if it can."""
     epoch = _epoch_at_last_step(rows)
     if epoch is None:
         epoch = finite_number(state.get("epoch"))
     epochs = finite_number(recipe.get("epochs"))
     if total and step and isinstance(epoch, (int, float)) and epoch > 0:
         epochs = round(total * epoch / step, 2)  # the steps per epoch as the run counted them
-    seconds = max([s for s in (last("time"), finite_number(state.get("seconds"))) if s is not None], default=None)
-    checkpoint_step = resumable[-1]["step"] if resumable else None
-    if total is not None and checkpoint_step is not None and checkpoint_step >= total:
-        status = "finished"
-    elif not rows and not checkpoints:
-        status = "not started"
-    else:
-        status = "unfinished"
-    written = [p.stat().st_mtime for p in (run / METRICS_NAME, weights, run / CHECKPOINTS_DIR) if p.exists()]
+    return epoch, epochs
+
+
+def _seconds_since_last_write(run: Path, checkpoints: list[dict]) -> float | None:
+    """Seconds since the run last wrote its metrics, weights or a checkpoint; None if it wrote none of them."""
+    written = [p.stat().st_mtime for p in (run / METRICS_NAME, run / WEIGHTS_NAME, run / CHECKPOINTS_DIR) if p.exists()]
     written += [os.stat(c["path"]).st_mtime for c in checkpoints if os.path.exists(c["path"])]
-    info["status"] = status
-    info["progress"] = {
+    return round(time.time() - max(written), 1) if written else None
+
+
+def _progress(run: Path, recipe: dict, state: dict, rows: list[dict], checkpoints: list[dict]) -> dict:
+    """How far the run got: step, epoch, images seen, seconds trained, the newest resumable step, the last write."""
+    series = metric_series(rows)  # in step order, a resumed run's repeats resolved
+    step = max([steps[-1] for steps, _ in series.values()] + [state.get("step") or 0])
+    total = _total_steps(state, recipe)
+    epoch, epochs = _epochs(rows, state, recipe, step, total)
+    seconds = [s for s in (_last_logged(series, "time"), finite_number(state.get("seconds"))) if s is not None]
+    resumable = [c for c in checkpoints if c["resumable"]]
+    images_seen = _last_logged(series, "images_seen")
+    return {
         "step": step,
         "total_steps": total,
         "epoch": epoch,
         "epochs": epochs,
-        "images_seen": last("images_seen") if "images_seen" in series else _whole(state.get("images_seen")),
-        "seconds": seconds,
-        "checkpoint_step": checkpoint_step,
-        "seconds_since_last_write": round(time.time() - max(written), 1) if written else None,
+        "images_seen": images_seen if images_seen is not None else _whole(state.get("images_seen")),
+        "seconds": max(seconds, default=None),
+        "checkpoint_step": resumable[-1]["step"] if resumable else None,
+        "seconds_since_last_write": _seconds_since_last_write(run, checkpoints),
     }
+
+
+def _run_status(progress: dict, rows: list[dict], checkpoints: list[dict]) -> str:
+    """ "finished" once a resumable checkpoint reached the last step, "not started" before any row or checkpoint,
+    else "unfinished"."""
+    total, checkpoint_step = progress["total_steps"], progress["checkpoint_step"]
+    if total is not None and checkpoint_step is not None and checkpoint_step >= total:
+        return "finished"
+    if not rows and not checkpoints:
+        return "not started"
+    return "unfinished"
+
+
+def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
+    """Everything run_info says about a run folder, read from its files (torch is never imported)."""
+    command = _command(config)
+    recipe = _run_recipe(config, command)
+    weights = run / WEIGHTS_NAME
+    weights_entry, shapes, meta = _run_weights(weights, notes)
+    checkpoints = _checkpoints(run)
+    if shapes is None:  # no weights handed over yet: the newest checkpoint's have the same tensors
+        header = _newest_checkpoint_header(checkpoints)
+        if header is not None:
+            shapes, meta = header
+    cfg = _model_config(config, meta, weights, notes)
+    model = _model_summary(cfg, shapes) if cfg is not None else None
+    if weights_entry is not None and model is not None:
+        weights_entry["has_decoder"] = model["has_decoder"]
+    rows = _run_rows(run, notes)
+    state = _newest_state([c for c in checkpoints if c["resumable"]])
+    progress = _progress(run, recipe, state, rows, checkpoints)
     schedule = config.get("schedule") if isinstance(config.get("schedule"), dict) else {}
-    info["metrics"] = _metrics_summary(rows, recipe, schedule)
     skipped = state.get("skipped")
-    info["skipped"] = {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
-    info["notes"] = notes
-    order = (
-        "path",
-        "kind",
-        "command",
-        "scratch",
-        "status",
-        "model",
-        "classes",
-        "data",
-        "recipe",
-        "progress",
-        "metrics",
-        "skipped",
-        "checkpoints",
-        "weights",
-        "notes",
-    )  # the order a reader of --json wants them in
-    return {key: info[key] for key in order if key in info}
+    info = {  # in the order a reader of --json wants them
+        "path": str(run),
+        "kind": f"{command} run",
+        "command": command,
+        "scratch": command == "finetune" and recipe.get("scratch") is True,  # finetune --baseline's own run
+        "status": _run_status(progress, rows, checkpoints),
+        "model": model,
+        "classes": _run_classes(config),
+        "data": _data_summary(recipe, state),
+        "recipe": recipe,
+        "progress": progress,
+        "metrics": _metrics_summary(rows, recipe, schedule),
+        "skipped": {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {},
+        "checkpoints": checkpoints,
+        "weights": weights_entry,
+        "notes": notes,
+    }
+    if info["classes"] is None:
+        del info["classes"]  # only a run that names its classes (a finetune run) has the key
+    return info
 
 
 def _is_run(folder: Path, config: dict | None) -> bool:
@@ -561,48 +615,51 @@ def _recipe_line(r: dict) -> str:
     return ", ".join(parts)
 
 
-def format_info(info: dict) -> str:
-    """A few readable lines from `run_info`'s answer."""
-    lines = []
+def _row(label: str, text: str) -> str:
+    """One line of format_info: `label` in the left column, then `text`."""
+    return f"  {label:<{LABEL}}{text}".rstrip()
 
-    def row(label: str, text: str):
-        lines.append(f"  {label:<{LABEL}}{text}".rstrip())
 
-    if info["kind"] == "weights":
-        head = f"{info['path']}: weights, "
-        head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
-        lines.append(head)
-        row("model", _model_line(info["model"]))
-        w = info.get("weights")
-        if w:
-            row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})")
-        return "\n".join(lines)
+def _format_weights(info: dict) -> str:
+    """format_info's lines for weights that are not a run: the model and the file."""
+    head = f"{info['path']}: weights, "
+    head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
+    lines = [head, _row("model", _model_line(info["model"]))]
+    w = info.get("weights")
+    if w:
+        lines.append(_row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})"))
+    return "\n".join(lines)
 
+
+def _run_head(info: dict) -> str:
+    """The first line for a run: its path, its kind and where it stands."""
     status, prog = info["status"], info["progress"]
     head = f"{info['path']}: {info['kind']}" + (" from scratch (a baseline)" if info.get("scratch") else "")
     head += f", {status}"
     if status == "unfinished":
         ago = prog["seconds_since_last_write"]
         head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
-    lines.append(head)
-    if info["model"]:
-        row("model", _model_line(info["model"]))
-    if info.get("classes") is not None:
-        classes = info["classes"]
-        shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
-        row("classes", f"{len(classes)}: {shown}")
-    d = info["data"]
-    if d:
-        if not d["exists"]:
-            row("data", f"{d['path']} (not found here)")
-        else:
-            text = f"{d['path']} ({plural(d['images'], 'image')}"
-            if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
-                text += f"; {d['images_at_start']} when the run started"
-            row("data", text + ")")
-    if info["recipe"]:
-        row("recipe", _recipe_line(info["recipe"]))
+    return head
 
+
+def _classes_text(classes: list[str]) -> str:
+    """How many classes, and the first eight of their names."""
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes) - 8} more)" if len(classes) > 8 else "")
+    return f"{len(classes)}: {shown}"
+
+
+def _data_text(d: dict) -> str:
+    """The data folder, with its images now and when the run started, or that it is not found here."""
+    if not d["exists"]:
+        return f"{d['path']} (not found here)"
+    text = f"{d['path']} ({plural(d['images'], 'image')}"
+    if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
+        text += f"; {d['images_at_start']} when the run started"
+    return text + ")"
+
+
+def _progress_text(prog: dict) -> str:
+    """Step, epoch, images seen and training time, as far as the run recorded them."""
     text = f"step {prog['step']}" + (f" of {prog['total_steps']}" if prog["total_steps"] else "")
     if prog["epoch"] is not None:
         text += f", epoch {_number(prog['epoch'])}" + (f" of {_number(prog['epochs'])}" if prog["epochs"] else "")
@@ -610,49 +667,78 @@ def format_info(info: dict) -> str:
         text += f", {plural(prog['images_seen'], 'image')} seen"
     if prog["seconds"] is not None:
         text += f", {_duration(prog['seconds'])} of training"
-    row("progress", text)
-    if status == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
+    return text
+
+
+def _metric_text(name: str, m: dict) -> str:
+    """One metric's last value and its best (for lr: its highest, and the schedule's peak)."""
+    if name == "lr":
+        text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
+        text += f" (step {m['highest_step']})"
+        if m["schedule_peak"] is not None:
+            text += f"; the schedule's peak {m['schedule_peak']:.3g}"
+        return text
+    when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
+    word = "lowest" if name.endswith("loss") else "best"
+    return f"last {m['last']:.4f} (step {m['last_step']}), {word} {m['best']:.4f} ({when})"
+
+
+def _skipped_text(skipped: dict) -> str:
+    """How many files the run could not read, and the first three with why."""
+    first = list(skipped.items())[:3]
+    return (
+        f"{plural(len(skipped), 'unreadable file')}: "
+        + "; ".join(f"{p} ({why})" for p, why in first)
+        + ("; ..." if len(skipped) > 3 else "")
+    )
+
+
+def _checkpoint_lines(checkpoints: list[dict]) -> list[str]:
+    """The checkpoints heading, then one line per checkpoint: its size and whether it can be resumed."""
+    if not checkpoints:
+        return [_row("checkpoints", "none")]
+    lines = [_row("checkpoints", "")]
+    resumable = [c for c in checkpoints if c["resumable"]]
+    for c in checkpoints:
+        if c["resumable"]:
+            state = "resumable" + (" (newest)" if c is resumable[-1] else "")
+        else:
+            state = f"incomplete: {c.get('why', 'unusable')}"
+        lines.append(f"    {c['name']:<26}{_size(c['bytes']):>10}  {state}")
+    return lines
+
+
+def _run_weights_text(w: dict | None) -> str:
+    """The run's weights file, its size and when it was written, or that there are none yet."""
+    if not w:
+        return "none yet (written at each epoch end)"
+    return f"{w['path']} ({_size(w['bytes'])}, written {w['modified']})"
+
+
+def format_info(info: dict) -> str:
+    """A few readable lines from `run_info`'s answer."""
+    if info["kind"] == "weights":
+        return _format_weights(info)
+
+    prog = info["progress"]
+    lines = [_run_head(info)]
+    if info["model"]:
+        lines.append(_row("model", _model_line(info["model"])))
+    if info.get("classes") is not None:
+        lines.append(_row("classes", _classes_text(info["classes"])))
+    if info["data"]:
+        lines.append(_row("data", _data_text(info["data"])))
+    if info["recipe"]:
+        lines.append(_row("recipe", _recipe_line(info["recipe"])))
+    lines.append(_row("progress", _progress_text(prog)))
+    if info["status"] == "unfinished" and info["command"] == "pretrain" and prog["checkpoint_step"] is not None:
         data = info["recipe"].get("data", "DATA")
-        row("", f"resumes from step {prog['checkpoint_step']}: maecli pretrain {data} --out {info['path']} --resume")
-
-    for name, m in info["metrics"].items():
-        if name == "lr":
-            text = f"last {m['last']:.3g} (step {m['last_step']}), highest logged {m['highest']:.3g}"
-            text += f" (step {m['highest_step']})"
-            if m["schedule_peak"] is not None:
-                text += f"; the schedule's peak {m['schedule_peak']:.3g}"
-            row("lr", text)
-            continue
-        when = f"step {m['best_step']}" + (f", epoch {_number(m['best_epoch'])}" if m["best_epoch"] is not None else "")
-        word = "lowest" if name.endswith("loss") else "best"
-        row(name, f"last {m['last']:.4f} (step {m['last_step']}), {word} {m['best']:.4f} ({when})")
-
-    skipped = info["skipped"]
-    if skipped:
-        first = list(skipped.items())[:3]
-        row(
-            "skipped",
-            f"{plural(len(skipped), 'unreadable file')}: "
-            + "; ".join(f"{p} ({why})" for p, why in first)
-            + ("; ..." if len(skipped) > 3 else ""),
-        )
-
-    if info["checkpoints"]:
-        row("checkpoints", "")
-        resumable = [c for c in info["checkpoints"] if c["resumable"]]
-        for c in info["checkpoints"]:
-            if c["resumable"]:
-                state = "resumable" + (" (newest)" if c is resumable[-1] else "")
-            else:
-                state = f"incomplete: {c.get('why', 'unusable')}"
-            lines.append(f"    {c['name']:<26}{_size(c['bytes']):>10}  {state}")
-    else:
-        row("checkpoints", "none")
-    w = info["weights"]
-    if w:
-        row("weights", f"{w['path']} ({_size(w['bytes'])}, written {w['modified']})")
-    else:
-        row("weights", "none yet (written at each epoch end)")
-    for note in info["notes"]:
-        lines.append(f"  note: {note}")
+        resume = f"maecli pretrain {data} --out {info['path']} --resume"
+        lines.append(_row("", f"resumes from step {prog['checkpoint_step']}: {resume}"))
+    lines += [_row(name, _metric_text(name, m)) for name, m in info["metrics"].items()]
+    if info["skipped"]:
+        lines.append(_row("skipped", _skipped_text(info["skipped"])))
+    lines += _checkpoint_lines(info["checkpoints"])
+    lines.append(_row("weights", _run_weights_text(info["weights"])))
+    lines += [f"  note: {note}" for note in info["notes"]]
     return "\n".join(lines)

@@ -173,6 +173,64 @@ class _Kind:
     last: tuple[int, bytes] | None = None
 
 
+def _lines_from(f, tail_bytes: int | None):
+    """The lines of the open binary file `f`, or of its last `tail_bytes` bytes without the fragment they start in."""
+    start = 0
+    if tail_bytes is not None:
+        size = os.fstat(f.fileno()).st_size
+        start = max(0, size - tail_bytes)
+    lines = _lines(f, start)
+    if start:
+        next(lines, None)  # the first line read from the middle of the file is a fragment
+    return lines
+
+
+def _add_row(result: Metrics, line: bytes | None) -> None:
+    """Parse `line` into `result`'s rows, or count it as bad (None is a line too long to read)."""
+    row = clean_row(line) if line is not None else None
+    if row is None:
+        result.bad += 1
+    else:
+        result.rows.append(row)
+
+
+def _add_thinned(result: Metrics, kinds: dict[bytes | None, _Kind], number: int, line: bytes, max_rows: int) -> None:
+    """Keep line `number` if it is the stride-th of its kind, halving that kind's rows each time they reach
+    2 * max_rows; any other line is only remembered as its kind's latest."""
+    kind = line.translate(None, NUMBER_BYTES)
+    group = kinds.get(kind)
+    if group is None:
+        group = kinds.setdefault(kind if len(kinds) < THINNED_KINDS else None, _Kind())
+    group.seen += 1
+    if (group.seen - 1) % group.stride:
+        group.last = (number, line)  # not parsed unless it stays the kind's last
+        return
+    group.last = None
+    row = clean_row(line)
+    if row is None:
+        result.bad += 1
+        return
+    group.rows.append((number, row))
+    if len(group.rows) >= 2 * max_rows:
+        group.rows = group.rows[::2]  # keep every other: the stride doubles, memory stays bounded
+        group.stride *= 2
+        result.thinned = True
+
+
+def _merge_kinds(result: Metrics, kinds: dict[bytes | None, _Kind]) -> None:
+    """Parse each kind's last line if it was not kept, then set `result.rows` to every kind's rows in file order."""
+    kept = []
+    for group in kinds.values():
+        if group.last is not None:
+            row = clean_row(group.last[1])
+            if row is None:
+                result.bad += 1
+            else:
+                group.rows.append((group.last[0], row))
+        kept += group.rows
+    result.rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
+
+
 def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_bytes: int | None = None) -> Metrics:
     """The rows of RUN/metrics.jsonl (or of the .jsonl file `path`), in file order, in bounded memory.
 
@@ -195,55 +253,18 @@ def read_metrics(path: str | os.PathLike, *, max_rows: int | None = None, tail_b
     kinds: dict[bytes | None, _Kind] = {}
     try:
         with open(found, "rb") as f:
-            start = 0
-            if tail_bytes is not None:
-                size = os.fstat(f.fileno()).st_size
-                start = max(0, size - tail_bytes)
-            lines = _lines(f, start)
-            if start:
-                next(lines, None)  # the first line read from the middle of the file is a fragment
-            for number, line in enumerate(lines):
+            for number, line in enumerate(_lines_from(f, tail_bytes)):
                 result.lines += 1
                 if line is not None and not line.strip():
                     continue  # a blank line is not damage
                 if line is None or max_rows is None:
-                    row = clean_row(line) if line is not None else None
-                    if row is None:
-                        result.bad += 1
-                    else:
-                        result.rows.append(row)
-                    continue
-                kind = line.translate(None, NUMBER_BYTES)
-                group = kinds.get(kind)
-                if group is None:
-                    group = kinds.setdefault(kind if len(kinds) < THINNED_KINDS else None, _Kind())
-                group.seen += 1
-                if (group.seen - 1) % group.stride:
-                    group.last = (number, line)  # not parsed unless it stays the kind's last
-                    continue
-                group.last = None
-                row = clean_row(line)
-                if row is None:
-                    result.bad += 1
-                    continue
-                group.rows.append((number, row))
-                if len(group.rows) >= 2 * max_rows:
-                    group.rows = group.rows[::2]  # keep every other: the stride doubles, memory stays bounded
-                    group.stride *= 2
-                    result.thinned = True
+                    _add_row(result, line)
+                else:
+                    _add_thinned(result, kinds, number, line, max_rows)
     except OSError as e:
         raise UserError(f"cannot read {found}: {e.strerror or e}") from None
     if kinds:
-        kept = []
-        for group in kinds.values():
-            if group.last is not None:
-                row = clean_row(group.last[1])
-                if row is None:
-                    result.bad += 1
-                else:
-                    group.rows.append((group.last[0], row))
-            kept += group.rows
-        result.rows = [row for _, row in sorted(kept, key=lambda pair: pair[0])]
+        _merge_kinds(result, kinds)
     return result
 
 
