@@ -562,8 +562,8 @@ def short_run_hint(args: FinetuneArgs, total_steps: int) -> str | None:
     if total_steps >= PAPER_FROM or not heavy:
         return None
     return (
-        f"hint: {plural(total_steps, 'step')} is a short fine-tuning for the paper's regularisation; on small data sets "
-        f"--recipe light does better over a few thousand steps or less (docs/finetune.md)"
+        f"hint: {plural(total_steps, 'step')} is a short fine-tuning for the paper's regularisation; on small data "
+        f"sets --recipe light does better over a few thousand steps or less (docs/finetune.md)"
     )
 
 
