@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .files import open_output
-from .rundir import CURVES_NAME, METRICS_NAME, read_metrics, regular_file
+from .rundir import CURVES_NAME, METRICS_NAME, SWEEP_NAME, read_json_object, read_metrics, regular_file
 
 # Counters and clocks: they describe a row, they are not curves worth a panel.
 NOT_PLOTTED = {"step", "epoch", "time", "images_seen", "images_per_sec"}
@@ -217,9 +217,58 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, warn: Calla
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for the picture, e.g. {out / CURVES_NAME}")
+    sweeps = [Path(run) / SWEEP_NAME for run in runs if (Path(run) / SWEEP_NAME).is_file()]
+    if sweeps:
+        if len(sweeps) != len(runs):
+            raise UserError("give either sweep folders (finetune --fraction A,B) or runs, not both")
+        save_png(sweep_figure([read_sweep(path) for path in sweeps], run_labels([Path(r) for r in runs])), out)
+        return out
     curves = load_curves(runs, warn)
     save_png(make_figure(curves), out)  # an OutputError names `out` and why
     return out
+
+
+def read_sweep(path: Path) -> list[dict]:
+    """The per-fraction rows of a sweep.json; a damaged file is a UserError naming it."""
+    rows = (read_json_object(path) or {}).get("rows")
+    ok = isinstance(rows, list) and all(
+        isinstance(r, dict)
+        and finite_number(r.get("fraction")) is not None
+        and all(isinstance(r.get(k), dict) and finite_number(r[k].get("mean")) is not None for k in INITS)
+        for r in rows
+    )
+    if not ok or not rows:
+        raise UserError(f"{path} holds no sweep rows")
+    return sorted(rows, key=lambda r: r["fraction"])
+
+
+INITS = ("pretrained", "scratch")
+
+
+def sweep_figure(sweeps: list[list[dict]], labels: list[str]):
+    """Top-1 against the fraction of labels, one line per init (and per sweep), with the seeds' std as bars."""
+    Figure, FigureCanvasAgg = _matplotlib()
+    fig = Figure(figsize=(6.4, 4.4))
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.13, top=0.9)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title("did pretraining pay? top-1 by the labels used")
+    ax.set_xlabel("fraction of the training labels")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(True, alpha=0.3)
+    for i, (rows, label) in enumerate(zip(sweeps, labels)):
+        x = [r["fraction"] for r in rows]
+        for j, init in enumerate(INITS):
+            y = [100 * r[init]["mean"] for r in rows]
+            err = [100 * (finite_number(r[init].get("std")) or 0) for r in rows]
+            name = init if len(sweeps) == 1 else f"{label}: {init}"
+            style = "-" if init == "pretrained" else "--"
+            ax.errorbar(x, y, yerr=err, fmt=style + "o", color=f"C{(2 * i + j) % 10}", label=name, capsize=3)
+    fractions = [r["fraction"] for rows in sweeps for r in rows]
+    if max(fractions) / min(fractions) > 10:
+        ax.set_xscale("log")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
 
 
 def write_curves(run: str | os.PathLike) -> Path | None:

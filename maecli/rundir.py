@@ -12,6 +12,8 @@ RUN/
   logs/              the trackers' stores, with --log-with (trackers.py)
   per_class.json     finetune: accuracy per class at the best epoch
   baseline/          finetune --baseline: the scratch run, a run folder of its own
+A sweep (finetune --fraction A,B --seeds N) holds sweep.json and one such run folder per pair,
+fraction-F/seed-S/.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CURVES_NAME = "curves.png"
 LOGS_DIR = "logs"
 PER_CLASS_NAME = "per_class.json"
 BASELINE_DIR = "baseline"
+SWEEP_NAME = "sweep.json"  # finetune --fraction A,B --seeds N: the summary, beside one run folder per pair
 LOCK_NAME = ".lock"
 # inside checkpoints/step-N/
 OPTIMIZER_NAME = "optimizer.pt"
@@ -63,6 +66,11 @@ RUN_FILES = (
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def sweep_run_dir(fraction: float, seed: int) -> str:
+    """The folder of one fine-tuning pair of a sweep, inside the sweep's RUN."""
+    return f"fraction-{fraction:g}/seed-{seed}"
 
 
 def preview_name(epoch: int) -> str:

@@ -422,3 +422,30 @@ def test_the_papers_recipe_on_a_short_run_gets_a_hint(tmp_path, tiny_weights):
     assert r.exit_code == 0, r.output
     assert "recipe paper: mixup 0.8, cutmix 1, RandAugment rand-m9-mstd0.5-inc1" in r.stderr
     assert "hint: 1 step is a short fine-tuning" in r.stderr and "--recipe light" in r.stderr
+
+
+def test_a_sweep_over_fractions_and_seeds_answers_did_it_pay(tmp_path, tiny_weights):
+    data = make_labelled(tmp_path / "data", per_class=4, val_per_class=2)
+    out = tmp_path / "sweep"
+    flags = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--log-every", "1"]
+    r = invoke("finetune", data, "-w", tiny_weights, "--out", out, "--fraction", "0.5,1", "--seeds", "2", "--json",
+               *flags)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert [row["fraction"] for row in summary["rows"]] == [0.5, 1.0] and summary["seeds"] == 2
+    assert [row["labels"] for row in summary["rows"]] == [6, 12]  # round(4 x 0.5) and 4 of each of 3 classes
+    for row in summary["rows"]:
+        for init in ("pretrained", "scratch"):
+            runs = row[init]["runs"]
+            assert len(runs) == 2 and abs(row[init]["mean"] - sum(runs) / 2) < 1e-9
+        assert row["gain"] == row["pretrained"]["mean"] - row["scratch"]["mean"]
+    assert json.loads((out / "sweep.json").read_text())["rows"] == summary["rows"]
+    for fraction, seed in (("0.5", 0), ("0.5", 1), ("1", 0), ("1", 1)):
+        assert (out / f"fraction-{fraction}" / f"seed-{seed}" / "baseline" / "model.safetensors").exists()
+    assert "pretrained" in r.stderr and "± " in r.stderr and "mean ± std over 2 seeds" in r.stderr
+    r = invoke("finetune", data, "-w", tiny_weights, "--out", out, "--fraction", "0.5,1", "--seeds", "2", "--resume",
+               *flags)  # fmt: skip
+    assert r.exit_code == 0 and r.stderr.count("resuming ") == 8, r.output  # 4 pairs, each at its last step
+    png = tmp_path / "sweep.png"
+    r = invoke("plot", out, "-o", png)
+    assert r.exit_code == 0 and png.stat().st_size > 0, r.output

@@ -71,7 +71,8 @@ def plot(
     validation accuracy, ...), one panel each.
 
     Several runs are overlaid with a legend, labelled by folder name, to compare recipes. A run still in progress
-    shows its rows so far. The written path goes to stdout.
+    shows its rows so far. A sweep's folder (finetune --fraction A,B --seeds N) is drawn as top-1 against the
+    fraction of labels, pretrained beside scratch, with the seeds' spread. The written path goes to stdout.
 
     Needs matplotlib: pip install "maecli[plot]".
     """

@@ -208,14 +208,23 @@ def pretrain(
 
 # finetune's own options: the subset, the baseline and the paper's recipe
 Fraction = Annotated[
-    float | None,
+    str | None,
     typer.Option(
         "--fraction",
-        min=0.0,
-        max=1.0,
-        callback=finite,
-        help="Train on this fraction of each class's training images (a seeded stratified subset): the "
-        "few-labels case.",
+        metavar="<F[,F...]>",
+        help="Train on this fraction of each class's training images (a seeded stratified subset): the few-labels "
+        "case. Several (0.01,0.1,1) run a sweep: each fraction fine-tuned and trained from scratch, in "
+        "RUN/fraction-F/seed-S, summed up in one table and RUN/sweep.json (maecli plot RUN draws it).",
+    ),
+]
+Seeds = Annotated[
+    int,
+    typer.Option(
+        "--seeds",
+        min=1,
+        max=1000,
+        help="Run each fraction with this many seeds (--seed, --seed + 1, ...: each its own subset, init and order) "
+        "and report mean ± std; more than 1 makes a sweep.",
     ),
 ]
 PerClass = Annotated[
@@ -315,6 +324,7 @@ def finetune(
     val_split: ValSplit = None,
     fraction: Fraction = None,
     per_class: PerClass = None,
+    seeds: Seeds = 1,
     baseline: FinetuneBaseline = False,
     json_out: Json = False,
     epochs: Epochs = 50,
@@ -373,10 +383,15 @@ def finetune(
     from ..runtime import default_device
     from ..train.finetune import FinetuneArgs, json_summary, result_table, stopped_message
     from ..train.finetune import finetune as run_finetune
+    from ..train.sweep import parse_fractions
 
     host.tune_for_cpu(default_device())
-    args = command_args(ctx, FinetuneArgs, weights=str(weights) if weights else "")
+    with reported():
+        fractions = parse_fractions(fraction) if fraction is not None else [None]
+    args = command_args(ctx, FinetuneArgs, weights=str(weights) if weights else "", fraction=fractions[0])
     given = given_flags(ctx)
+    if len(fractions) > 1 or seeds > 1:
+        return finetune_sweep(args, fractions, seeds, given, json_out)
     try:
         with reported():
             result = run_finetune(args, given=given)
@@ -401,3 +416,31 @@ def finetune(
         import json
 
         typer.echo(json.dumps(json_summary(result)))
+
+
+def finetune_sweep(args, fractions: list, seeds: int, given: set[str], json_out: bool) -> None:
+    """finetune with several fractions or seeds: every pair, then one table (stderr) and its JSON (--json)."""
+    import json
+    import signal
+
+    from ..console import console
+    from ..train.sweep import sweep, sweep_table
+
+    if fractions == [None]:
+        fractions = [1.0]
+    try:
+        with reported():
+            summary = sweep(args, fractions, seeds, given)
+    except KeyboardInterrupt:
+        fail("interrupted; the checkpoints on disk are complete (continue with --resume)", 130)
+    if summary["signal"] is not None:
+        stopped = summary["stopped"]
+        console.print(
+            f"[yellow]stopped at step {stopped['steps']}/{stopped['total_steps']} of {stopped['out']}; checkpoint "
+            f"saved.[/] Continue the sweep with the same command and --resume"
+        )
+        raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
+    console.print(sweep_table(summary))
+    console.print(f"each pair's run folder is in {summary['out']}; the summary in {summary['out']}/sweep.json")
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k not in ("signal", "out")}))
