@@ -112,6 +112,13 @@ class MAEConfig:
         return asdict(self)
 
     @property
+    def pixels(self):
+        """How files become this model's input (data.Pixels: bands, units, mean and std)."""
+        from .data import Pixels
+
+        return Pixels.of(self)
+
+    @property
     def grid(self) -> int:
         return self.img_size // self.patch_size
 

@@ -66,5 +66,5 @@ def view_for(x: torch.Tensor, units: str, show_bands: tuple[int, ...] | None = N
         high.append(hi if hi > lo else lo + 1.0)
     shown = f"bands {','.join(map(str, bands))} as RGB" if len(bands) == 3 else f"band {bands[0]} in gray"
     ranges = ", ".join(f"{lo:.4g}..{hi:.4g}" for lo, hi in zip(low, high))
-    how = f"Shown: {shown}, each stretched from its {STRETCH[0]:g}th to {STRETCH[1]:g}th percentile ({ranges}). "
+    how = f"Shown: {shown}, each stretched from its 2nd to its 98th percentile ({ranges}). "
     return View(channels, torch.tensor(low), torch.tensor(high), how)

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY, invoke, one_line_error
 
 tifffile = pytest.importorskip("tifffile")
@@ -166,3 +167,35 @@ def test_dicom_folder_trains_and_skips_the_file_without_pixels(tmp_path):
     r, cfg = pretrain(tmp_path / "d", tmp_path / "run")
     assert cfg["in_chans"] == 1 and cfg["units"] == "native"
     assert "no_pixels.dcm" in r.stderr and "1 file skipped" in r.stderr
+
+
+def test_6_band_probe_finetune_predict_and_timm_export(tmp_path):
+    from scientific import write_labelled_twin
+
+    timm = pytest.importorskip("timm")
+    write_six_band_folder(tmp_path / "t")
+    write_labelled_twin(tmp_path / "twin")
+    _, cfg = pretrain(tmp_path / "t", tmp_path / "run")
+    r = invoke("probe", tmp_path / "twin", "-w", tmp_path / "run", "--baseline")
+    assert r.exit_code == 0 and "random init" in r.output, r.output
+    ft = tmp_path / "ft"
+    r = invoke("finetune", tmp_path / "twin", "-w", tmp_path / "run", "--out", ft, "--steps", "2", "--batch-size", "4")
+    assert r.exit_code == 0, r.output
+    assert "RandAugment off (6 bands in native units" in r.stderr
+    r = invoke("predict", tmp_path / "twin" / "val" / "first" / "3.tif", "-w", ft)
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1, r.output
+    out = tmp_path / "timm.safetensors"
+    assert invoke("export", tmp_path / "run", out, "--format", "timm").exit_code == 0
+    from safetensors.torch import load_file
+
+    import maecli
+
+    net = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        in_chans=6, global_pool="token",
+    )  # fmt: skip
+    net.load_state_dict(load_file(out), strict=True)
+    model = maecli.load(tmp_path / "run").eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x), model.encode(x)[:, 0], atol=1e-5, rtol=1e-5)
