@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import stat
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +22,9 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
 from .errors import DataError
+from .readers import SUFFIXES as IMAGE_SUFFIXES  # the readers' table says which files are images
+from .readers import Request, from_image, read
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The only decoders Image.open may try (the formats of IMAGE_SUFFIXES; a multi-picture JPEG opens as JPEG). Left to
 # itself Pillow tries every format it knows, whatever the name: an EPS file would start Ghostscript.
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -51,6 +50,46 @@ def mean_std(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if in_chans == 3:
         return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return (0.5,), (0.5,)
+
+
+IMAGENET_MEAN_8BIT = tuple(round(255 * m, 6) for m in mean_std(3)[0])
+IMAGENET_STD_8BIT = tuple(round(255 * m, 6) for m in mean_std(3)[1])
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """How files become model input: the bands the model takes (`bands`, 1-based in file order; None: all), their
+    units ("8-bit": 0-255, 16-bit files scaled by 1/257 as maecli always did; "native": what the reader returns),
+    and the per-band mean and std in those units (None: ImageNet's for 3 bands, 127.5 for others, at 8 bits)."""
+
+    in_chans: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    bands: tuple[int, ...] | None = None
+    units: str = "8-bit"
+
+    @classmethod
+    def of(cls, source) -> Pixels:
+        """From an in_chans, a Pixels, or a model config (anything with in_chans, mean, std, bands, units)."""
+        if isinstance(source, Pixels):
+            return source
+        if isinstance(source, int):
+            return cls(source)
+        return cls(source.in_chans, source.mean, source.std, source.bands, source.units)
+
+    @property
+    def wants_luminance(self) -> bool:
+        """A 1-band model on all of a file's bands reads a colour photo as its luminance (PIL's "L")."""
+        return self.in_chans == 1 and not self.bands
+
+    def norm(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self.mean is not None and self.std is not None:
+            return tuple(self.mean), tuple(self.std)
+        if self.units == "native":
+            return (0.0,) * self.in_chans, (1.0,) * self.in_chans
+        if self.in_chans == 3:
+            return IMAGENET_MEAN_8BIT, IMAGENET_STD_8BIT
+        return (127.5,) * self.in_chans, (127.5,) * self.in_chans
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
@@ -102,38 +141,53 @@ def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
 
 def decode(
     source: str | os.PathLike | BinaryIO,
-    in_chans: int = 3,
+    in_chans: int | Pixels = 3,
     min_side: int | None = None,
     *,
     max_pixels: int | None = None,
     resize_to: int | None = None,
 ) -> torch.Tensor:
-    """Read one image, a file or a binary file object (an upload's bytes), as a uint8 tensor (C, H, W), EXIF
-    orientation applied.
+    """Read one image, a file or a binary file object (an upload's bytes), as a tensor (C, H, W) fit for the model
+    (`in_chans`, or a Pixels: the bands it takes and their units): uint8 for 8-bit pictures, EXIF orientation
+    applied, float32 in native units for the rest (readers.py), missing pixels NaN.
 
     `min_side` lets JPEG decoding skip resolution the crop will never use (PIL's draft mode keeps
     at least that many pixels on each side). `max_pixels` refuses a larger image, and `resize_to` (the side its
     shorter side will be resized to) one whose resize would be too large, both from the header before any pixel
     is decoded (check_size). Raises OSError/ValueError on anything undecodable.
     """
-    # A FIFO or device named like an image would block open() forever: only regular files are read.
-    if isinstance(source, (str, os.PathLike)) and not stat.S_ISREG(os.stat(source).st_mode):
-        raise ValueError("not a regular file")
-    with warnings.catch_warnings():
-        # PIL warns about quirks it handles (palette transparency, odd EXIF), once per file: noise in a
-        # long run. Too many pixels, though, is a decompression bomb and an error here.
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source, formats=FORMATS) as img:
-            check_size(img.width, img.height, max_pixels=max_pixels, resize_to=resize_to)
-            if min_side and img.format == "JPEG":
-                img.draft("L" if in_chans == 1 else "RGB", (min_side, min_side))
-            img.load()
-            try:
-                ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels when upright
-            except Exception:  # broken EXIF: the pixels are fine, keep their stored orientation
-                pass
-            return _to_tensor(to_array(img, in_chans))
+    px = Pixels.of(in_chans)
+    request = Request(gray=px.wants_luminance, min_side=min_side, max_pixels=max_pixels, resize_to=resize_to)
+    return fit(read(source, request).pixels, px)
+
+
+def fit(arr: np.ndarray, px: Pixels) -> torch.Tensor:
+    """A reader's pixels (C, H, W) -> the model's bands: --bands selected (1-based), one band repeated for a
+    3-band model, 16-bit and float pictures scaled to 8 bits for a model of 8-bit units (as maecli always did)."""
+    if px.bands:
+        if max(px.bands) > arr.shape[0]:
+            raise ValueError(f"the file has {arr.shape[0]} bands; the model reads bands {_listed(px.bands)}")
+        arr = arr[[b - 1 for b in px.bands]]
+    if arr.shape[0] != px.in_chans:
+        if arr.shape[0] != 1 or px.in_chans != 3:
+            raise ValueError(
+                f"the file has {arr.shape[0]} bands; the model takes {px.in_chans} (choose them with --bands)"
+            )
+        arr = np.repeat(arr, 3, axis=0)
+    if px.units == "8-bit" and arr.dtype != np.uint8:
+        arr = to_8bit(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy())
+
+
+def to_8bit(arr: np.ndarray) -> np.ndarray:
+    """16-bit counts / 257, floats in [0, 1] x 255, clipped: how a model of 8-bit units has always read them."""
+    top = float(np.nanmax(arr)) if arr.size else 0.0
+    arr = arr / 257.0 if top > 255 else arr * 255.0 if top <= 1.0 else arr
+    return np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+
+
+def _listed(bands) -> str:
+    return ",".join(str(b) for b in bands)
 
 
 # The most pixels an image may have once its shorter side is resized to the model's size (200 MB as float32 RGB):
@@ -159,66 +213,79 @@ def check_size(width: int, height: int, *, max_pixels: int | None = None, resize
             )
 
 
-def from_pil(img: Image.Image, in_chans: int = 3) -> torch.Tensor:
-    """An image already opened (an upload, a notebook's PIL image) as `decode` returns a file: uint8 (C, H, W)."""
+def from_pil(img: Image.Image, in_chans: int | Pixels = 3) -> torch.Tensor:
+    """An image already opened (an upload, a notebook's PIL image) as `decode` returns a file."""
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # broken EXIF: keep the stored orientation, as decode does
         pass
-    return _to_tensor(to_array(img, in_chans))
+    px = Pixels.of(in_chans)
+    return fit(from_image(img, px.wants_luminance, to_array).pixels, px)
 
 
-def _to_tensor(arr: np.ndarray) -> torch.Tensor:
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError("image has no pixels")
-    return torch.from_numpy(np.ascontiguousarray(arr) if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
+class FillMissing(torch.nn.Module):
+    """NaN pixels (a nodata value, NaN floats) -> their band's mean, before any resize could spread them: they reach
+    the model as 0 after normalization, never as NaN in the loss."""
+
+    def __init__(self, px: Pixels):
+        super().__init__()
+        self.mean = torch.tensor(px.norm()[0]).view(-1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and bool(torch.isnan(x).any()):
+            return torch.where(torch.isnan(x), self.mean.to(x.dtype), x)
+        return x
 
 
 class ToModelInput(torch.nn.Module):
-    """uint8 (C, H, W) -> float32 scaled to [0, 1] and normalized, as v2.ToDtype + v2.Normalize do but in
-    one pass over fresh memory (equal within 1e-6)."""
+    """Pixels (C, H, W) -> float32 normalized with the model's per-band mean and std, as v2.ToDtype + v2.Normalize
+    do but in one pass over fresh memory (equal within 1e-6). For a model of 8-bit units, a float tensor handed in
+    (the Python API's) is in [0, 1]."""
 
-    def __init__(self, in_chans: int):
+    def __init__(self, in_chans: int | Pixels):
         super().__init__()
-        mean, std = mean_std(in_chans)
-        mean, std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
-        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        px = Pixels.of(in_chans)
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(-1, 1, 1) for v in px.norm())
+        self.scale, self.shift = (1.0 / std).float(), (-mean / std).float()
+        self.float_scale = 255.0 if px.units == "8-bit" else 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale if x.dtype == torch.uint8 else self.scale * 255.0  # float input is in [0, 1]
+        scale = self.scale if x.dtype == torch.uint8 else self.scale * self.float_scale
         return x.to(torch.float32, copy=True).mul_(scale).add_(self.shift)
 
 
-def denormalize(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Model input (N, C, H, W) back to [0, 1] pixels."""
-    mean, std = mean_std(in_chans)
+def denormalize(x: torch.Tensor, in_chans: int | Pixels) -> torch.Tensor:
+    """Model input (N, C, H, W) back to pixels in the model's units (0-255 for 8-bit; native otherwise)."""
+    mean, std = Pixels.of(in_chans).norm()
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+    return x * std + mean
 
 
-def train_transform(img_size: int, in_chans: int) -> v2.Compose:
-    """The paper's pretraining augmentation on uint8 tensors."""
+def train_transform(img_size: int, in_chans: int | Pixels) -> v2.Compose:
+    """The paper's pretraining augmentation, on tensors of any band count: random resized crop, flip, normalize."""
+    px = Pixels.of(in_chans)
     return v2.Compose(
         [
+            FillMissing(px),
             v2.RandomResizedCrop(
                 img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
             ),
             v2.RandomHorizontalFlip(),
-            ToModelInput(in_chans),
+            ToModelInput(px),
         ]
     )
 
 
-def eval_transform(img_size: int, in_chans: int) -> v2.Compose:
+def eval_transform(img_size: int, in_chans: int | Pixels) -> v2.Compose:
     """Resize the shorter side, then center-crop: the whole image as the model sees it at inference."""
+    px = Pixels.of(in_chans)
     return v2.Compose(
         [
+            FillMissing(px),
             v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(img_size),
-            ToModelInput(in_chans),
+            ToModelInput(px),
         ]
     )
 
@@ -234,7 +301,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     stay in step), and its path travels back with the batch to be warned about and counted.
     """
 
-    def __init__(self, paths: list[Path], img_size: int, in_chans: int, seed: int):
+    def __init__(self, paths: list[Path], img_size: int, in_chans: int | Pixels, seed: int):
         self.paths = paths
         self.in_chans = in_chans
         self.seed = seed
@@ -365,7 +432,7 @@ class EpochBatches:
         return (self.epochs - self.start_epoch) * self.micro_per_epoch() - self.start_micro
 
 
-def first_readable(paths: list[Path], in_chans: int) -> tuple[int, list[tuple[str, str]]]:
+def first_readable(paths: list[Path], in_chans: int | Pixels) -> tuple[int, list[tuple[str, str]]]:
     """Index of the first image that decodes, and the failures before it; DataError if none does."""
     failed = []
     for i, p in enumerate(paths):
@@ -386,9 +453,9 @@ class EvalImages(torch.utils.data.Dataset):
     in [0, 1]). Returns (position, model input (C, S, S) or None, failure or None), where a failure is
     (missing, why): the caller's error policy decides whether it ends the command."""
 
-    def __init__(self, img_size: int, in_chans: int):
-        self.in_chans = in_chans
-        self.transform = eval_transform(img_size, in_chans)
+    def __init__(self, img_size: int, in_chans: int | Pixels):
+        self.in_chans = Pixels.of(in_chans)
+        self.transform = eval_transform(img_size, self.in_chans)
         self.min_side = img_size  # JPEG draft mode may drop resolution the resize would throw away
 
     def load(self, source) -> torch.Tensor:
@@ -396,9 +463,9 @@ class EvalImages(torch.utils.data.Dataset):
             check_size(source.width, source.height, resize_to=self.min_side)
             return from_pil(source, self.in_chans)
         if isinstance(source, torch.Tensor):
-            if source.ndim != 3 or source.shape[0] != self.in_chans:
+            if source.ndim != 3 or source.shape[0] != self.in_chans.in_chans:
                 raise ValueError(
-                    f"expected an image tensor of shape ({self.in_chans}, H, W), got {tuple(source.shape)}"
+                    f"expected an image tensor of shape ({self.in_chans.in_chans}, H, W), got {tuple(source.shape)}"
                 )
             check_size(source.shape[2], source.shape[1], resize_to=self.min_side)
             return source
@@ -507,7 +574,7 @@ OnError = Callable[[object, str, bool], None]  # (source, why, missing): skip it
 def eval_batches(
     sources: Iterable,
     img_size: int,
-    in_chans: int,
+    in_chans: int | Pixels,
     *,
     batch_size: int = 64,
     workers: int = 0,

@@ -77,7 +77,7 @@ def forward_batches(
         for items, x in D.eval_batches(
             sources,
             cfg.img_size,
-            cfg.in_chans,
+            cfg.pixels,
             batch_size=batch_size,
             workers=workers,
             on_error=on_error,

@@ -33,8 +33,18 @@ class MAEConfig:
     decoder_heads: int = 16
     norm_pix_loss: bool = True
     norm_eps: float = 1e-6
+    # How files become input (data.Pixels): per-band mean and std in `units` ("8-bit": 0-255; "native": the files'
+    # own, 16-bit counts or floats), measured on the data; None is ImageNet's for 3 bands, 127.5 for 1 (old runs).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    bands: tuple[int, ...] | None = None  # the file's bands the model reads, 1-based; None: all
+    units: str = "8-bit"
 
     def __post_init__(self):
+        self._check_sizes()
+        self._check_pixels()
+
+    def _check_sizes(self):
         for name in (
             "img_size",
             "patch_size",
@@ -50,12 +60,29 @@ class MAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.img_size % self.patch_size:
             raise ValueError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
-        if self.in_chans not in (1, 3):
-            raise ValueError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        if not isinstance(self.in_chans, int) or isinstance(self.in_chans, bool) or self.in_chans < 1:
+            raise ValueError(f"in_chans must be a positive integer, got {self.in_chans!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.decoder_dim % self.decoder_heads:
             raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+
+    def _check_pixels(self):
+        """mean, std and bands are tuples of in_chans numbers (JSON gives lists); std positive."""
+        for name in ("mean", "std", "bands"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = tuple(int(v) if name == "bands" else float(v) for v in value)
+            if len(value) != self.in_chans:
+                raise ValueError(f"{name} has {len(value)} values for {self.in_chans} channels")
+            object.__setattr__(self, name, value)
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.bands is not None and min(self.bands) < 1:
+            raise ValueError(f"bands are numbered from 1, got {self.bands}")
+        if self.units not in ("8-bit", "native"):
+            raise ValueError(f"units must be '8-bit' or 'native', got {self.units!r}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> MAEConfig:
@@ -83,6 +110,13 @@ class MAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def pixels(self):
+        """How files become this model's input (data.Pixels: bands, units, mean and std)."""
+        from .data import Pixels
+
+        return Pixels.of(self)
 
     @property
     def grid(self) -> int:

@@ -11,13 +11,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import data as D
-from .errors import DataError, EncoderOnlyError
-from .files import write_bytes
+from .errors import DataError, EncoderOnlyError, UsageError
+from .files import atomic_write, write_bytes
 from .model import MAE, patch_stats, patchify, unpatchify
+from .picture import view_for
 from .rundir import PREVIEWS_DIR, preview_name
 from .runtime import autocast, resolve_precision
 
@@ -29,7 +31,9 @@ MARGIN, GAP = 6, 4
 
 @dataclass
 class Reconstruction:
-    """Pixels in [0, 1], (N, C, H, W) each, plus the mask (N, L; 1 = hidden) and the per-image error."""
+    """Pictures for eyes in [0, 1], (N, 3 or 1, H, W) each (picture.py: chosen bands, stretched), plus the mask
+    (N, L; 1 = hidden), the per-image error, and `full`: the prediction with the visible patches pasted back, every
+    band in the model's units (N, C, H, W), for --raw."""
 
     names: list[str]
     original: torch.Tensor
@@ -43,6 +47,8 @@ class Reconstruction:
     norm_pix_loss: bool
     patch_stats: bool
     hidden: list[int]
+    full: torch.Tensor | None = None
+    shown: str = ""
 
     @property
     def tiles(self) -> tuple[torch.Tensor, ...]:
@@ -50,7 +56,7 @@ class Reconstruction:
 
     def legend(self) -> str:
         """What the prediction columns show, in words: the honesty note that travels with the picture."""
-        head = f"mask {self.mask_ratio:g}, seed {self.seed}; MSE on hidden patches in the loss's space. "
+        head = f"mask {self.mask_ratio:g}, seed {self.seed}; MSE on hidden patches in the loss's space. {self.shown}"
         if not self.norm_pix_loss:
             return head + "Prediction: the model's pixels, nothing borrowed."
         if self.patch_stats:
@@ -100,7 +106,7 @@ class Reconstruction:
 # Images in, tensors out
 
 
-def load_images(paths: list[str | os.PathLike], img_size: int, in_chans: int) -> torch.Tensor:
+def load_images(paths: list[str | os.PathLike], img_size: int, in_chans: int | D.Pixels) -> torch.Tensor:
     """Files -> model input (N, C, img_size, img_size) through the inference image path (data.eval_batches):
     shorter side resized, center-cropped, normalized. DataError names the first file that is missing or unreadable."""
     for p in paths:
@@ -114,10 +120,6 @@ def mask_noise(n: int, num_patches: int, seed: int) -> torch.Tensor:
     return torch.rand(n, num_patches, generator=torch.Generator().manual_seed(seed))
 
 
-def _pixels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
-    return D.denormalize(x.float(), in_chans).cpu()
-
-
 @torch.no_grad()
 def reconstruct(
     model: MAE,
@@ -128,12 +130,14 @@ def reconstruct(
     precision: str = "no",
     names: list[str] | None = None,
     batch_size: int = 32,
+    show_bands: tuple[int, ...] | None = None,
 ) -> Reconstruction:
     """Mask, encode, decode. `images` are files, or model input (N, C, H, W) normalized like `eval_transform`.
 
     With a `norm_pix_loss` model the decoder predicts each patch only up to its mean and variance;
     `use_patch_stats=True` borrows them from the original (as the paper's figures do), False shows the raw
-    prediction with the dataset's mean and spread. The model runs in eval mode; its mode is restored.
+    prediction with the dataset's mean and spread. `show_bands` (1-based, 3 or 1) picks the bands pictured
+    (picture.py). The model runs in eval mode; its mode is restored.
     """
     if not model.has_decoder:
         raise EncoderOnlyError(
@@ -143,7 +147,7 @@ def reconstruct(
     cfg = model.cfg
     if not isinstance(images, torch.Tensor):
         names = names or [str(p) for p in images]
-        images = load_images(images, cfg.img_size, cfg.in_chans)
+        images = load_images(images, cfg.img_size, D.Pixels.of(cfg))
     names = names or [f"image {i + 1}" for i in range(images.shape[0])]
     device = next(model.parameters()).device
     mode = resolve_precision(precision, device)
@@ -175,12 +179,21 @@ def reconstruct(
 
     p, c = cfg.patch_size, cfg.in_chans
     pred, mask = torch.cat(preds), torch.cat(masks)
-    original = _pixels(images, c)
-    prediction = _pixels(unpatchify(pred, p, c), c)
+    original = D.denormalize(images.float().cpu(), D.Pixels.of(cfg))  # the model's units, every band
     hidden = mask.unsqueeze(-1).bool()
+    full = unpatchify(
+        torch.where(
+            hidden, patchify(D.denormalize(unpatchify(pred, p, c), D.Pixels.of(cfg)), p), patchify(original, p)
+        ),
+        p,
+        c,
+    )
+    view = view_for(original, cfg.units, show_bands)
+    original, prediction = view.show(original), view.show(D.denormalize(unpatchify(pred, p, c), D.Pixels.of(cfg)))
+    k = original.shape[1]
     orig_patches = patchify(original, p)
-    masked = unpatchify(torch.where(hidden, torch.full_like(orig_patches, GREY), orig_patches), p, c)
-    pasted = unpatchify(torch.where(hidden, patchify(prediction, p), orig_patches), p, c)
+    masked = unpatchify(torch.where(hidden, torch.full_like(orig_patches, GREY), orig_patches), p, k)
+    pasted = unpatchify(torch.where(hidden, patchify(prediction, p), orig_patches), p, k)
     return Reconstruction(
         names=names,
         original=original,
@@ -194,6 +207,8 @@ def reconstruct(
         norm_pix_loss=cfg.norm_pix_loss,
         patch_stats=use_patch_stats,
         hidden=[int(m.sum()) for m in mask],
+        full=full,
+        shown=view.how,
     )
 
 
@@ -321,11 +336,37 @@ def write_png(data: bytes, path: str | os.PathLike) -> None:
     write_bytes(path, data)
 
 
+RAW_SUFFIXES = (".npy", ".tif", ".tiff")
+
+
+def check_raw_target(path: str | os.PathLike) -> None:
+    if Path(path).suffix.lower() not in RAW_SUFFIXES:
+        raise UsageError(f"--raw {path}: the file must end in .npy or .tif (a float32 array of every band)")
+
+
+def write_raw(rec: Reconstruction, path: str | os.PathLike) -> None:
+    """The reconstruction at full depth, every band, in the input's units: float32 (N, C, H, W) as .npy, or a TIFF
+    of N pages of C bands (bands first). Atomic."""
+    check_raw_target(path)
+    arr = rec.full.float().numpy()
+
+    def write(tmp):
+        if Path(path).suffix.lower() == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+        else:
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, photometric="minisblack", metadata={"axes": "QCYX"})
+
+    atomic_write(Path(path), write)
+
+
 # ----------------------------------------------------------------------------------------------
 # Previews during pretraining
 
 
-def preview_paths(paths: list[Path], count: int, in_chans: int) -> list[Path]:
+def preview_paths(paths: list[Path], count: int, in_chans: int | D.Pixels) -> list[Path]:
     """`count` images spread evenly over the sorted file list; an unreadable one gives way to the next."""
     chosen: list[Path] = []
     n = len(paths)
@@ -348,14 +389,21 @@ def readable_zoom(img_size: int) -> int:
 
 
 def save_preview(
-    model: MAE, paths: list[Path], out: Path, epoch: int, count: int, seed: int, mask_ratio: float = PREVIEW_MASK
+    model: MAE,
+    paths: list[Path],
+    out: Path,
+    epoch: int,
+    count: int,
+    seed: int,
+    mask_ratio: float = PREVIEW_MASK,
+    show_bands: tuple[int, ...] | None = None,
 ) -> Path | None:
     """previews/epoch-NNNN.png for a few fixed images at the run's mask and a fixed seed, enlarged to a readable
     size; None if none decodes."""
-    chosen = preview_paths(paths, count, model.cfg.in_chans)
+    chosen = preview_paths(paths, count, D.Pixels.of(model.cfg))
     if not chosen:
         return None
-    rec = reconstruct(model, chosen, mask_ratio=mask_ratio, seed=seed)
+    rec = reconstruct(model, chosen, mask_ratio=mask_ratio, seed=seed, show_bands=show_bands)
     folder = Path(out) / PREVIEWS_DIR
     folder.mkdir(exist_ok=True)
     path = folder / preview_name(epoch)

@@ -144,7 +144,10 @@ def test_config_errors_name_values():
     with pytest.raises(ValueError, match="image size 100 is not divisible by patch size 16"):
         MAEConfig(img_size=100, patch_size=16)
     with pytest.raises(ValueError, match="in_chans"):
-        MAEConfig(in_chans=2)
+        MAEConfig(in_chans=0)
+    with pytest.raises(ValueError, match="mean has 3 values for 6 channels"):
+        MAEConfig(in_chans=6, mean=(1, 2, 3), std=(1,) * 6)
+    assert MAEConfig(in_chans=6).in_chans == 6  # any band count
     cfg = MAEConfig.preset("vit-huge")
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size) == (1280, 32, 16, 14)
     assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == (512, 8, 16)

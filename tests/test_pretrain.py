@@ -120,7 +120,7 @@ def test_no_images_is_a_clear_error(tmp_path):
         (["--mask", "1.0"], "strictly between 0 and 1"),
         (["--mask", "0"], "strictly between 0 and 1"),
         (["--img-size", "30"], "image size 30 is not divisible by patch size 8"),
-        (["--in-chans", "2"], "in_chans must be 1 or 3"),
+        (["--in-chans", "2"], "--in-chans 2, but"),
         (["--model", "vit-gigantic"], "vit-gigantic"),
         (["--batch-size", "0"], "batch-size"),
     ],
@@ -214,7 +214,9 @@ def test_init_from_continues_the_sources_architecture_at_another_size(tmp_path, 
         r = invoke("pretrain", photo_dir, "--out", out, "--steps", "2", "--img-size", "64", "--init-from", tiny_weights)
     assert r.exit_code == 0 and f"continuing {tiny_weights}" in r.stderr, r.output
     source, cfg = maecli.load(tiny_weights).cfg, json.loads((out / "config.json").read_text())["model"]
-    assert cfg == {**source.to_dict(), "img_size": 64}  # patch, widths, depths, heads and the loss target kept
+    mean, std = maecli.data.Pixels.of(source).norm()  # the source's (ImageNet's), now written out
+    expected = json.loads(json.dumps({**source.to_dict(), "img_size": 64, "mean": mean, "std": std}))
+    assert cfg == expected  # patch, widths, depths, heads, the loss target and the normalization kept
     state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert state["step"] == 2  # a fresh schedule: the source's step count is not carried over
     r = invoke("pretrain", photo_dir, "--out", out, "--resume", "--steps", "3")

@@ -35,6 +35,7 @@ from .options import (
     Pool,
     Pooling,
     Seed,
+    ShowBands,
     Strict,
     Val,
     ValSplit,
@@ -79,6 +80,15 @@ def reconstruct(
         ),
     ] = None,
     precision: InferPrecision = Precision.no,
+    show_bands: ShowBands = None,
+    raw: Annotated[
+        Path | None,
+        typer.Option(
+            "--raw",
+            help="Also write the reconstruction (visible patches pasted back) at full depth, every band, in the "
+            "input's units: float32 (N, C, H, W) as .npy, or a .tif.",
+        ),
+    ] = None,
 ):
     """Show what the model fills in: mask each image, reconstruct it, save a labelled grid.
 
@@ -106,7 +116,11 @@ def reconstruct(
     import json
 
     from ..console import console, plural, warn
-    from ..reconstruct import png_bytes, readable_zoom, render, write_png
+    from ..reconstruct import check_raw_target, png_bytes, readable_zoom, render, write_png, write_raw
+
+    if raw is not None:
+        with reported():
+            check_raw_target(raw)
     from ..reconstruct import reconstruct as run_reconstruct
 
     with reported():
@@ -117,8 +131,17 @@ def reconstruct(
             mask = trained_mask_ratio(weights)
         zoom = zoom or readable_zoom(model.cfg.img_size)
         rec = run_reconstruct(
-            model, images, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, precision=precision.value
+            model,
+            images,
+            mask_ratio=mask,
+            seed=seed,
+            use_patch_stats=patch_stats,
+            precision=precision.value,
+            show_bands=show_bands,
         )
+        if raw is not None:
+            write_raw(rec, raw)
+            console.print(f"wrote {raw} ({' x '.join(map(str, rec.full.shape))} float32, the input's units)")
     data = png_bytes(render(rec, zoom))
     if min(rec.hidden) == model.cfg.num_patches:
         warn(
@@ -132,21 +155,26 @@ def reconstruct(
         if json_out:
             typer.echo(json.dumps(r))
     if out == "-":
-        from ..files import guarded
-
-        try:
-            with reported():
-                stdout = guarded(typer.get_binary_stream("stdout"), STDOUT)
-                stdout.write(data)
-                stdout.flush()
-        except BrokenPipeError:
-            stdout_closed_early()
+        png_to_stdout(data)
         return
     with reported():
         write_png(data, out)
     console.print(
         f"wrote {out} ({plural(len(rec.names), 'row')} x 4 columns, {rec.original.shape[-1] * zoom} px tiles)"
     )
+
+
+def png_to_stdout(data: bytes) -> None:
+    """reconstruct -o -: the PNG on stdout, one line if the reader goes away early."""
+    from ..files import guarded
+
+    try:
+        with reported():
+            stdout = guarded(typer.get_binary_stream("stdout"), STDOUT)
+            stdout.write(data)
+            stdout.flush()
+    except BrokenPipeError:
+        stdout_closed_early()
 
 
 def renamed_out(out: Path | None, output: Path | None) -> Path | None:

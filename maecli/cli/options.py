@@ -88,6 +88,29 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def band_list(value: str | None) -> tuple[int, ...] | None:
+    """Option callback: "4,3,2" -> (4, 3, 2), bands numbered from 1."""
+    if value is None:
+        return None
+    try:
+        bands = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a comma-separated list of band numbers, e.g. 4,3,2") from None
+    if min(bands) < 1:
+        raise typer.BadParameter(f"{value!r}: bands are numbered from 1")
+    return bands
+
+
+ShowBands = Annotated[
+    str | None,
+    typer.Option(
+        "--show-bands",
+        callback=band_list,
+        help="Bands of the model's input shown as red, green, blue (or one, in gray) in pictures, e.g. 4,3,2; data "
+        "that is not 8-bit is stretched between its 2nd and 98th percentiles [default: bands 1,2,3; gray for one].",
+    ),
+]
+
 # -- what goes in -------------------------------------------------------------------------------
 
 Inputs = Annotated[

@@ -32,6 +32,7 @@ from .options import (
     RunOut,
     SaveEvery,
     Seed,
+    ShowBands,
     Steps,
     TrainBatchSize,
     TrainPrecision,
@@ -40,6 +41,7 @@ from .options import (
     WarmupEpochs,
     WeightDecay,
     Workers,
+    band_list,
     finite,
 )
 
@@ -65,7 +67,24 @@ PatchSize = Annotated[
         help="Patch size [default: the model's (16; 14 for huge), halved until the image is 8 or more patches wide].",
     ),
 ]
-InChans = Annotated[int, typer.Option("--in-chans", min=1, max=3, help="1 (grayscale) or 3 (RGB).")]
+InChans = Annotated[
+    int | None,
+    typer.Option(
+        "--in-chans",
+        min=1,
+        max=1024,
+        help="Input bands: 1 (grayscale), 3 (RGB), or any N [default: the files' own count; gray and colour "
+        "photos mixed give 3].",
+    ),
+]
+Bands = Annotated[
+    str | None,
+    typer.Option(
+        "--bands",
+        callback=band_list,
+        help="Train on these bands of each file, 1-based in file order, e.g. 4,3,2 [default: all].",
+    ),
+]
 Repeat = Annotated[
     int,
     typer.Option(
@@ -136,7 +155,8 @@ def pretrain(
     model: Model = "vit-base",
     img_size: ImgSize = 224,
     patch_size: PatchSize = None,
-    in_chans: InChans = 3,
+    in_chans: InChans = None,
+    bands: Bands = None,
     mask: Mask = 0.75,
     epochs: Epochs = 100,
     steps: Steps = None,
@@ -166,6 +186,7 @@ def pretrain(
     num_heads: NumHeads = None,
     init_from: InitFrom = None,
     previews: Previews = 4,
+    show_bands: ShowBands = None,
     probe: ProbeFolder = None,
     log_with: LogWith = [],  # noqa: B006 (typer copies its defaults)
 ):

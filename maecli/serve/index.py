@@ -122,7 +122,7 @@ class Index:
             for rel in todo[i : i + EMBED_BATCH]:  # decoded outside the lock: requests keep flowing meanwhile
                 try:
                     side = cfg.img_size
-                    pixels.append(D.decode(self.folder.path(rel), cfg.in_chans, min_side=side, resize_to=side))
+                    pixels.append(D.decode(self.folder.path(rel), cfg.pixels, min_side=side, resize_to=side))
                     names.append(rel)
                 except Refused as e:
                     skipped[rel] = (*stats[rel], str(e))

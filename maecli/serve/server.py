@@ -156,10 +156,10 @@ class Server:
 
         cfg = self.model.cfg
         try:
-            pixels = D.decode(path, cfg.in_chans, min_side=cfg.img_size, resize_to=cfg.img_size)  # as reconstruct does
+            pixels = D.decode(path, cfg.pixels, min_side=cfg.img_size, resize_to=cfg.img_size)  # as reconstruct does
         except Exception as e:  # noqa: BLE001 -- any decoder failure: the file's fault, said on the page
             raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
-        return self.inputs.put(key, model_input(pixels, cfg.img_size, cfg.in_chans))
+        return self.inputs.put(key, model_input(pixels, cfg.img_size, cfg.pixels))
 
     def thumbnail(self, rel: str) -> bytes:
         """A small JPEG of a folder image, made once per version of the file."""
@@ -172,7 +172,7 @@ class Server:
             from .. import data as D
 
             try:
-                data = self.thumbs.put(key, thumbnail_jpeg(path))
+                data = self.thumbs.put(key, thumbnail_jpeg(path, pixels=self.model.cfg.pixels))
             except Exception as e:  # noqa: BLE001 -- an unreadable file, said on the page
                 raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
         return data
@@ -181,8 +181,8 @@ class Server:
         cfg = self.model.cfg
         name = clean_name(name)
         with self.decoding:
-            pixels = upload_pixels(data, cfg.in_chans, cfg.img_size, self.max_pixels)
-            x = model_input(pixels, cfg.img_size, cfg.in_chans)
+            pixels = upload_pixels(data, cfg.pixels, cfg.img_size, self.max_pixels)
+            x = model_input(pixels, cfg.img_size, cfg.pixels)
         vector = None
         if self.index is not None:
             from ..embedding import embed

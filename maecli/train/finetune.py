@@ -156,11 +156,38 @@ def check_augment(aa: str | None) -> None:
             raise UsageError(f"--aa {aa}: magnitude {m.group(2)} is out of range (0 to 10, up to 30 with mmax)")
 
 
-def train_transform(args: FinetuneArgs, img_size: int, in_chans: int):
-    """timm's training transform on PIL images: random resized crop, flip, RandAugment, normalize, random erasing."""
+def is_picture(px: D.Pixels) -> bool:
+    """8-bit gray or RGB pictures: what RandAugment's colour operations (and PIL) are made for."""
+    return px.units == "8-bit" and px.in_chans in (1, 3)
+
+
+def augment_note(args: FinetuneArgs, px: D.Pixels) -> str:
+    """Said once in the start line when --aa's RandAugment is left out."""
+    if is_picture(px) or not args.aa or args.aa.lower() == "none":
+        return ""
+    return f"; RandAugment off ({px.in_chans} bands in {px.units} units: its colour operations are for 8-bit pictures)"
+
+
+def band_transform(args: FinetuneArgs, img_size: int, px: D.Pixels):
+    """For N bands or data in native units, on tensors: pretraining's crop and flip, normalize, random erasing."""
+    from timm.data.random_erasing import RandomErasing
+    from torchvision.transforms import v2
+
+    steps = list(D.train_transform(img_size, px).transforms)
+    if args.reprob > 0:
+        steps.append(RandomErasing(args.reprob, mode="pixel", max_count=1, device="cpu"))
+    return v2.Compose(steps)
+
+
+def train_transform(args: FinetuneArgs, img_size: int, in_chans: int | D.Pixels):
+    """timm's training transform on PIL images: random resized crop, flip, RandAugment, normalize, random erasing;
+    for other data (is_picture), band_transform on tensors, without RandAugment."""
     from timm.data import create_transform
 
-    mean, std = D.mean_std(in_chans)
+    px = D.Pixels.of(in_chans)
+    if not is_picture(px):
+        return band_transform(args, img_size, px)
+    mean, std = (tuple(v / 255 for v in values) for values in px.norm())  # timm's are for [0, 1] pixels
     aa = args.aa if args.aa and args.aa.lower() != "none" else None
     try:
         transform = create_transform(
@@ -197,8 +224,8 @@ class LabelledTrainSet(D.PretrainDataset):
     at once, an unreadable file replaced by the next readable one, whose label comes along), with timm's transform.
     Every random draw (python's, numpy's, torch's CPU generator) is seeded by (seed, epoch, index)."""
 
-    def __init__(self, paths: list[str], labels: list[int], transform, img_size: int, in_chans: int, seed: int):
-        super().__init__([Path(p) for p in paths], img_size, in_chans, seed)
+    def __init__(self, paths: list[str], labels: list[int], transform, img_size: int, in_chans, seed: int):
+        super().__init__([Path(p) for p in paths], img_size, D.Pixels.of(in_chans), seed)
         self.labels, self.transform = labels, transform
 
     def __getitems__(self, items: list[tuple[int, int]]) -> list:
@@ -214,7 +241,7 @@ class LabelledTrainSet(D.PretrainDataset):
                         np.random.seed(seed % 2**32)
                         torch.default_generator.manual_seed(seed)
                         try:
-                            x = self.transform(to_pil(img))
+                            x = self.transform(to_pil(img) if is_picture(self.in_chans) else img)
                             break
                         except Exception as e:  # decodes but cannot be transformed: skip it too
                             path = self.paths[(index + attempt) % len(self.paths)]
@@ -300,7 +327,7 @@ def evaluate(model, split: Split, num_classes: int, *, batch_size: int = 64, wor
         for paths, x in D.eval_batches(
             split.paths,
             cfg.img_size,
-            cfg.in_chans,
+            cfg.pixels,
             batch_size=batch_size,
             workers=workers,
             on_error=on_error,
@@ -414,7 +441,7 @@ def finetune(args: FinetuneArgs, given: Iterable[str] = ()) -> dict:
     if args.resume:
         check_same_classes(out, labelled.classes)
     encoder = load_encoder(args)
-    check_readable(labelled, encoder.cfg.in_chans)
+    check_readable(labelled, encoder.cfg.pixels)
     finetuned = train_classifier(args, labelled, encoder, out, recipe)
     baseline = None
     if args.baseline and finetuned["signal"] is None:
@@ -445,7 +472,7 @@ def check_recipe(args: FinetuneArgs) -> None:
     check_augment(args.aa)
 
 
-def check_readable(labelled: Labelled, in_chans: int) -> None:
+def check_readable(labelled: Labelled, in_chans: int | D.Pixels) -> None:
     """Before any training: every class has a training image that decodes, and the validation set has one. A class
     whose files are all unreadable would be trained as an empty class, and the run would report success."""
     for name, split in (("training", labelled.train), ("validation", labelled.val)):
@@ -496,8 +523,8 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
     model = from_encoder(encoder, len(classes), args.pool, args.drop_path)
     groups = layer_decay_groups(model, args)
     with start(args, model, groups, train.paths, betas=(0.9, 0.999), min_lr=args.min_lr) as run:
-        transform = train_transform(args, cfg.img_size, cfg.in_chans)
-        dataset = LabelledTrainSet(train.paths, train.labels, transform, cfg.img_size, cfg.in_chans, args.seed)
+        transform = train_transform(args, cfg.img_size, cfg.pixels)
+        dataset = LabelledTrainSet(train.paths, train.labels, transform, cfg.img_size, cfg.pixels, args.seed)
         loader = run.loader(dataset, collate)
         validation = Validation(args, labelled, out, run.state, run.workers)
         if run.main:
@@ -516,7 +543,7 @@ def train_classifier(args: FinetuneArgs, labelled: Labelled, encoder: MAE, out: 
                 f"maecli finetune {kind}: {len(train.paths)} training images in {len(classes)} classes, "
                 f"{len(labelled.val.paths)} validation images ({labelled.layout}); ViT {cfg.embed_dim}-d x "
                 f"{cfg.depth} at {cfg.img_size}px, patch {cfg.patch_size}, {args.pool} pool",
-                extra=f", layer decay {args.layer_decay:g}",
+                extra=f", layer decay {args.layer_decay:g}" + augment_note(args, cfg.pixels),
             )
             console.print(recipe_line(args, recipe))
             hint = None if args.scratch else short_run_hint(args, run.schedule.total_steps)

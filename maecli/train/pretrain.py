@@ -21,6 +21,7 @@ from ..errors import DataError, TrainError, UsageError
 from ..model import MAE, MAEConfig, no_weight_decay_groups, num_visible
 from ..presets import PRESETS
 from ..rundir import WEIGHTS_NAME
+from ..stats import DataStats, measure
 from ..weights import save_weights
 from .checkpoint import checkpoint_dirs
 from .run import RunArgs, micro_seed, prepared, start
@@ -37,7 +38,9 @@ class TrainArgs(RunArgs):
     model: str = "vit-base"
     img_size: int = 224
     patch_size: int | None = None
-    in_chans: int = 3
+    in_chans: int | None = None
+    bands: tuple[int, ...] | None = None
+    show_bands: tuple[int, ...] | None = None
     mask: float = 0.75
     repeat: int = 1
     norm_pix_loss: bool = True
@@ -57,25 +60,36 @@ ARCHITECTURE = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "no
 DECODER = ("decoder_dim", "decoder_depth", "decoder_heads")
 
 
-def build_config(args: TrainArgs, source: MAE | None = None, given: set[str] = frozenset()) -> MAEConfig:
+def build_config(
+    args: TrainArgs, source: MAE | None = None, given: set[str] = frozenset(), data: DataStats | None = None
+) -> MAEConfig:
     """The model to train: the preset and the size flags; with --init-from, the source's architecture (patch size,
-    widths, depths, heads, the loss target) at --img-size; on --resume, the run's own."""
+    widths, depths, heads, the loss target) at --img-size; on --resume, the run's own. `data` (the folder's
+    statistics) gives the bands and their normalization."""
     try:
         if args.resume and (saved := saved_model(args.out)) is not None:
-            cfg = saved
-        elif source is not None:
+            return checked_mask(args, saved)
+        in_chans = data.in_chans if data is not None else args.in_chans
+        if source is not None:
             cfg = continued_config(args, source, given)
         else:
             cfg = MAEConfig.preset(
                 args.model,
                 img_size=args.img_size,
                 patch_size=args.patch_size,
-                in_chans=args.in_chans,
+                in_chans=in_chans,
                 norm_pix_loss=args.norm_pix_loss,
                 **{name: getattr(args, name) for name in (*DECODER, "embed_dim", "depth", "num_heads")},
             )
+        if data is not None:
+            cfg = replace(cfg, mean=data.mean, std=data.std, bands=data.bands, units=data.units)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    return checked_mask(args, cfg)
+
+
+def checked_mask(args: TrainArgs, cfg: MAEConfig) -> MAEConfig:
+    """cfg, once --mask leaves some of its patches visible and hides some."""
     if not 0 < args.mask < 1:
         raise UsageError(f"--mask must lie strictly between 0 and 1, got {args.mask}")
     if num_visible(cfg.num_patches, args.mask) < 1:
@@ -159,12 +173,14 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     """
     args = prepared(args, given)
     source = init_source(args, set(given))
-    cfg = build_config(args, source, set(given))
-    paths = find_training_images(args, cfg)
+    paths = find_training_images(args)
+    data = None if args.resume and saved_model(args.out) is not None else data_stats(args, paths)
+    cfg = build_config(args, source, set(given), data)
+    D.first_readable(paths, D.Pixels.of(cfg))
     model = initial_model(args, cfg, source)
     groups = no_weight_decay_groups(model, args.weight_decay)
     with start(args, model, groups, paths, repeat=args.repeat, betas=(0.9, 0.95)) as run:
-        loader = run.loader(D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed), D.collate)
+        loader = run.loader(D.PretrainDataset(paths, cfg.img_size, D.Pixels.of(cfg), args.seed), D.collate)
         if run.main:
             run.write_config(cfg.to_dict())
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
@@ -205,12 +221,22 @@ def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
     return loss_fn
 
 
-def find_training_images(args: TrainArgs, cfg: MAEConfig) -> list[Path]:
-    """The data folder's images, checked before the first step: some must decode, and the probe folder must work."""
+def data_stats(args: TrainArgs, paths: list[Path]) -> DataStats:
+    """The folder's bands and statistics (stats.measure). Every process reads the same seeded sample and gets the
+    same numbers (no collective that a failing rank could leave waiting); the main one says them."""
+    from accelerate import PartialState
+
+    main = PartialState().is_main_process
+    return measure(
+        paths, in_chans=args.in_chans, bands=args.bands, seed=args.seed, min_side=2 * args.img_size, quiet=not main
+    )
+
+
+def find_training_images(args: TrainArgs) -> list[Path]:
+    """The data folder's images, checked before the first step: some must exist, and the probe folder must work."""
     paths = D.find_images(args.data)
     if not paths:
         raise DataError(f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})")
-    D.first_readable(paths, cfg.in_chans)
     if args.probe:
         from ..probe import labelled_for_training
 
@@ -248,7 +274,14 @@ class EpochEnd:
 
             try:
                 path = save_preview(
-                    model, self.paths, self.out, epoch, self.args.previews, self.args.seed, self.args.mask
+                    model,
+                    self.paths,
+                    self.out,
+                    epoch,
+                    self.args.previews,
+                    self.args.seed,
+                    self.args.mask,
+                    self.args.show_bands,
                 )
                 if path:
                     self.preview = str(path)

@@ -1,0 +1,104 @@
+"""Scientific folders made from the real example photos: 16-bit grayscale with a large offset, 6-band stacks of a
+photo's channels and their transforms (16-bit and float32 TIFFs, .npy), and pydicom's own DICOM test files."""
+
+from pathlib import Path
+
+import numpy as np
+from conftest import EXAMPLES
+from PIL import Image
+
+OFFSET, SPAN = 30_000, 1.5  # 16-bit values 30000..30383: a few hundred levels above a large offset
+
+
+def photos(n: int = 8, side: int = 48) -> list[np.ndarray]:
+    """n example photos as RGB uint8 arrays (side x side)."""
+    files = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".jpg", ".png"))[:n]
+    return [np.asarray(Image.open(f).convert("RGB").resize((side, side), Image.Resampling.BICUBIC)) for f in files]
+
+
+def gray16(rgb: np.ndarray) -> np.ndarray:
+    """A photo as 16-bit gray: OFFSET + SPAN x luminance."""
+    lum = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)
+    return (OFFSET + SPAN * lum).round().astype(np.uint16)
+
+
+def six_bands(rgb: np.ndarray) -> np.ndarray:
+    """(6, H, W) float: R, G, B, the inverse of R, the mean of G and B, the luminance; 0..255."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    return np.stack([r, g, b, 255 - r, (g + b) / 2, 0.299 * r + 0.587 * g + 0.114 * b])
+
+
+def write_gray16_folder(root: Path, n: int = 8) -> list[np.ndarray]:
+    """16-bit PNGs (and one 16-bit TIFF) of the photos; returns their arrays."""
+    import tifffile
+
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = [gray16(p) for p in photos(n)]
+    for i, a in enumerate(arrays):
+        if i == 0:
+            tifffile.imwrite(root / f"scan{i}.tif", a)
+        else:
+            Image.fromarray(a).save(root / f"scan{i}.png")
+    return arrays
+
+
+def write_six_band_folder(root: Path, dtype=np.uint16, n: int = 8, nodata: float | None = None) -> list[np.ndarray]:
+    """6-band TIFFs, bands last (interleaved) and bands first (planar) alternately: 16-bit as 100 x value, float32
+    as reflectance 0..1. With `nodata`, a corner of each file is that value and the tag says so."""
+    import tifffile
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, rgb in enumerate(photos(n)):
+        bands = six_bands(rgb)
+        bands = (bands * 100).astype(np.uint16) if dtype == np.uint16 else (bands / 255).astype(np.float32)
+        extra = {}
+        if nodata is not None:
+            bands[:, :4, :4] = nodata
+            extra["extratags"] = [(42113, "s", 0, str(nodata), True)]
+        if i % 2:
+            tifffile.imwrite(root / f"tile{i}.tif", bands, photometric="minisblack", planarconfig="separate", **extra)
+        else:
+            tifffile.imwrite(
+                root / f"tile{i}.tif",
+                np.moveaxis(bands, 0, -1),
+                photometric="minisblack",
+                planarconfig="contig",
+                **extra,
+            )
+        out.append(bands)
+    return out
+
+
+def write_labelled_twin(root: Path, dtype=np.uint16) -> None:
+    """Two classes of 6-band tiles: each photo's tiles (crops of it) form its own class."""
+    import tifffile
+
+    pics = photos(2, side=96)
+    for label, rgb in zip(("first", "second"), pics):
+        bands = (six_bands(rgb) * 100).astype(dtype)
+        for split in ("train", "val"):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+        for k in range(8):
+            y, x = (k // 4) * 24, (k % 4) * 16
+            split = "val" if k % 4 == 3 else "train"
+            tifffile.imwrite(
+                root / split / label / f"{k}.tif", bands[:, y : y + 48, x : x + 48], photometric="minisblack"
+            )
+
+
+def write_dicom_folder(root: Path) -> list[str]:
+    """pydicom's own CT and MR test files, and one DICOM without pixel data; returns the names with pixels."""
+    import shutil
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    names = ["CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "MR_small_padded.dcm"]
+    for name in names:
+        shutil.copy(get_testdata_file(name), root / name)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.save_as(root / "no_pixels.dcm")
+    return names
