@@ -72,7 +72,9 @@ def test_preview_images_are_spread_and_skip_unreadable(tmp_path):
 def test_grid_rows_and_model_size_tiles(run, tmp_path):
     out, _ = run
     png = tmp_path / "grid.png"
-    r = invoke("reconstruct", *PHOTOS, "--weights", out, "--mask", "0.75", "--out", png)
+    r = invoke("reconstruct", *PHOTOS, "--weights", out, "--out", png)
+    assert r.exit_code == 0 and "256 px tiles" in r.stderr, r.output  # 32 px enlarged 8 times by default
+    r = invoke("reconstruct", *PHOTOS, "--weights", out, "--mask", "0.75", "--out", png, "--zoom", "1")
     assert r.exit_code == 0, r.output
     assert f"wrote {png}" in r.stderr and r.stdout == ""
     grid = Image.open(png).convert("RGB")
