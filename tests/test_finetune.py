@@ -449,3 +449,16 @@ def test_a_sweep_over_fractions_and_seeds_answers_did_it_pay(tmp_path, tiny_weig
     png = tmp_path / "sweep.png"
     r = invoke("plot", out, "-o", png)
     assert r.exit_code == 0 and png.stat().st_size > 0, r.output
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(tmp_path, tiny_weights):
+    """An old baseline/ or per_class.json that survives --overwrite would be read back as the new run's."""
+    data = make_labelled(tmp_path / "data", per_class=2, val_per_class=1)
+    out = tmp_path / "run"
+    r = invoke("finetune", data, "-w", tiny_weights, "--out", out, "--epochs", "1", "--baseline", *FAST)
+    assert r.exit_code == 0 and (out / "baseline" / "model.safetensors").exists(), r.output
+    (out / "previews").mkdir()  # anything a training command writes, whichever made it
+    r = invoke("finetune", data, "-w", tiny_weights, "--out", out, "--epochs", "1", "--overwrite", "--seed", "3", *FAST)
+    assert r.exit_code == 0, r.output
+    assert not (out / "baseline").exists() and not (out / "previews").exists()
+    assert json.loads((out / "config.json").read_text())["finetune"]["seed"] == 3
