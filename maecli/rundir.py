@@ -355,17 +355,21 @@ def prepare(run: Path, resume: bool, overwrite: bool) -> RunLock:
 class DataList:
     """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
     fingerprint in state.json, and the list itself in files.json.gz beside it (to say what changed), so `--resume`
-    can tell whether it goes on with the data the run was trained on."""
+    can tell whether it goes on with the data the run was trained on. The list is compressed and written once per
+    run (checkpoints/.files-SHA.json.gz) and hard-linked into each checkpoint."""
 
-    NAME = "files.json.gz"
+    NAME = DATA_LIST_NAME
 
-    def __init__(self, files: list[tuple[str, int]]):
-        self.files = files
+    def __init__(self, files):
+        self.files = files  # a list of (name, size) pairs, or a filelist.FileList (the same, in three arrays)
+        self._fingerprint = None
 
     @classmethod
-    def of(cls, root: str | os.PathLike, paths: list[Path] | list[str]) -> DataList:
+    def of(cls, root: str | os.PathLike, paths) -> DataList:
         root = Path(root)
         base = root if root.is_dir() else root.parent
+        if hasattr(paths, "pairs") and Path(paths.base or ".") == base:
+            return cls(paths)  # found by data.find_images: the names and sizes are there already
         files = []
         for p in paths:
             try:
@@ -375,7 +379,17 @@ class DataList:
             files.append((Path(p).relative_to(base).as_posix(), size))
         return cls(files)
 
+    def pairs(self):
+        return self.files.pairs() if hasattr(self.files, "pairs") else iter(self.files)
+
     def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> dict:
+        if hasattr(self.files, "fingerprint"):
+            return self.files.fingerprint()
         import hashlib
 
         digest = hashlib.sha256()
@@ -384,10 +398,28 @@ class DataList:
         return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files), "sha256": digest.hexdigest()}
 
     def compressed(self) -> bytes:
-        """The list as files.json.gz holds it (compressed once per run, written with every checkpoint)."""
+        """The list as files.json.gz holds it."""
+        if hasattr(self.files, "json_gz"):
+            return self.files.json_gz()
         import gzip
 
         return gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
+
+    def linker(self, run: Path):
+        """A writer of files.json.gz into a checkpoint folder: the list is compressed and written once, into
+        RUN/checkpoints/.files-SHA.json.gz (kept across resumes of the same data), then hard-linked (copied where
+        the file system has no hard links) into each checkpoint."""
+
+        def place(target: Path) -> None:
+            source = Path(run) / CHECKPOINTS_DIR / f".files-{self.fingerprint()['sha256'][:16]}.json.gz"
+            if not source.is_file():
+                atomic_write(source, lambda tmp: Path(tmp).write_bytes(self.compressed()))
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+
+        return place
 
     @classmethod
     def saved(cls, checkpoint: Path) -> DataList | None:
@@ -410,7 +442,7 @@ class DataList:
                 f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
                 f"then, {now['files']} files of {now['bytes']} bytes now"
             )
-        then, current = dict(old.files), dict(self.files)
+        then, current = dict(old.files), dict(self.pairs())
         added = [n for n in current if n not in then]
         removed = [n for n in then if n not in current]
         changed = [n for n in current if n in then and current[n] != then[n]]

@@ -122,7 +122,8 @@ class Trainer:
     checkpoint and returns extra metrics to log, or None; values that are PIL images in it (the preview grid) go to
     the trackers as pictures, not to metrics.jsonl. write_weights(model), if given, writes the hand-over weights at
     each epoch end and on a stop. hparams (the run's config, nested dicts) go to the trackers as hyper-parameters.
-    checkpoint_files (name -> bytes) are saved in every checkpoint (the training file list: rundir.DataList).
+    checkpoint_files (name -> bytes, or a function writing the file) are saved in every checkpoint (the training
+    file list: rundir.DataList.linker).
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class Trainer:
         on_epoch_end: Callable | None = None,
         write_weights: Callable | None = None,
         hparams: dict | None = None,
-        checkpoint_files: dict[str, bytes] | None = None,
+        checkpoint_files: dict | None = None,
     ):
         self.acc, self.schedule, self.run, self.state = accelerator, schedule, Path(run), state
         self.checkpoint_files = checkpoint_files
