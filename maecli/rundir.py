@@ -356,7 +356,7 @@ class DataList:
     """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
     fingerprint in state.json, and the list itself in files.json.gz beside it (to say what changed), so `--resume`
     can tell whether it goes on with the data the run was trained on. The list is compressed and written once per
-    run (checkpoints/.files-SHA.json.gz) and hard-linked into each checkpoint."""
+    run, and hard-linked from one checkpoint into the next."""
 
     NAME = DATA_LIST_NAME
 
@@ -406,20 +406,38 @@ class DataList:
         return gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
 
     def linker(self, run: Path):
-        """A writer of files.json.gz into a checkpoint folder: the list is compressed and written once, into
-        RUN/checkpoints/.files-SHA.json.gz (kept across resumes of the same data), then hard-linked (copied where
-        the file system has no hard links) into each checkpoint."""
+        """A writer of files.json.gz into a new checkpoint folder: a hard link to the newest checkpoint's copy when
+        that one lists the same files (its state.json has this fingerprint), else the list compressed and written
+        (once per run, and once again after a resume on other data)."""
 
         def place(target: Path) -> None:
-            source = Path(run) / CHECKPOINTS_DIR / f".files-{self.fingerprint()['sha256'][:16]}.json.gz"
-            if not source.is_file():
-                atomic_write(source, lambda tmp: Path(tmp).write_bytes(self.compressed()))
-            try:
-                os.link(source, target)
-            except OSError:
-                shutil.copyfile(source, target)
+            source = self._saved_copy(Path(run) / CHECKPOINTS_DIR)
+            if source is not None:
+                try:
+                    os.link(source, target)
+                    return
+                except OSError:  # a file system without hard links: write it
+                    pass
+            atomic_write(target, lambda tmp: Path(tmp).write_bytes(self.compressed()))
 
         return place
+
+    def _saved_copy(self, checkpoints: Path) -> Path | None:
+        """The newest checkpoint's files.json.gz if it holds this list."""
+        try:
+            names = [p.name for p in checkpoints.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name)]
+        except OSError:
+            return None
+        for name in sorted(names, key=lambda n: int(n[5:]), reverse=True):
+            try:
+                state = read_json_object(checkpoints / name / STATE_NAME) or {}
+            except UserError:
+                continue
+            data = state.get("data")
+            if isinstance(data, dict) and data.get("sha256") == self.fingerprint()["sha256"]:
+                copy = checkpoints / name / self.NAME
+                return copy if copy.is_file() else None
+        return None
 
     @classmethod
     def saved(cls, checkpoint: Path) -> DataList | None:
