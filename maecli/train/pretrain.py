@@ -7,6 +7,7 @@ so resuming from a checkpoint continues exactly where the killed run was.
 
 from __future__ import annotations
 
+import shlex
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from ..errors import DataError, TrainError, UsageError
 from ..model import MAE, MAEConfig, no_weight_decay_groups, num_visible
 from ..presets import PRESETS
 from ..rundir import WEIGHTS_NAME
+from ..shards import SHUFFLE_BUFFER, ShardSet, is_shards, preview_sources
+from ..shards import training_loader as shard_loader
 from ..weights import save_weights
 from .checkpoint import checkpoint_dirs
 from .run import RunArgs, micro_seed, prepared, start
@@ -164,12 +167,16 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     model = initial_model(args, cfg, source)
     groups = no_weight_decay_groups(model, args.weight_decay)
     with start(args, model, groups, paths, repeat=args.repeat, betas=(0.9, 0.95)) as run:
-        loader = run.loader(D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, args.seed), D.collate)
+        loader = training_loader(run, paths, cfg)
         if run.main:
             run.write_config(cfg.to_dict())
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
+            if isinstance(paths, ShardSet):
+                times = f" in {plural(len(paths.paths), 'shard')} (shuffle buffer {SHUFFLE_BUFFER})"
+                paths = preview_sources(paths, run.out, args.previews, cfg.in_chans)
             run.announce(
-                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {model_name(cfg)} at "
+                f"maecli pretrain: {run.images} images{times} in {args.data}; "
+                f"{model_name(cfg)} at "
                 f"{cfg.img_size}px, patch {cfg.patch_size}, mask {args.mask}"
                 + (f"; continuing {args.init_from}" if args.init_from else "")
             )
@@ -205,17 +212,32 @@ def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
     return loss_fn
 
 
-def find_training_images(args: TrainArgs, cfg: MAEConfig) -> list[Path]:
-    """The data folder's images, checked before the first step: some must decode, and the probe folder must work."""
-    paths = D.find_images(args.data)
-    if not paths:
-        raise DataError(f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})")
-    D.first_readable(paths, cfg.in_chans)
+def find_training_images(args: TrainArgs, cfg: MAEConfig) -> D.FileList | ShardSet:
+    """The data folder's images (or the shards DATA names), checked before the first step: some must decode, and
+    the probe folder must work."""
+    if is_shards(args.data):
+        if args.repeat > 1:
+            raise UsageError("--repeat is for small folders; an epoch of shards is one pass over them")
+        paths = ShardSet(args.data)
+    else:
+        paths = D.find_images(args.data)
+        if not paths:
+            raise DataError(
+                f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})"
+            )
+        D.first_readable(paths, cfg.in_chans)
     if args.probe:
         from ..probe import labelled_for_training
 
         labelled_for_training(args.probe)
     return paths
+
+
+def training_loader(run, paths, cfg: MAEConfig):
+    """The loader of a folder's images (exact resume by index) or of shards (resume by stream position)."""
+    if isinstance(paths, ShardSet):
+        return shard_loader(run, paths, cfg.img_size, cfg.in_chans, SHUFFLE_BUFFER)
+    return run.loader(D.PretrainDataset(paths, cfg.img_size, cfg.in_chans, run.args.seed), D.collate)
 
 
 def initial_model(args: TrainArgs, cfg: MAEConfig, source: MAE | None) -> MAE:
@@ -274,7 +296,7 @@ def report(summary: dict, args: TrainArgs) -> None:
         name = "SIGINT" if summary["signal"] == signal.SIGINT else "SIGTERM"
         console.print(
             f"[yellow]{name}: stopped at step {summary['steps']}/{summary['total_steps']}; checkpoint "
-            f"saved.[/] Continue with:\n  maecli pretrain {args.data} --out {args.out} --resume"
+            f"saved.[/] Continue with:\n  maecli pretrain {shlex.quote(args.data)} --out {args.out} --resume"
         )
     else:
         console.print(
