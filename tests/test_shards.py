@@ -79,3 +79,12 @@ def test_pretrain_on_shards_resumes_after_sigkill_and_embeds(tmp_path, shards):
     assert f"resuming {out} from step {int(saved.name[5:])}" in r.stderr
     final = json.loads((out / "checkpoints" / "step-00000012" / "state.json").read_text())
     assert [k.rsplit("/", 1)[1] for k in final["skipped"]] == ["shard-000002.tar#broken"]  # warned and counted once
+
+
+def test_embed_reads_shards_one_line_per_image(shards, tiny_weights):
+    r = invoke("embed", shards, "-w", tiny_weights)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 8 and all(".tar#" in row["path"] for row in lines)
+    assert "skipped" in r.stderr and "#broken" in r.stderr
+    one_line_error(invoke("embed", shards.replace("000002", "000009"), "-w", tiny_weights), 1, "do not exist")
