@@ -13,6 +13,7 @@ largest private (unshared) memory of any loader worker: what a worker copied of 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -128,17 +129,69 @@ def start(folder: Path, out: Path) -> dict:
     return result
 
 
+def embed_memory(folder: Path, work: Path) -> dict:
+    """`maecli embed -` over every file of `folder` on stdin (a tiny encoder at 16 px, batch 64, 2 workers): the
+    main process's resident memory after each tenth of the paths and at its peak, the workers' private peak, and
+    whether the output came back in input order."""
+    import torch
+
+    from maecli.data import find_images
+    from maecli.model import MAE, MAEConfig
+    from maecli.weights import save_weights
+
+    cfg = MAEConfig.preset("vit-tiny", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    torch.manual_seed(0)
+    save_weights(MAE(cfg, decoder=False), work / "w.safetensors")
+    listing = work / "paths.txt"
+    with open(listing, "w") as f:
+        for path in find_images(folder):
+            f.write(f"{path}\n")
+    n = sum(1 for _ in open(listing))
+    t0 = time.perf_counter()
+    with open(listing, "rb") as inp, open(work / "out.jsonl", "wb") as out:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "maecli", "embed", "-", "-w", str(work / "w.safetensors"), "--batch-size", "64",
+             "--workers", "2"],  # fmt: skip
+            cwd=H.ROOT, env=H.clean_env(), stdin=inp, stdout=out, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        tenths, peak, workers = [], 0.0, 0.0
+        while p.poll() is None:
+            rss = rss_mb(p.pid)
+            peak = max(peak, rss)
+            for child in children(p.pid):
+                workers = max(workers, private_mb(child))
+            done = os.path.getsize(work / "out.jsonl")
+            if done and len(tenths) < 10:
+                lines = done // max(1, _line_bytes(work / "out.jsonl"))
+                while len(tenths) < 10 and lines >= (len(tenths) + 1) * n // 10:
+                    tenths.append(rss)
+            time.sleep(0.2)
+    in_order = all(
+        json.loads(line)["path"] == path.rstrip("\n") for line, path in zip(open(work / "out.jsonl"), open(listing))
+    )
+    return {"paths": n, "seconds": time.perf_counter() - t0, "main_peak_mb": peak, "tenths_mb": tenths,
+            "worker_private_mb": workers, "in_order": in_order, "exit": p.returncode}  # fmt: skip
+
+
+def _line_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        return len(f.readline())
+
+
 def main(argv=None):
     ap = H.options(__doc__)
     ap.add_argument("--sizes", default=None, help="comma-separated folder sizes [default: 10000,100000,1000000]")
     ap.add_argument("--root", default="/tmp/maecli-scale", help="where the folders are built")
     ap.add_argument("--keep", action="store_true", help="keep the folders for the next run")
+    ap.add_argument("--embed", type=int, default=None, metavar="N", help="only `maecli embed -` over N stdin paths")
     opts = ap.parse_args(argv)
     info = H.header("scale")
     sizes = [int(s) for s in (opts.sizes or ("100,10000" if opts.quick else "100,10000,100000,1000000")).split(",")]
     root = Path(opts.root)
     root.mkdir(parents=True, exist_ok=True)
     images = sources()
+    if opts.embed:
+        return embed_only(opts, root, images, info)
     rows, results = [], {}
     for n in sizes:
         folder = root / str(n)
@@ -169,6 +222,25 @@ def main(argv=None):
         rows,
     )
     H.finish(opts, {"scale": results}, info)
+
+
+def embed_only(opts, root: Path, images: list[Path], info: dict) -> None:
+    folder = root / str(opts.embed)
+    if not (opts.keep and folder.is_dir()):
+        build(root, opts.embed, images)
+    work = root / "embed"
+    work.mkdir(exist_ok=True)
+    r = embed_memory(folder, work)
+    shutil.rmtree(work)
+    if not opts.keep:
+        shutil.rmtree(folder)
+    H.show(
+        "`maecli embed -` over N paths on stdin: main-process RSS (MB) after each tenth of the output",
+        ["paths", "seconds", "exit", "in order", "RSS by tenths", "main peak MB", "worker private MB"],
+        [[f"{r['paths']:,}", f"{r['seconds']:.0f}", str(r["exit"]), str(r["in_order"]),
+          " ".join(f"{x:.0f}" for x in r["tenths_mb"]), f"{r['main_peak_mb']:.0f}", f"{r['worker_private_mb']:.0f}"]],
+    )  # fmt: skip
+    H.finish(opts, {"embed": r}, info)
 
 
 if __name__ == "__main__":
