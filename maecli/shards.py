@@ -36,8 +36,11 @@ def is_shards(spec: str | os.PathLike) -> bool:
 def expand(spec: str | os.PathLike) -> list[str]:
     """The shard files a spec names (`shards/train-{000000..000099}.tar`, braces expanded as the shell would),
     each checked to exist; DataError otherwise."""
-    from braceexpand import braceexpand
-
+    try:
+        from braceexpand import braceexpand
+        from webdataset import tariterators  # noqa: F401 (samples() reads with it)
+    except ImportError:
+        raise DataError("reading tar shards needs webdataset: pip install 'maecli[shards]'") from None
     paths = list(braceexpand(str(spec)))
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
