@@ -22,6 +22,7 @@ from PIL import Image, ImageFile, ImageOps
 from torchvision.transforms import v2
 
 from .errors import DataError
+from .filelist import FileList, scan_images
 from .readers import SUFFIXES as IMAGE_SUFFIXES  # the readers' table says which files are images
 from .readers import Request, from_image, read
 
@@ -92,32 +93,15 @@ class Pixels:
         return (127.5,) * self.in_chans, (127.5,) * self.in_chans
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
-    """All image files under `root` at any depth, sorted; hidden files and folders are ignored.
+def find_images(root: str | os.PathLike) -> FileList:
+    """All image files under `root` at any depth, sorted by path relative to it, each with its size; hidden files
+    and folders are ignored. A sequence of Paths kept as one buffer (filelist.FileList), shared by forked workers.
 
     Symlinked folders are followed once (a loop is visited once). `root` may also be a single file.
     """
-    root = Path(root)
-    if not root.exists():
+    if not os.path.exists(root):
         raise DataError(f"{root} does not exist")
-    if root.is_file():
-        return [root] if root.suffix.lower() in IMAGE_SUFFIXES else []
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath) / name)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return scan_images(root, IMAGE_SUFFIXES)
 
 
 def to_array(img: Image.Image, in_chans: int) -> np.ndarray:
@@ -411,14 +395,15 @@ class EpochBatches:
     def micro_per_epoch(self) -> int:
         return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
 
-    def epoch_indices(self, epoch: int) -> list[int]:
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's indices in `epoch`, as one int64 tensor (a million Python ints would be 36 MB)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + 1_000 * epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g)
         else:
-            perm = list(range(self.n))
+            perm = torch.arange(self.n)
         per_rank = math.ceil(self.n / self.world)
-        perm = (perm * (1 + per_rank * self.world // max(self.n, 1)))[: per_rank * self.world]
+        perm = perm.repeat(1 + per_rank * self.world // max(self.n, 1))[: per_rank * self.world]
         return perm[self.rank :: self.world]
 
     def __iter__(self):
@@ -426,7 +411,7 @@ class EpochBatches:
             idx = self.epoch_indices(epoch)
             first = self.start_micro if epoch == self.start_epoch else 0
             for b in range(first, self.micro_per_epoch()):
-                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size]]
+                yield [(epoch, i) for i in idx[b * self.batch_size : (b + 1) * self.batch_size].tolist()]
 
     def __len__(self):
         return (self.epochs - self.start_epoch) * self.micro_per_epoch() - self.start_micro

@@ -24,6 +24,7 @@ from . import data as D
 from .console import Progress
 from .files import open_output
 from .runtime import autocast, resolve_precision
+from .shards import is_shards
 
 POOLS = ("mean", "cls")
 
@@ -140,8 +141,13 @@ def stdin_paths(stdin) -> Iterator[str]:
         yield os.fsdecode(line.rstrip(b"\r\n"))
 
 
-def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> Iterator[str]:
-    """Files as given, folders searched as pretrain does, `-` as newline-separated paths (files or folders)."""
+def expand_inputs(
+    inputs: list[str], stdin, on_empty: Callable[[str], None], on_error: D.OnError | None = None
+) -> Iterator[str]:
+    """Files as given, folders searched as pretrain does, tar shards (`train-{000..009}.tar`) as their images (each
+    named SHARD#KEY), `-` as newline-separated paths (files, folders or shards)."""
+    from .shards import members
+
     for item in inputs:
         lines = D.paced(stdin_paths(stdin)) if item == "-" else [item]
         for line in lines:
@@ -150,7 +156,9 @@ def expand_inputs(inputs: list[str], stdin, on_empty: Callable[[str], None]) -> 
                 continue
             if not line.strip():  # a blank or whitespace-only line names no file
                 continue
-            if os.path.isdir(line):
+            if is_shards(line):
+                yield from members(line, on_error)
+            elif os.path.isdir(line):
                 found = D.find_images(line)
                 if not found:
                     on_empty(line)
@@ -170,9 +178,10 @@ class Inputs:
             inputs,
             stdin if stdin is not None else sys.stdin,
             on_empty=lambda folder: self.warn(f"no image files found under {folder}"),
+            on_error=self.on_error,
         )
         self.total = None
-        if "-" not in inputs:  # no stdin: the paths are known up front, so the bar can show a total
+        if "-" not in inputs and not any(map(is_shards, inputs)):  # the paths are known up front: the bar has a total
             self.sources = list(self.sources)
             self.total = len(self.sources)
             if not self.sources:
@@ -315,7 +324,8 @@ def write_embeddings(
                 )
             ) as batches,
         ):
-            for paths, vectors in batches:
+            for sources, vectors in batches:
+                paths = list(map(str, sources))  # a shard's image is named SHARD#KEY
                 writer.write(paths, vectors.numpy())
                 if fmt != "npy":
                     out.flush()  # each batch reaches the next tool now, not when a buffer fills

@@ -106,6 +106,7 @@ def write_predictions(
         for paths, probs in stream(
             model, reader.sources, batch_size=batch_size, workers=workers, precision=precision, on_error=reader.on_error
         ):
+            paths = list(map(str, paths))  # a shard's image is named SHARD#KEY
             writer.write(paths, probs)
             out.flush()  # each batch reaches the next tool now
             predicted += len(paths)

@@ -384,17 +384,21 @@ def prepare(run: Path, resume: bool, overwrite: bool) -> RunLock:
 class DataList:
     """The training files as (path relative to the data folder, size in bytes). Each checkpoint records its
     fingerprint in state.json, and the list itself in files.json.gz beside it (to say what changed), so `--resume`
-    can tell whether it goes on with the data the run was trained on."""
+    can tell whether it goes on with the data the run was trained on. The list is compressed and written once per
+    run, and hard-linked from one checkpoint into the next."""
 
-    NAME = "files.json.gz"
+    NAME = DATA_LIST_NAME
 
-    def __init__(self, files: list[tuple[str, int]]):
-        self.files = files
+    def __init__(self, files):
+        self.files = files  # a list of (name, size) pairs, or a filelist.FileList (the same, in three arrays)
+        self._fingerprint = None
 
     @classmethod
-    def of(cls, root: str | os.PathLike, paths: list[Path] | list[str]) -> DataList:
+    def of(cls, root: str | os.PathLike, paths) -> DataList:
         root = Path(root)
         base = root if root.is_dir() else root.parent
+        if hasattr(paths, "pairs") and Path(paths.base or ".") == base:
+            return cls(paths)  # found by data.find_images: the names and sizes are there already
         files = []
         for p in paths:
             try:
@@ -404,7 +408,17 @@ class DataList:
             files.append((Path(p).relative_to(base).as_posix(), size))
         return cls(files)
 
+    def pairs(self):
+        return self.files.pairs() if hasattr(self.files, "pairs") else iter(self.files)
+
     def fingerprint(self) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> dict:
+        if hasattr(self.files, "fingerprint"):
+            return self.files.fingerprint()
         import hashlib
 
         digest = hashlib.sha256()
@@ -413,10 +427,46 @@ class DataList:
         return {"files": len(self.files), "bytes": sum(max(s, 0) for _, s in self.files), "sha256": digest.hexdigest()}
 
     def compressed(self) -> bytes:
-        """The list as files.json.gz holds it (compressed once per run, written with every checkpoint)."""
+        """The list as files.json.gz holds it."""
+        if hasattr(self.files, "json_gz"):
+            return self.files.json_gz()
         import gzip
 
         return gzip.compress(json.dumps(self.files).encode("utf-8", "surrogateescape"), compresslevel=1, mtime=0)
+
+    def linker(self, run: Path):
+        """A writer of files.json.gz into a new checkpoint folder: a hard link to the newest checkpoint's copy when
+        that one lists the same files (its state.json has this fingerprint), else the list compressed and written
+        (once per run, and once again after a resume on other data)."""
+
+        def place(target: Path) -> None:
+            source = self._saved_copy(Path(run) / CHECKPOINTS_DIR)
+            if source is not None:
+                try:
+                    os.link(source, target)
+                    return
+                except OSError:  # a file system without hard links: write it
+                    pass
+            atomic_write(target, lambda tmp: Path(tmp).write_bytes(self.compressed()))
+
+        return place
+
+    def _saved_copy(self, checkpoints: Path) -> Path | None:
+        """The newest checkpoint's files.json.gz if it holds this list."""
+        try:
+            names = [p.name for p in checkpoints.iterdir() if CHECKPOINT_PATTERN.fullmatch(p.name)]
+        except OSError:
+            return None
+        for name in sorted(names, key=lambda n: int(n[5:]), reverse=True):
+            try:
+                state = read_json_object(checkpoints / name / STATE_NAME) or {}
+            except UserError:
+                continue
+            data = state.get("data")
+            if isinstance(data, dict) and data.get("sha256") == self.fingerprint()["sha256"]:
+                copy = checkpoints / name / self.NAME
+                return copy if copy.is_file() else None
+        return None
 
     @classmethod
     def saved(cls, checkpoint: Path) -> DataList | None:
@@ -439,7 +489,7 @@ class DataList:
                 f"the data differs from the run's: {before.get('files')} files of {before.get('bytes')} bytes "
                 f"then, {now['files']} files of {now['bytes']} bytes now"
             )
-        then, current = dict(old.files), dict(self.files)
+        then, current = dict(old.files), dict(self.pairs())
         added = [n for n in current if n not in then]
         removed = [n for n in then if n not in current]
         changed = [n for n in current if n in then and current[n] != then[n]]

@@ -73,6 +73,7 @@ def exit_on_sigterm():
 # the order `maecli --help` lists them in: a user's workflow, from pretraining to serving the model
 for command in (
     training.pretrain,
+    training.shard,
     inference.reconstruct,
     inference.embed,
     inference.probe,

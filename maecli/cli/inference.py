@@ -224,7 +224,7 @@ def embed(
     if fmt is OutputFormat.npy and not to_file:
         fail("npy is a binary format: write it to a file with -o FILE (the paths go to FILE.paths.jsonl)", 2)
     for item in inputs:
-        if item != "-" and not Path(item).exists():
+        if item != "-" and not Path(item).exists() and not item.endswith(".tar"):  # shards: checked once expanded
             fail(f"{item} does not exist")
     quiet_libraries()
     from ..console import console, plural
@@ -372,7 +372,7 @@ def predict(
     skipped with a warning and counted (exit 0), unless --strict.
     """
     for item in inputs:
-        if item != "-" and not Path(item).exists():
+        if item != "-" and not Path(item).exists() and not item.endswith(".tar"):  # shards: checked once expanded
             fail(f"{item} does not exist")
     if weights_missing(weights):
         fail(f"weights not found: {weights}")

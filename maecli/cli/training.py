@@ -149,7 +149,12 @@ ProbeFolder = Annotated[
 def pretrain(
     ctx: typer.Context,
     data: Annotated[
-        Path, typer.Argument(metavar="DATA", help="Folder of images, searched at any depth (no labels needed).")
+        Path,
+        typer.Argument(
+            metavar="DATA",
+            help="Folder of images, searched at any depth (no labels needed), or tar shards: "
+            "'shards/train-{000000..000099}.tar'.",
+        ),
     ],
     out: RunOut = None,
     model: Model = "vit-base",
@@ -198,7 +203,7 @@ def pretrain(
     Ctrl-C or SIGTERM saves a checkpoint and exits with 130 or 143.
     """
     check_run_flags(out, resume, overwrite)
-    if not data.exists():
+    if not data.exists() and not str(data).endswith(".tar"):  # shards: their names are checked once expanded
         fail(f"data folder {data} does not exist")
     if probe is not None and not probe.is_dir():
         fail(f"probe folder {probe} does not exist")
@@ -225,6 +230,36 @@ def pretrain(
         import signal
 
         raise typer.Exit(130 if summary["signal"] == signal.SIGINT else 143)
+
+
+def shard(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder of images, searched as pretrain does.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the shards into.")],
+    per_shard: Annotated[
+        int, typer.Option("--per-shard", min=1, max=10**7, help="Images in each shard (the last may hold fewer).")
+    ] = 1000,
+    prefix: Annotated[str, typer.Option("--prefix", help="Shard file names: PREFIX-000000.tar, ...")] = "shard",
+):
+    """Write a folder's images into tar shards (WebDataset layout: KEY.jpg members, the files' bytes unchanged).
+
+    Prints the shards' pattern on stdout, for `maecli pretrain PATTERN` and `maecli embed PATTERN`. The images keep
+    pretrain's order (sorted paths); each key is the file's path inside FOLDER without its suffix.
+    """
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder")
+    if "/" in prefix or not prefix:
+        fail(f"--prefix {prefix!r} must be a plain file name", 2)
+    if any(out.glob(f"{prefix}-*.tar")):
+        fail(f"{out} already holds {prefix}-*.tar shards; choose another OUT or --prefix")
+    from ..console import console, warn
+    from ..shards import write_shards
+
+    with reported():
+        pattern, written, count = write_shards(
+            folder, out, per_shard, prefix=prefix, on_error=lambda path, why: warn(f"skipped {path}: {why}")
+        )
+    console.print(f"wrote {written} images into {count} shard(s) in {out}")
+    typer.echo(pattern)
 
 
 # finetune's own options: the subset, the baseline and the paper's recipe

@@ -93,10 +93,11 @@ def save_checkpoint(
     state: TrainState,
     steps_per_epoch: int,
     keep: int,
-    extra_files: dict[str, bytes] | None = None,
+    extra_files: dict[str, bytes | Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically (a temp folder, fsynced, then renamed) and prune all but `keep`.
-    `extra_files` (name -> bytes) go into the folder too (the training file list, say).
+    `extra_files` go into the folder too (the training file list, say): name -> bytes, or name -> a function that
+    writes the file at the path it is given (rundir.DataList.linker links one written once).
 
     Raises NonFiniteError, writing nothing, if the weights or the optimizer state are not all finite.
     """
@@ -115,7 +116,10 @@ def save_checkpoint(
             torch.save(optimizer.state_dict(), f)
         write_json(tmp / STATE_NAME, {**asdict(state), "epoch": state.step / steps_per_epoch})
         for name, data in (extra_files or {}).items():
-            write_bytes(tmp / name, data)
+            if callable(data):
+                data(tmp / name)
+            else:
+                write_bytes(tmp / name, data)
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

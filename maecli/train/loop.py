@@ -122,7 +122,8 @@ class Trainer:
     checkpoint and returns extra metrics to log, or None; values that are PIL images in it (the preview grid) go to
     the trackers as pictures, not to metrics.jsonl. write_weights(model), if given, writes the hand-over weights at
     each epoch end and on a stop. hparams (the run's config, nested dicts) go to the trackers as hyper-parameters.
-    checkpoint_files (name -> bytes) are saved in every checkpoint (the training file list: rundir.DataList).
+    checkpoint_files (name -> bytes, or a function writing the file) are saved in every checkpoint (the training
+    file list: rundir.DataList.linker).
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class Trainer:
         on_epoch_end: Callable | None = None,
         write_weights: Callable | None = None,
         hparams: dict | None = None,
-        checkpoint_files: dict[str, bytes] | None = None,
+        checkpoint_files: dict | None = None,
     ):
         self.acc, self.schedule, self.run, self.state = accelerator, schedule, Path(run), state
         self.checkpoint_files = checkpoint_files
@@ -285,6 +286,8 @@ class Trainer:
         self.check_finite()
         st.loss_sum = (self.loss_sum.view(1) if self.world == 1 else self.acc.gather(self.loss_sum.view(1))).tolist()
         st.skipped = self.gathered_skipped()
+        if self.world > 1 and "shards" in st.extra:  # each rank's shard streams (shards.Positions): all of them
+            st.extra["shards"] = self.gathered(st.extra["shards"])
         st.seconds = round(time.time() - self.t0, 3)
         if self.main:
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # Accelerate's wrapper holds the real one
@@ -326,13 +329,15 @@ class Trainer:
         return f"{prefix}{ckpts[-1]}" if ckpts else ""
 
     def gathered_skipped(self) -> dict[str, str]:
-        if self.world == 1:
-            return self.state.skipped
+        return self.state.skipped if self.world == 1 else self.gathered(self.state.skipped)
+
+    def gathered(self, part: dict) -> dict:
+        """Every rank's dict merged into one (on every rank)."""
         from accelerate.utils import gather_object
 
         merged = {}
-        for part in gather_object([self.state.skipped]):
-            merged.update(part)
+        for one in gather_object([part]):
+            merged.update(one)
         return merged
 
     def agree(self, flag: bool) -> bool:

@@ -7,6 +7,7 @@ so resuming from a checkpoint continues exactly where the killed run was.
 
 from __future__ import annotations
 
+import shlex
 import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from ..errors import DataError, TrainError, UsageError
 from ..model import MAE, MAEConfig, no_weight_decay_groups, num_visible
 from ..presets import PRESETS
 from ..rundir import WEIGHTS_NAME
+from ..shards import SHUFFLE_BUFFER, ShardSet, is_shards, preview_sources
+from ..shards import training_loader as shard_loader
 from ..stats import DataStats, measure
 from ..weights import save_weights
 from .checkpoint import checkpoint_dirs
@@ -174,18 +177,24 @@ def pretrain(args: TrainArgs, given: Iterable[str] = ()) -> dict:
     args = prepared(args, given)
     source = init_source(args, set(given))
     paths = find_training_images(args)
-    data = None if args.resume and saved_model(args.out) is not None else data_stats(args, paths)
+    sharded = isinstance(paths, ShardSet)  # streamed: no sample for statistics, no first file to try
+    data = None if sharded or (args.resume and saved_model(args.out) is not None) else data_stats(args, paths)
     cfg = build_config(args, source, set(given), data)
-    D.first_readable(paths, D.Pixels.of(cfg))
+    if not sharded:
+        D.first_readable(paths, D.Pixels.of(cfg))
     model = initial_model(args, cfg, source)
     groups = no_weight_decay_groups(model, args.weight_decay)
     with start(args, model, groups, paths, repeat=args.repeat, betas=(0.9, 0.95)) as run:
-        loader = run.loader(D.PretrainDataset(paths, cfg.img_size, D.Pixels.of(cfg), args.seed), D.collate)
+        loader = training_loader(run, paths, cfg)
         if run.main:
             run.write_config(cfg.to_dict())
             times = f" (x{args.repeat} an epoch)" if args.repeat > 1 else ""
+            if isinstance(paths, ShardSet):
+                times = f" in {plural(len(paths.paths), 'shard')} (shuffle buffer {SHUFFLE_BUFFER})"
+                paths = preview_sources(paths, run.out, args.previews, cfg.in_chans)
             run.announce(
-                f"maecli pretrain: {len(paths)} images{times} in {args.data}; {model_name(cfg)} at "
+                f"maecli pretrain: {run.images} images{times} in {args.data}; "
+                f"{model_name(cfg)} at "
                 f"{cfg.img_size}px, patch {cfg.patch_size}, mask {args.mask}"
                 + (f"; continuing {args.init_from}" if args.init_from else "")
             )
@@ -232,16 +241,31 @@ def data_stats(args: TrainArgs, paths: list[Path]) -> DataStats:
     )
 
 
-def find_training_images(args: TrainArgs) -> list[Path]:
-    """The data folder's images, checked before the first step: some must exist, and the probe folder must work."""
-    paths = D.find_images(args.data)
-    if not paths:
-        raise DataError(f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})")
+def find_training_images(args: TrainArgs) -> D.FileList | ShardSet:
+    """The data folder's images (or the shards DATA names), checked before the first step: some must exist, and the
+    probe folder must work."""
+    if is_shards(args.data):
+        if args.repeat > 1:
+            raise UsageError("--repeat is for small folders; an epoch of shards is one pass over them")
+        paths = ShardSet(args.data)
+    else:
+        paths = D.find_images(args.data)
+        if not paths:
+            raise DataError(
+                f"no image files found under {args.data} (looked for {', '.join(sorted(D.IMAGE_SUFFIXES))})"
+            )
     if args.probe:
         from ..probe import labelled_for_training
 
         labelled_for_training(args.probe)
     return paths
+
+
+def training_loader(run, paths, cfg: MAEConfig):
+    """The loader of a folder's images (exact resume by index) or of shards (resume by stream position)."""
+    if isinstance(paths, ShardSet):
+        return shard_loader(run, paths, cfg.img_size, D.Pixels.of(cfg), SHUFFLE_BUFFER)
+    return run.loader(D.PretrainDataset(paths, cfg.img_size, D.Pixels.of(cfg), run.args.seed), D.collate)
 
 
 def initial_model(args: TrainArgs, cfg: MAEConfig, source: MAE | None) -> MAE:
@@ -307,7 +331,7 @@ def report(summary: dict, args: TrainArgs) -> None:
         name = "SIGINT" if summary["signal"] == signal.SIGINT else "SIGTERM"
         console.print(
             f"[yellow]{name}: stopped at step {summary['steps']}/{summary['total_steps']}; checkpoint "
-            f"saved.[/] Continue with:\n  maecli pretrain {args.data} --out {args.out} --resume"
+            f"saved.[/] Continue with:\n  maecli pretrain {shlex.quote(args.data)} --out {args.out} --resume"
         )
     else:
         console.print(

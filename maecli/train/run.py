@@ -253,7 +253,7 @@ class Run:
             settings=LoopSettings(args.log_every, args.save_every, args.keep, args.clip_grad, label),
             on_epoch_end=on_epoch_end,
             write_weights=write_weights,
-            checkpoint_files={DataList.NAME: self.files.compressed()} if self.main else None,
+            checkpoint_files={DataList.NAME: self.files.linker(self.out)} if self.main else None,
             hparams={
                 "model": model_config or {},
                 args.section: asdict(args),
