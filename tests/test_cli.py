@@ -25,7 +25,7 @@ def labelled_dir(photo_dir, tmp_path):
     "extra, message",
     [
         (["--fraction", "0.5", "--per-class", "2"], "--fraction and --per-class contradict each other"),
-        (["--fraction", "0"], "--fraction must lie in (0, 1]"),
+        (["--fraction", "0"], "each fraction must lie in (0, 1]"),
         (["--layer-decay", "0"], "--layer-decay must lie in (0, 1]"),
         (["--val-split", "0.3", "--val", "{data}"], "--val and --val-split contradict each other"),
         (["--val-split", "1"], "--val-split must lie strictly between 0 and 1"),
@@ -74,7 +74,19 @@ def test_output_is_still_read_as_the_old_name_of_out(photo_dir, tiny_weights, tm
 
 
 def test_help_lists_the_commands_in_the_order_of_a_workflow():
-    order = ["pretrain", "reconstruct", "embed", "probe", "finetune", "predict", "export", "plot", "info", "serve"]
+    order = [
+        "pretrain",
+        "reconstruct",
+        "embed",
+        "probe",
+        "finetune",
+        "predict",
+        "export",
+        "plot",
+        "info",
+        "serve",
+        "shard",
+    ]
     assert [name for name, _ in commands()] == order
     listed = [line.split()[0] for line in invoke("--help").stdout.split("Commands:")[1].splitlines() if line.strip()]
     assert listed == order

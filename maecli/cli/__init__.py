@@ -70,10 +70,10 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, terminated)
 
 
-# the order `maecli --help` lists them in: a user's workflow, from pretraining to serving the model
+# the order `maecli --help` lists them in: a user's workflow, from pretraining to serving the model, then the tool
+# that repacks a big folder
 for command in (
     training.pretrain,
-    training.shard,
     inference.reconstruct,
     inference.embed,
     inference.probe,
@@ -83,6 +83,7 @@ for command in (
     runs.plot,
     runs.info,
     inference.serve,
+    training.shard,
 ):
     app.command(cls=Command)(command)
 

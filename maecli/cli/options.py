@@ -105,6 +105,7 @@ ShowBands = Annotated[
     str | None,
     typer.Option(
         "--show-bands",
+        metavar="<B,B,B>",
         callback=band_list,
         help="Bands of the model's input shown as red, green, blue (or one, in gray) in pictures, e.g. 4,3,2; data "
         "that is not 8-bit is stretched between its 2nd and 98th percentiles [default: bands 1,2,3; gray for one].",

@@ -81,6 +81,7 @@ Bands = Annotated[
     str | None,
     typer.Option(
         "--bands",
+        metavar="<B,...>",
         callback=band_list,
         help="Train on these bands of each file, 1-based in file order, e.g. 4,3,2 [default: all].",
     ),
@@ -238,7 +239,9 @@ def shard(
     per_shard: Annotated[
         int, typer.Option("--per-shard", min=1, max=10**7, help="Images in each shard (the last may hold fewer).")
     ] = 1000,
-    prefix: Annotated[str, typer.Option("--prefix", help="Shard file names: PREFIX-000000.tar, ...")] = "shard",
+    prefix: Annotated[
+        str, typer.Option("--prefix", metavar="<name>", help="Shard file names: PREFIX-000000.tar, ...")
+    ] = "shard",
 ):
     """Write a folder's images into tar shards (WebDataset layout: KEY.jpg members, the files' bytes unchanged).
 
