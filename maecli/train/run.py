@@ -84,8 +84,12 @@ class RunArgs:
 def prepared(args: RunArgs, given: Iterable[str] = ()) -> RunArgs:
     """The arguments a run goes by: `out` filled in, and with `resume` the run's saved settings updated with those
     the user gave again (`given`) and may change."""
+    from ..trackers import resolve
+
     args = replace(args, out=str(Path(args.out or default_out())))
-    return resumed_args(args, set(given)) if args.resume else args
+    args = resumed_args(args, set(given)) if args.resume else args
+    resolve(args.log_with)  # a tracker that is not installed is one line before any work
+    return args
 
 
 def saved_settings(run: Path, command: str, section: str) -> dict:
