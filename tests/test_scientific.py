@@ -199,3 +199,36 @@ def test_6_band_probe_finetune_predict_and_timm_export(tmp_path):
     x = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), model.encode(x)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_an_rgb_model_adapts_it_to_6_bands(tmp_path, tiny_weights):
+    """An RGB run continued on 6-band TIFFs: the patch embedding by timm's adapt_input_conv (the RGB filters for
+    bands 1-3, cycled for 4-6, scaled by 3/6), the decoder's output rows cycled, every other weight the source's
+    (lr 0), and the data's statistics, not ImageNet's."""
+    from timm.models import adapt_input_conv
+
+    import maecli
+
+    arrays = write_six_band_folder(tmp_path / "t", n=4)
+    out = tmp_path / "run"
+    r = invoke("pretrain", tmp_path / "t", "--out", out, "--steps", "2", "--lr", "0", "--img-size", "32",
+               "--batch-size", "4", "--workers", "0", "--previews", "0", "--init-from", tiny_weights)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.stderr.splitlines() if "adapt_input_conv" in line]
+    assert len(warning) == 1 and "3 bands adapted to 6" in warning[0], r.stderr
+    assert "reused for bands 1-3 and cycled for bands 4-6" in warning[0] and "red, green and blue" in warning[0]
+    source, trained = maecli.load(tiny_weights), maecli.load(out)
+    stack = np.concatenate([a.reshape(6, -1) for a in arrays], axis=1).astype(np.float64)
+    assert trained.cfg.in_chans == 6 and trained.cfg.units == "native"
+    np.testing.assert_allclose(trained.cfg.mean, stack.mean(axis=1), rtol=1e-9)
+    before, after = source.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    for name in before.keys() - {"patch_embed.proj.weight", "decoder_pred.weight", "decoder_pred.bias"}:
+        assert torch.equal(after[name], before[name]), name
+    proj = after["patch_embed.proj.weight"]
+    torch.testing.assert_close(proj, adapt_input_conv(6, before["patch_embed.proj.weight"]))
+    torch.testing.assert_close(proj[:, :3], before["patch_embed.proj.weight"] * 3 / 6)
+    torch.testing.assert_close(proj[:, 3:], proj[:, :3])
+    rows = after["decoder_pred.weight"].reshape(64, 6, -1)  # (pixel, band, width): band 4 predicted as band 1
+    source_rows = before["decoder_pred.weight"].reshape(64, 3, -1)
+    torch.testing.assert_close(rows, torch.cat([source_rows, source_rows], dim=1))
