@@ -134,6 +134,12 @@ def test_6_band_tiffs_train_reconstruct_and_write_raw(tmp_path):
     _, cfg = pretrain(tmp_path / "t", tmp_path / "run", "--show-bands", "4,3,2")
     assert cfg["in_chans"] == 6 and len(cfg["mean"]) == 6
     assert (tmp_path / "run" / "previews" / "epoch-0001.png").exists()
+    for where in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):  # the run, and the weights' header
+        r = invoke("info", where, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["statistics"] == {k: cfg[k] for k in ("in_chans", "units", "mean", "std", "bands")}
+    text = " ".join(invoke("info", tmp_path / "run").stdout.split())
+    assert f"statistics 6 bands (all the files' bands), native units; mean {cfg['mean'][0]:.4g}," in text
     png, raw = tmp_path / "rec.png", tmp_path / "rec.npy"
     r = invoke(
         "reconstruct", tmp_path / "t" / "tile1.tif", "-w", tmp_path / "run", "-o", png, "--show-bands", "4,3,2",
