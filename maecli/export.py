@@ -15,7 +15,7 @@ from .classifier import POOLS as CLASSIFIER_POOLS
 from .classifier import classifier_info, load_classifier, save_classifier
 from .errors import UsageError, UserError
 from .files import atomic_write, write_bytes, write_json
-from .formats import hf_config, to_hf
+from .formats import HF_PIXELS, hf_config, to_hf
 from .model import MAE, MAEConfig
 from .presets import PRESETS
 from .weights import load, read_config, resolve, state_dict_for_saving
@@ -266,6 +266,7 @@ def model_card(model: MAE, architecture: str, mask_ratio: float, record: dict) -
         f"{cfg.patch_size} px patches ({cfg.num_patches} patches, {cfg.in_chans} channels), with {decoder}. "
         f"The folder is in transformers' ViTMAE layout (`{architecture}`).",
         "",
+        *_input_lines(cfg),
         "## Training",
         "",
         *_training_lines(cfg, mask_ratio, record),
@@ -296,6 +297,25 @@ def model_card(model: MAE, architecture: str, mask_ratio: float, record: dict) -
         "",
     ]
     return "\n".join(lines)
+
+
+def _input_lines(cfg: MAEConfig) -> list[str]:
+    """The model card's account of what the inputs are normalized with, where the model records it."""
+    if cfg.mean is None:
+        return []
+    units = "0-255" if cfg.units == "8-bit" else "the files' own units (16-bit counts, floats, ...)"
+    read = f"bands {','.join(map(str, cfg.bands))} of the files, in that order" if cfg.bands else "every band"
+    return [
+        "## Inputs",
+        "",
+        f"{read.capitalize()}, in {units}, each normalized as (x - mean) / std with these (config.json's "
+        f"`{HF_PIXELS}`, which `maecli.load` reads; transformers' image processors do not):",
+        "",
+        "| channel | mean | std |",
+        "|---|---|---|",
+        *[f"| {i} | {m:.6g} | {s:.6g} |" for i, (m, s) in enumerate(zip(cfg.mean, cfg.std), 1)],
+        "",
+    ]
 
 
 def _training_lines(cfg: MAEConfig, mask_ratio: float, record: dict) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -301,8 +302,28 @@ def to_hf(state: dict[str, torch.Tensor], encoder_only: bool) -> dict[str, torch
     return out
 
 
+# config.json's key for what an hf export's inputs are normalized with (MAEConfig's mean, std, bands, units):
+# transformers keeps a key it does not know, and an N-band model in its files' own units is no use without them.
+HF_PIXELS = "maecli_pixels"
+PIXEL_FIELDS = ("mean", "std", "bands", "units")
+
+
+def with_hf_pixels(cfg: MAEConfig, hf_config: dict, source: str) -> MAEConfig:
+    """`cfg` with the statistics an hf export recorded in its config.json (HF_PIXELS), if it did."""
+    pixels = hf_config.get(HF_PIXELS)
+    if pixels is None:
+        return cfg
+    if not isinstance(pixels, dict):
+        raise WeightsError(f"{source}: config {HF_PIXELS} is {pixels!r}, expected an object")
+    try:
+        return replace(cfg, **{k: pixels[k] for k in PIXEL_FIELDS if k in pixels})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{source}: config {HF_PIXELS} does not fit the model ({e})") from None
+
+
 def hf_config(cfg: MAEConfig, *, encoder_only: bool, mask_ratio: float = 0.75) -> dict:
-    """A transformers ViTMAEConfig, written as plain JSON so that exporting needs no transformers."""
+    """A transformers ViTMAEConfig, written as plain JSON so that exporting needs no transformers; with the
+    statistics the model normalizes with (HF_PIXELS) where it records them."""
     hidden, decoder_hidden = cfg.embed_dim * cfg.mlp_ratio, cfg.decoder_dim * cfg.mlp_ratio
     if hidden != int(hidden) or decoder_hidden != int(decoder_hidden):
         raise WeightsError(f"MLP ratio {cfg.mlp_ratio} gives a fractional hidden size; transformers needs an integer")
@@ -328,6 +349,7 @@ def hf_config(cfg: MAEConfig, *, encoder_only: bool, mask_ratio: float = 0.75) -
         "decoder_intermediate_size": int(decoder_hidden),
         "mask_ratio": mask_ratio,
         "norm_pix_loss": cfg.norm_pix_loss,
+        **({HF_PIXELS: {k: getattr(cfg, k) for k in PIXEL_FIELDS}} if cfg.mean is not None else {}),
     }
 
 

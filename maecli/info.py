@@ -138,6 +138,28 @@ def _model_summary(cfg: dict, shapes: dict[str, list[int]] | None) -> dict:
     }
 
 
+def _statistics(cfg: dict | None) -> dict | None:
+    """The data statistics a model records (stats.measure's, in MAEConfig's names): in_chans, units, the per-band
+    mean and std it normalizes with, the files' bands it reads (None: all). None for a model from before they were
+    recorded (ImageNet's) or a config that does not hold them as numbers."""
+    if not cfg:
+        return None
+    mean, std, bands = (cfg.get(name) for name in ("mean", "std", "bands"))
+    if not (_numbers(mean) and _numbers(std)):
+        return None
+    return {
+        "in_chans": len(mean),
+        "units": cfg.get("units") if isinstance(cfg.get("units"), str) else None,
+        "mean": list(mean),
+        "std": list(std),
+        "bands": list(bands) if _numbers(bands) else None,
+    }
+
+
+def _numbers(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(finite_number(v) is not None for v in value)
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 
@@ -428,6 +450,7 @@ def _run_info(run: Path, config: dict, notes: list[str]) -> dict:
         "model": model,
         "classes": _run_classes(config),
         "data": _data_summary(recipe, state),
+        "statistics": _statistics(cfg),
         "recipe": recipe,
         "progress": progress,
         "metrics": _metrics_summary(rows, recipe, schedule),
@@ -484,6 +507,7 @@ def _weights_info(path: Path) -> dict:
             "has_decoder": bool(model.has_decoder),
             "parameters": parameter_counts(shapes),
         },
+        "statistics": _statistics(cfg),
         "weights": {
             "path": str(file),
             "bytes": _tree_bytes(file),
@@ -512,7 +536,8 @@ def run_info(path: str | os.PathLike) -> dict:
 
     For a run folder: kind ("pretrain run" or "finetune run"), command ("pretrain" or "finetune", from
     config.json or guessed for older runs), scratch (a finetune --baseline's run from random init), status
-    ("finished", "unfinished" or "not started"), model, data, recipe, progress, metrics (last and best of each
+    ("finished", "unfinished" or "not started"), model, data, statistics (the data's bands, units, per-band mean and
+    std the model normalizes with; None for runs that predate them), recipe, progress, metrics (last and best of each
     series), skipped files, checkpoints, weights, classes (finetune) and notes (files that could not be read,
     damaged lines skipped). For anything else maecli.load reads: kind "weights", the model it infers and the
     weights file. Bad paths raise UserError.
@@ -625,6 +650,8 @@ def _format_weights(info: dict) -> str:
     head = f"{info['path']}: weights, "
     head += "with the decoder" if info["model"]["has_decoder"] else "encoder only"
     lines = [head, _row("model", _model_line(info["model"]))]
+    if info.get("statistics"):
+        lines.append(_row("statistics", _statistics_text(info["statistics"])))
     w = info.get("weights")
     if w:
         lines.append(_row("file", f"{w['path']} ({_size(w['bytes'])}, {plural(w['tensors'], 'tensor')})"))
@@ -656,6 +683,17 @@ def _data_text(d: dict) -> str:
     if d["images_at_start"] is not None and d["images_at_start"] != d["images"]:
         text += f"; {d['images_at_start']} when the run started"
     return text + ")"
+
+
+def _statistics_text(s: dict) -> str:
+    """The bands, their units and the mean and std the model normalizes with (the first eight of each)."""
+
+    def first(values: list) -> str:
+        return ", ".join(f"{v:.4g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+
+    read = f"bands {','.join(map(str, s['bands']))} of the files" if s["bands"] else "all the files' bands"
+    units = f", {s['units']} units" if s["units"] else ""
+    return f"{plural(s['in_chans'], 'band')} ({read}){units}; mean {first(s['mean'])}; std {first(s['std'])}"
 
 
 def _progress_text(prog: dict) -> str:
@@ -728,6 +766,8 @@ def format_info(info: dict) -> str:
         lines.append(_row("classes", _classes_text(info["classes"])))
     if info["data"]:
         lines.append(_row("data", _data_text(info["data"])))
+    if info.get("statistics"):
+        lines.append(_row("statistics", _statistics_text(info["statistics"])))
     if info["recipe"]:
         lines.append(_row("recipe", _recipe_line(info["recipe"])))
     lines.append(_row("progress", _progress_text(prog)))

@@ -321,6 +321,7 @@ def load(
         state = formats.from_hf(state, source)
         heads = hf.pop("num_heads") or num_heads
         cfg = formats.infer_config(state, source, num_heads=heads, model_hint=model_hint, **hf)
+        cfg = formats.with_hf_pixels(cfg, config, source)
     else:
         state = formats.clean_original(state, source)
         cfg = formats.infer_config(state, source, num_heads=num_heads, model_hint=model_hint)

@@ -102,3 +102,43 @@ def write_dicom_folder(root: Path) -> list[str]:
     del ds.PixelData
     ds.save_as(root / "no_pixels.dcm")
     return names
+
+
+def flower_bands(rgb: np.ndarray) -> np.ndarray:
+    """(6, H, W) uint16 from an RGB photo, bands that are not a linear mix of the colours: R, G, B (x 100), the
+    luminance's gradient magnitude (x 20), the saturation (0..25500) and a 5 x 5 blur of the luminance (x 100)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    x = rgb.astype(np.float64)
+    lum = x @ np.array([0.299, 0.587, 0.114])
+    p = np.pad(lum, 1, mode="edge")
+    gx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    gy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    top, low = x.max(axis=2), x.min(axis=2)
+    saturation = np.where(top > 0, (top - low) / np.maximum(top, 1), 0) * 255
+    blur = sliding_window_view(np.pad(lum, 2, mode="edge"), (5, 5)).mean(axis=(2, 3))
+    bands = [x[..., 0] * 100, x[..., 1] * 100, x[..., 2] * 100, np.hypot(gx, gy) * 20, saturation * 100, blur * 100]
+    return np.stack(bands).clip(0, 65535).round().astype(np.uint16)
+
+
+def write_flower_bands(root: Path, train: int = 80, val: int = 30, side: int = 40) -> int:
+    """A labelled 6-band twin of flowers-160 (5 species of real flower photos; ../shared/data): the first `train`
+    and `val` photos of each class, centre-cropped square at `side` px, as flower_bands TIFFs in root/train/CLASS
+    and root/val/CLASS. Returns how many files it wrote."""
+    import tifffile
+    from conftest import SHARED_DATA
+
+    written = 0
+    for split, n in (("train", train), ("val", val)):
+        for folder in sorted((SHARED_DATA / "flowers-160" / split).iterdir()):
+            (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+            for f in sorted(folder.iterdir())[:n]:
+                with Image.open(f) as im:
+                    s = min(im.size)
+                    box = ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
+                    rgb = np.asarray(im.convert("RGB").resize((side, side), Image.Resampling.BICUBIC, box=box))
+                tifffile.imwrite(
+                    root / split / folder.name / f"{f.stem}.tif", flower_bands(rgb), photometric="minisblack"
+                )
+                written += 1
+    return written

@@ -1,6 +1,7 @@
 """Weights in and out: the original release's checkpoints, timm and Hugging Face transformers, compared numerically."""
 
 import argparse
+import json
 import re
 import shutil
 import warnings
@@ -563,3 +564,51 @@ def test_pretrain_init_from_release_encoder(tmp_path, photo_dir):
     assert result.exit_code == 0, result.output
     trained = load(out).state_dict()
     assert all(torch.equal(trained[k], v) for k, v in sd.items())  # lr 0: the encoder is exactly the release's
+
+
+def test_export_hf_of_a_6_band_run_loads_in_transformers_with_its_statistics(tmp_path):
+    """A 6-band TIFF run exported through the CLI: transformers loads it with num_channels 6, strictly, as
+    ViTMAEForPreTraining (and its encoder, by way of a timm export, as ViTMAEModel) with maecli's features and loss;
+    maecli reads the data's statistics back."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tifffile")
+    from conftest import TINY, invoke
+    from scientific import write_six_band_folder
+
+    write_six_band_folder(tmp_path / "t", n=4)
+    r = invoke("pretrain", tmp_path / "t", "--out", tmp_path / "run", "--steps", "2", "--previews", "0", *TINY)
+    assert r.exit_code == 0, r.output
+    for source, out in (
+        (tmp_path / "run", "hf"),
+        (tmp_path / "run", "enc.safetensors"),
+        (tmp_path / "enc.safetensors", "enc"),
+    ):
+        r = invoke("export", source, tmp_path / out, "--format", "timm" if out.endswith(".safetensors") else "hf")
+        assert r.exit_code == 0, r.output
+    model = load(tmp_path / "run").eval()
+    imgs, noise = inputs(model.cfg)
+    with torch.no_grad():
+        loss, pred, _ = model(imgs, 0.75, noise=noise)
+        latent, _, _ = model.forward_encoder(imgs, 0.75, noise=noise)
+    for cls, folder in ((transformers.ViTMAEForPreTraining, "hf"), (transformers.ViTMAEModel, "enc")):
+        hf, info = cls.from_pretrained(tmp_path / folder, output_loading_info=True)
+        assert not any(info.values()), (cls, info)  # nothing missing, unexpected or mismatched
+        assert hf.config.num_channels == 6
+        vit = hf.vit if cls is transformers.ViTMAEForPreTraining else hf
+        with torch.no_grad():
+            assert (vit.eval()(imgs, noise=noise).last_hidden_state - latent).abs().max() < TOL
+            if vit is not hf:
+                out = hf.eval()(imgs, noise=noise)
+                assert abs(out.loss - loss) < TOL and (out.logits - pred).abs().max() < TOL
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "Every band, in the files' own units" in card and f"| 6 | {model.cfg.mean[5]:.6g} |" in card
+    hf.save_pretrained(tmp_path / "resaved")  # transformers keeps the statistics in the config it writes
+    for folder in ("hf", "enc", "resaved"):
+        back = load(tmp_path / folder)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+        assert (back.cfg.mean, back.cfg.std, back.cfg.units) == (model.cfg.mean, model.cfg.std, model.cfg.units)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["maecli_pixels"]["mean"] = [1.0, 2.0]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="maecli_pixels does not fit the model .mean has 2 values for 6 channels"):
+        load(tmp_path / "hf")

@@ -509,6 +509,34 @@ def test_info_on_a_run_does_not_import_torch(tmp_path, weights):
     assert done.returncode == 0 and done.stdout == "[]\n", done.stderr
 
 
+def test_info_shows_the_data_statistics_a_run_records(tmp_path, weights):
+    """The bands, units, per-band mean and std and the bands chosen, in the text and --json; none for an old run."""
+    run = make_run(tmp_path / "run", weights)
+    config = json.loads((run / "config.json").read_text())
+    stats = {"mean": [30120.5, 0.25, 7.0], "std": [80.25, 0.125, 2.0], "bands": [4, 3, 2], "units": "native"}
+    config["model"].update(stats)
+    (run / "config.json").write_text(json.dumps(config))
+    r = invoke("info", run, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["statistics"] == {"in_chans": 3, **stats}
+    r = invoke("info", run)
+    assert r.exit_code == 0, r.output
+    line = next(line for line in r.stdout.splitlines() if line.strip().startswith("statistics"))
+    assert " ".join(line.split()) == (
+        "statistics 3 bands (bands 4,3,2 of the files), native units; mean 3.012e+04, 0.25, 7; std 80.25, 0.125, 2"
+    )
+    config["model"].update(bands=None, mean=[float(i) for i in range(12)], std=[1.0] * 12)
+    (run / "config.json").write_text(json.dumps(config))
+    text = said(run_info(run))
+    assert "statistics 12 bands (all the files' bands), native units; mean 0, 1, 2, 3, 4, 5, 6, 7, ...;" in text
+    config["model"].update(mean=None, std=None)  # a run from before the statistics: ImageNet's, nothing to show
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_info(run)["statistics"] is None and "statistics" not in said(run_info(run))
+    config["model"].update(mean="lots", std=[1.0])  # damaged: not shown rather than a traceback
+    (run / "config.json").write_text(json.dumps(config))
+    assert run_info(run)["statistics"] is None
+
+
 def test_info_lr_says_highest_logged_and_the_schedules_peak(tmp_path, weights):
     """A run in warmup has logged less than the schedule's peak: "peak" was read as the schedule's."""
     run = make_run(tmp_path / "run", weights, logged=8, checkpoints=[])

@@ -134,6 +134,12 @@ def test_6_band_tiffs_train_reconstruct_and_write_raw(tmp_path):
     _, cfg = pretrain(tmp_path / "t", tmp_path / "run", "--show-bands", "4,3,2")
     assert cfg["in_chans"] == 6 and len(cfg["mean"]) == 6
     assert (tmp_path / "run" / "previews" / "epoch-0001.png").exists()
+    for where in (tmp_path / "run", tmp_path / "run" / "model.safetensors"):  # the run, and the weights' header
+        r = invoke("info", where, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["statistics"] == {k: cfg[k] for k in ("in_chans", "units", "mean", "std", "bands")}
+    text = " ".join(invoke("info", tmp_path / "run").stdout.split())
+    assert f"statistics 6 bands (all the files' bands), native units; mean {cfg['mean'][0]:.4g}," in text
     png, raw = tmp_path / "rec.png", tmp_path / "rec.npy"
     r = invoke(
         "reconstruct", tmp_path / "t" / "tile1.tif", "-w", tmp_path / "run", "-o", png, "--show-bands", "4,3,2",
@@ -179,8 +185,8 @@ def test_6_band_probe_finetune_predict_and_timm_export(tmp_path):
     r = invoke("probe", tmp_path / "twin", "-w", tmp_path / "run", "--baseline")
     assert r.exit_code == 0 and "random init" in r.output, r.output
     ft = tmp_path / "ft"
-    r = invoke("finetune", tmp_path / "twin", "-w", tmp_path / "run", "--out", ft, "--steps", "2", "--batch-size", "4",
-               "--recipe", "paper")  # fmt: skip
+    short = ["--steps", "2", "--batch-size", "4", "--recipe", "paper"]  # auto: light, which has no RandAugment at all
+    r = invoke("finetune", tmp_path / "twin", "-w", tmp_path / "run", "--out", ft, *short)
     assert r.exit_code == 0, r.output
     assert "RandAugment off (6 bands in native units" in r.stderr
     r = invoke("predict", tmp_path / "twin" / "val" / "first" / "3.tif", "-w", ft)
@@ -200,3 +206,36 @@ def test_6_band_probe_finetune_predict_and_timm_export(tmp_path):
     x = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), model.encode(x)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_init_from_an_rgb_model_adapts_it_to_6_bands(tmp_path, tiny_weights):
+    """An RGB run continued on 6-band TIFFs: the patch embedding by timm's adapt_input_conv (the RGB filters for
+    bands 1-3, cycled for 4-6, scaled by 3/6), the decoder's output rows cycled, every other weight the source's
+    (lr 0), and the data's statistics, not ImageNet's."""
+    from timm.models import adapt_input_conv
+
+    import maecli
+
+    arrays = write_six_band_folder(tmp_path / "t", n=4)
+    out = tmp_path / "run"
+    r = invoke("pretrain", tmp_path / "t", "--out", out, "--steps", "2", "--lr", "0", "--img-size", "32",
+               "--batch-size", "4", "--workers", "0", "--previews", "0", "--init-from", tiny_weights)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.stderr.splitlines() if "adapt_input_conv" in line]
+    assert len(warning) == 1 and "3 bands adapted to 6" in warning[0], r.stderr
+    assert "reused for bands 1-3 and cycled for bands 4-6" in warning[0] and "red, green and blue" in warning[0]
+    source, trained = maecli.load(tiny_weights), maecli.load(out)
+    stack = np.concatenate([a.reshape(6, -1) for a in arrays], axis=1).astype(np.float64)
+    assert trained.cfg.in_chans == 6 and trained.cfg.units == "native"
+    np.testing.assert_allclose(trained.cfg.mean, stack.mean(axis=1), rtol=1e-9)
+    before, after = source.state_dict(), trained.state_dict()
+    assert before.keys() == after.keys()
+    for name in before.keys() - {"patch_embed.proj.weight", "decoder_pred.weight", "decoder_pred.bias"}:
+        assert torch.equal(after[name], before[name]), name
+    proj = after["patch_embed.proj.weight"]
+    torch.testing.assert_close(proj, adapt_input_conv(6, before["patch_embed.proj.weight"]))
+    torch.testing.assert_close(proj[:, :3], before["patch_embed.proj.weight"] * 3 / 6)
+    torch.testing.assert_close(proj[:, 3:], proj[:, :3])
+    rows = after["decoder_pred.weight"].reshape(64, 6, -1)  # (pixel, band, width): band 4 predicted as band 1
+    source_rows = before["decoder_pred.weight"].reshape(64, 3, -1)
+    torch.testing.assert_close(rows, torch.cat([source_rows, source_rows], dim=1))

@@ -126,7 +126,11 @@ NumHeads = Annotated[
 ]
 InitFrom = Annotated[
     Path | None,
-    typer.Option("--init-from", help="Start from these weights (fresh optimizer); any --weights form, Hub ids too."),
+    typer.Option(
+        "--init-from",
+        help="Start from these weights (fresh optimizer); any --weights form, Hub ids too. Weights of another band "
+        "count are adapted to the data's (RGB filters cycled over the bands).",
+    ),
 ]
 Previews = Annotated[
     int,

@@ -59,7 +59,8 @@ class TrainArgs(RunArgs):
 
 
 # What --init-from's weights decide; a setting of these that disagrees with them is refused, not silently dropped.
-ARCHITECTURE = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "norm_pix_loss")
+# The band count is the data's: weights of another count are adapted (with_bands).
+ARCHITECTURE = ("patch_size", "embed_dim", "depth", "num_heads", "norm_pix_loss")
 DECODER = ("decoder_dim", "decoder_depth", "decoder_heads")
 
 
@@ -74,7 +75,7 @@ def build_config(
             return checked_mask(args, saved)
         in_chans = data.in_chans if data is not None else args.in_chans
         if source is not None:
-            cfg = continued_config(args, source, given)
+            cfg = continued_config(args, source, given, in_chans)
         else:
             cfg = MAEConfig.preset(
                 args.model,
@@ -111,9 +112,10 @@ def saved_model(out: str) -> MAEConfig | None:
     return MAEConfig.from_dict(model) if isinstance(model, dict) else None
 
 
-def continued_config(args: TrainArgs, source: MAE, given: set[str]) -> MAEConfig:
-    """--init-from's architecture at --img-size; an encoder-only source gets a decoder of the flags' (or its
-    size's) shape, trained from scratch. Flags set to another architecture are refused."""
+def continued_config(args: TrainArgs, source: MAE, given: set[str], in_chans: int | None = None) -> MAEConfig:
+    """--init-from's architecture at --img-size, for `in_chans` bands (the data's; a source of another count is
+    adapted, with a warning); an encoder-only source gets a decoder of the flags' (or its size's) shape, trained from
+    scratch. Flags set to another architecture are refused."""
     cfg, defaults = source.cfg, TrainArgs(data="")
     chosen = {n for n in ("model", *ARCHITECTURE, *DECODER) if n in given or getattr(args, n) != getattr(defaults, n)}
     if "model" in chosen:  # a preset names the encoder's shape
@@ -134,6 +136,9 @@ def continued_config(args: TrainArgs, source: MAE, given: set[str]) -> MAEConfig
                 f"--init-from {args.init_from} has {getattr(cfg, name)}; a continued run takes the architecture of "
                 f"the weights it continues (leave the flag out)"
             )
+    if in_chans is not None and in_chans != cfg.in_chans:
+        warn(f"--init-from {args.init_from}: {band_order_caveat(cfg.in_chans, in_chans)}")
+        cfg = replace(cfg, in_chans=in_chans, mean=None, std=None, bands=None)  # the data's, set by build_config
     if source.has_decoder:
         return cfg
     preset = PRESETS.get(preset_of(cfg) or "", PRESETS["vit-base"])
@@ -143,6 +148,46 @@ def continued_config(args: TrainArgs, source: MAE, given: set[str]) -> MAEConfig
         f"{decoder['decoder_depth']}) is trained from scratch beside its encoder"
     )
     return replace(cfg, **decoder)
+
+
+def band_order_caveat(have: int, want: int) -> str:
+    """What with_bands does to weights of `have` bands for `want`, and why the order of the bands then matters."""
+    head = f"{plural(have, 'band')} adapted to {want} (timm's adapt_input_conv, and the decoder's output alike): "
+    if want == 1:
+        return head + f"its {have} bands' filters are summed into the one band"
+    if have == 1:
+        return head + f"its one band's filter is repeated for each band, scaled by 1/{want}"
+    if want < have:
+        how = f"its filters for {span(1, want)} are kept and those for {span(want + 1, have)} dropped"
+    else:
+        how = f"its filters for {span(1, have)} are reused for {span(1, have)} and cycled for {span(have + 1, want)}"
+    first = "red, green and blue" if have == 3 else f"its {span(1, min(have, want))}"
+    order = f"which band is which matters: put the ones that play {first} first (--bands orders them)"
+    return head + f"{how}, scaled by {have}/{want}; {order}"
+
+
+def span(first: int, last: int) -> str:
+    return f"band {first}" if first == last else f"bands {first}-{last}"
+
+
+def with_bands(state: dict, source: MAEConfig, in_chans: int) -> dict:
+    """A source MAE's `state` for `in_chans` input bands. The patch embedding by timm's adapt_input_conv: the
+    source's filters repeated over the new bands in order, scaled by source/new bands so a patch's response keeps its
+    size (summed for one band). The decoder's output layer, whose rows predict one pixel of one band each, alike and
+    unscaled: band b's rows are the source's for band b, cycled (averaged for one band). Re-initialising it instead
+    would throw away what the decoder learnt for bands 1-3; cycling makes one rule for both ends of the model."""
+    from timm.models import adapt_input_conv
+
+    state = dict(state)
+    proj = "patch_embed.proj.weight"
+    state[proj] = adapt_input_conv(in_chans, state[proj], base_chans=source.in_chans)
+    p2, have = source.patch_size**2, source.in_chans
+    for name in ("decoder_pred.weight", "decoder_pred.bias"):
+        if name in state:
+            rows = state[name].reshape(p2, have, -1)  # (pixel, band, decoder width or 1)
+            rows = rows.mean(1, keepdim=True) if in_chans == 1 else rows.repeat(1, -(-in_chans // have), 1)
+            state[name] = rows[:, :in_chans].reshape(p2 * in_chans, *state[name].shape[1:])
+    return state
 
 
 def preset_of(cfg: MAEConfig) -> str | None:
@@ -269,11 +314,15 @@ def training_loader(run, paths, cfg: MAEConfig):
 
 
 def initial_model(args: TrainArgs, cfg: MAEConfig, source: MAE | None) -> MAE:
-    """A seeded fresh MAE, with --init-from's weights in it where given (all of them, or the encoder's)."""
+    """A seeded fresh MAE, with --init-from's weights in it where given (all of them, or the encoder's), adapted to
+    the data's band count."""
     torch.manual_seed(args.seed)
     model = MAE(cfg)
     if source is not None:
-        result = model.load_state_dict(source.state_dict(), strict=False)
+        state = source.state_dict()
+        if source.cfg.in_chans != cfg.in_chans:
+            state = with_bands(state, source.cfg, cfg.in_chans)
+        result = model.load_state_dict(state, strict=False)
         decoder_only = all(k.startswith("decoder") or k == "mask_token" for k in result.missing_keys)
         if result.unexpected_keys or not decoder_only:
             missing = (result.unexpected_keys or result.missing_keys)[:2]
