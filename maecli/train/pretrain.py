@@ -277,10 +277,11 @@ def mae_loss(seed: int, rank: int, mask_ratio: float, num_patches: int):
 
 def data_stats(args: TrainArgs, paths: list[Path]) -> DataStats:
     """The folder's bands and statistics (stats.measure). Every process reads the same seeded sample and gets the
-    same numbers (no collective that a failing rank could leave waiting); the main one says them."""
-    from accelerate import PartialState
+    same numbers (no collective that a failing rank could leave waiting); the main one says them. The launcher's
+    RANK says which that is: Accelerate's state must not exist yet (make_accelerator decides how it starts)."""
+    import os
 
-    main = PartialState().is_main_process
+    main = os.environ.get("RANK", "0") == "0"
     return measure(
         paths, in_chans=args.in_chans, bands=args.bands, seed=args.seed, min_side=2 * args.img_size, quiet=not main
     )
