@@ -148,6 +148,7 @@ def test_6_band_tiffs_train_reconstruct_and_write_raw(tmp_path):
     assert r.exit_code == 0, r.output
     full = np.load(raw)
     assert full.shape == (1, 6, 32, 32) and full.dtype == np.float32
+    serve_shows_the_bands(tmp_path / "run", tmp_path / "t", png)
     assert 0 <= np.median(full) <= 25500  # the input's units (100 x 0..255), not normalized values
 
 
@@ -239,3 +240,21 @@ def test_init_from_an_rgb_model_adapts_it_to_6_bands(tmp_path, tiny_weights):
     rows = after["decoder_pred.weight"].reshape(64, 6, -1)  # (pixel, band, width): band 4 predicted as band 1
     source_rows = before["decoder_pred.weight"].reshape(64, 3, -1)
     torch.testing.assert_close(rows, torch.cat([source_rows, source_rows], dim=1))
+
+
+def serve_shows_the_bands(run, folder, cli_png):
+    """The page draws the same 4,3,2 composite that reconstruct --show-bands 4,3,2 wrote, and its thumbnails too."""
+    pytest.importorskip("fastapi")
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from maecli.serve import create_app
+
+    app = create_app(run, folder, index=False, show_bands=(4, 3, 2))
+    with TestClient(app, headers={"X-Maecli": "1"}) as client:
+        r = client.get("/api/reconstruct", params={"path": "tile1.tif", "mask": 0.75, "seed": 0, "zoom": 8})
+        assert r.status_code == 200, r.text
+        assert base64.b64decode(r.json()["image"].split(",", 1)[1]) == cli_png.read_bytes()
+        assert client.get("/api/thumb", params={"path": "tile1.tif"}).status_code == 200
+    app.state.server.close()

@@ -446,6 +446,7 @@ def serve(
     port: Annotated[
         int, typer.Option("--port", min=0, max=65535, help="Port to listen on, up to 65535 (0: any free one).")
     ] = 8000,
+    show_bands: ShowBands = None,
 ):
     """Open a web page on a model: reconstructions under a mask slider, training progress, similar images.
 
@@ -467,6 +468,6 @@ def serve(
     quiet_libraries()
     try:
         with reported():
-            run_serve(weights, images, address, port, model=load_model(weights))
+            run_serve(weights, images, address, port, model=load_model(weights), show_bands=show_bands)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

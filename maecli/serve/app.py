@@ -29,6 +29,7 @@ def create_app(
     allowed_hosts=None,
     index: bool = True,
     log=None,
+    show_bands=None,
 ):
     """The FastAPI app for `maecli serve` (tests drive it with its TestClient).
 
@@ -51,6 +52,7 @@ def create_app(
         max_pixels=max_pixels,
         index=index,
         log=log,
+        show_bands=show_bands,
     )
     app = FastAPI(title="maecli serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

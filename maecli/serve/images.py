@@ -34,7 +34,7 @@ def model_input(pixels, img_size: int, in_chans: int):
     return D.eval_transform(img_size, in_chans)(pixels).unsqueeze(0)
 
 
-def thumbnail_jpeg(path: Path, side: int = THUMB_SIDE, pixels=3) -> bytes:
+def thumbnail_jpeg(path: Path, side: int = THUMB_SIDE, pixels=3, show_bands=None) -> bytes:
     """A small JPEG of a folder image for the page's grids (the whole image, EXIF orientation applied), read as the
     model reads it (`pixels`: data.Pixels); bands other than 8-bit RGB are pictured by picture.py's rule."""
     import torch
@@ -45,7 +45,8 @@ def thumbnail_jpeg(path: Path, side: int = THUMB_SIDE, pixels=3) -> bytes:
 
     x = D.decode(path, pixels, min_side=side)
     if x.dtype != torch.uint8 or x.shape[0] != 3:
-        x = (view_for(x[None].float(), D.Pixels.of(pixels).units).show(x[None].float())[0] * 255).round().byte()
+        view = view_for(x[None].float(), D.Pixels.of(pixels).units, show_bands)
+        x = (view.show(x[None].float())[0] * 255).round().byte()
     arr = x.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0], "L") if arr.shape[2] == 1 else Image.fromarray(arr, "RGB")
     img.thumbnail((side, side), Image.Resampling.BICUBIC)

@@ -41,13 +41,23 @@ def page_url(host: str, port: int) -> str:
 
 
 def serve(
-    weights, images=None, host: str = "127.0.0.1", port: int = 8000, *, model=None, cache_dir=None, log=None, ready=None
+    weights,
+    images=None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    model=None,
+    cache_dir=None,
+    log=None,
+    ready=None,
+    show_bands=None,
 ) -> None:
     """Serve the page until Ctrl-C (or SIGTERM). Raises UserError (bad weights or folder, port taken) and,
     after a clean shutdown on Ctrl-C, KeyboardInterrupt.
 
     `model` is the loaded `weights` if the caller has it; `ready(url)` is called once the server accepts
-    connections (default: print the address on stderr). Messages go to `log` (default: stderr).
+    connections (default: print the address on stderr). Messages go to `log` (default: stderr). `show_bands`
+    picks the bands pictured, as reconstruct's --show-bands.
     """
     require_extra()
     import uvicorn
@@ -62,7 +72,9 @@ def serve(
         if not local:
             log(f"warning: listening on {host}: anyone who can reach this machine can use the page (no login)")
         allowed = (*LOOPBACK_NAMES, host_name(host)) if local else None  # the names of this machine, and --host
-        app = create_app(weights, images, model=model, cache_dir=cache_dir, log=log, allowed_hosts=allowed)
+        app = create_app(
+            weights, images, model=model, cache_dir=cache_dir, log=log, allowed_hosts=allowed, show_bands=show_bands
+        )
         server = app.state.server
         url = page_url(host, sock.getsockname()[1])
 

@@ -104,8 +104,10 @@ class Server:
         max_pixels=MAX_PIXELS,
         index=True,
         log=None,
+        show_bands=None,
     ):
         self.log = log or (lambda message: None)
+        self.show_bands = tuple(show_bands) if show_bands else None  # the bands pictured (reconstruct --show-bands)
         self.weights = Path(weights)
         self.folder = Folder(images_dir) if images_dir is not None else None
         if model is None:
@@ -172,7 +174,9 @@ class Server:
             from .. import data as D
 
             try:
-                data = self.thumbs.put(key, thumbnail_jpeg(path, pixels=self.model.cfg.pixels))
+                data = self.thumbs.put(
+                    key, thumbnail_jpeg(path, pixels=self.model.cfg.pixels, show_bands=self.show_bands)
+                )
             except Exception as e:  # noqa: BLE001 -- an unreadable file, said on the page
                 raise Refused(400, f"cannot read {rel}: {D.describe_error(e, path)}") from None
         return data
@@ -225,7 +229,15 @@ class Server:
             )
         name, x = self.source(path, upload)
         with self.model_lock:
-            rec = reconstruct(self.model, x, mask_ratio=mask, seed=seed, use_patch_stats=patch_stats, names=[name])
+            rec = reconstruct(
+                self.model,
+                x,
+                mask_ratio=mask,
+                seed=seed,
+                use_patch_stats=patch_stats,
+                names=[name],
+                show_bands=self.show_bands,
+            )
         png = png_bytes(render(rec, zoom))
         record = rec.records()[0]
         patches = record["patches"]
