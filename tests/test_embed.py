@@ -239,3 +239,9 @@ def test_a_slow_pipe_gets_each_vector_when_its_path_pauses(photo_dir, tiny_weigh
     for workers in ("0", "2"):  # the loader pulls batches ahead: a pause must not hold back those before it
         lines = answers_each_path_in_turn(["embed", "-w", str(tiny_weights), "--workers", workers], paths)
         assert [json.loads(line)["path"] for line in lines] == [str(p) for p in paths]
+
+
+def test_a_blank_or_whitespace_line_on_stdin_names_no_file(photo_dir, tiny_weights):
+    path = sorted(p for p in photo_dir.rglob("*.jpg"))[0]
+    r = CliRunner().invoke(app, ["embed", "-", "-w", str(tiny_weights)], input=f"   \n\n{path}\n \t\n")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1 and "error" not in r.stderr, r.output

@@ -220,3 +220,9 @@ def test_a_diverged_run_never_saves_or_names_a_non_finite_checkpoint(tmp_path, p
         assert (out / "checkpoints" / named.group()).is_dir()
     if (out / "model.safetensors").exists():
         maecli.load(out)
+
+
+def test_resume_with_the_other_training_command_names_it(tiny_run, photo_dir):
+    """finetune --resume on a pretraining run said its config.json was unreadable."""
+    r = invoke("finetune", photo_dir, "--out", tiny_run, "--resume")
+    assert r.exit_code == 1 and "maecli pretrain made it" in r.stderr and "unreadable" not in r.stderr, r.output
