@@ -8,8 +8,8 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
-    """`1 loader worker`, `2 loader workers`: the count and the word in the form it takes."""
-    return f"{n} {word if n == 1 else words or word + 's'}"
+    """`1 loader worker`, `2 loader workers`, `1,234 rows`: the count and the word in the form it takes."""
+    return f"{n:,} {word if n == 1 else words or word + 's'}"
 
 
 def warn(message: str) -> None:

@@ -14,8 +14,9 @@ import struct
 import time
 from pathlib import Path
 
+from .console import clock, plural
 from .errors import UserError
-from .plot import NOT_PLOTTED, finite_number, metric_series, metrics_file, plural
+from .plot import NOT_PLOTTED, finite_number, metric_series, metrics_file
 from .presets import PRESETS
 from .rundir import (
     CHECKPOINT_FILES,
@@ -579,15 +580,6 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
 
 
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60:02d}s"
-    return f"{s // 3600}h {s % 3600 // 60:02d}m"
-
-
 def _number(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
@@ -665,7 +657,7 @@ def _run_head(info: dict) -> str:
     head += f", {status}"
     if status == "unfinished":
         ago = prog["seconds_since_last_write"]
-        head += " (in progress, or stopped" + (f"; last write {_duration(ago)} ago)" if ago is not None else ")")
+        head += " (in progress, or stopped" + (f"; last write {clock(ago)} ago)" if ago is not None else ")")
     return head
 
 
@@ -704,7 +696,7 @@ def _progress_text(prog: dict) -> str:
     if prog["images_seen"] is not None:
         text += f", {plural(prog['images_seen'], 'image')} seen"
     if prog["seconds"] is not None:
-        text += f", {_duration(prog['seconds'])} of training"
+        text += f", {clock(prog['seconds'])} of training"
     return text
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .console import plural
 from .errors import UserError
 from .files import open_output
 from .rundir import CURVES_NAME, METRICS_NAME, SWEEP_NAME, read_json_object, read_metrics, regular_file
@@ -102,11 +103,6 @@ def panel_names(curves: list[RunCurves]) -> list[str]:
     names = {name for c in curves for name in c.series if name not in NOT_PLOTTED}
     first = [n for n in ("loss", "lr") if n in names]
     return first + sorted(names - set(first))
-
-
-def plural(n: int, noun: str) -> str:
-    """`1 row`, `2 rows`: a count with its noun (a regular plural)."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def metrics_file(run: Path) -> Path:
